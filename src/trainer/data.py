@@ -1,0 +1,190 @@
+"""MNIST-style datasets held in memory on the training device and batched by slicing.
+
+Each split is parsed once into a uint8 tensor (N, 1, 28, 28) and moved to the device. A batch is a
+gather with a seeded permutation; conversion to float, normalisation and augmentation run on the
+whole batch on the device. No per-sample Python, no PIL, no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer import provision
+from trainer.errors import UserError
+from trainer.fsutil import atomic_write
+from trainer.idx import check_idx
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed seed for one epoch's shuffle, so any epoch's order can be rebuilt from (seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class BatchTransform:
+    """uint8 images -> normalised float images, with optional random shifts (augmentation)."""
+
+    def __init__(self, mean: float, std: float, max_shift: int = 0) -> None:
+        self.scale = 1.0 / (255.0 * std)
+        self.bias = -mean / std
+        self.max_shift = max_shift
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) uint8 -> float32
+        if self.max_shift:
+            images = random_shift(images, self.max_shift)
+        return images.float().mul_(self.scale).add_(self.bias)
+
+
+def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], filling with 0."""
+    b, c, h, w = images.shape
+    p = max_shift
+    padded = F.pad(images, (p, p, p, p))  # (B, C, H+2p, W+2p)
+    dev = images.device
+    dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=dev)
+    dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=dev)
+    rows = torch.arange(h, device=dev).view(1, h, 1) + dy  # (B, H, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w) + dx  # (B, 1, W)
+    batch = torch.arange(b, device=dev).view(b, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class BatchLoader:
+    """Iterates `(images, labels)` batches over tensors that already live on the device.
+
+    With `shuffle`, epoch `e` visits the samples in the order `randperm` gives for `epoch_seed(seed, e)`;
+    call `set_epoch(e)` before iterating. `start_step` skips that many batches of the epoch, so a
+    run resumed mid-epoch sees exactly the batches it has not yet seen.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 transform: BatchTransform, shuffle: bool, seed: int = 0, drop_last: bool = False) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.transform = transform
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return min(len(self.labels), len(self) * self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_step: int) -> Iterator[Batch]:
+        order = None
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(len(self.labels), generator=g).to(self.labels.device)
+        for step in range(start_step, len(self)):
+            sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            if order is None:
+                x, y = self.images[sl], self.labels[sl]
+            else:
+                idx = order[sl]
+                x, y = self.images[idx], self.labels[idx]
+            yield self.transform(x), y
+
+
+class IDXImageDataset:
+    """An MNIST-style dataset: official train/test split, a seeded validation split held out of train.
+
+    Subclasses name the torchvision dataset (`name`, which is also its folder under `root`) and
+    its classes. Exposes `train`, `val` and `test` BatchLoaders, `in_shape` and `num_classes`.
+    """
+
+    name: ClassVar[str]
+    classes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, *, root: str, batch_size: int, eval_batch_size: int, val_size: int, split_seed: int,
+                 mean: float, std: float, augment_shift: int, drop_last: bool, download: bool,
+                 mirror: str | None, verify: bool, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                ("val_size", val_size, 0), ("augment_shift", augment_shift, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"dataset.{key}={value!r}: must be an integer >= {low}")
+        if not isinstance(std, (int, float)) or std <= 0:
+            raise UserError(f"dataset.std={std!r}: must be a number > 0")
+        self.root = Path(root).expanduser()
+        train_x, train_y, test_x, test_y = self._load(download, Path(mirror).expanduser() if mirror else None,
+                                                      verify)
+        if val_size >= len(train_y):
+            raise UserError(f"dataset.val_size={val_size}: must be smaller than the {len(train_y)} training images")
+        # The split depends on split_seed only, so every run of a sweep validates on the same images.
+        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(split_seed))
+        val_idx, train_idx = perm[:val_size], perm[val_size:]
+        device = torch.device(device)
+        to = lambda t: t.to(device)  # noqa: E731
+        train_tf = BatchTransform(mean, std, augment_shift)
+        eval_tf = BatchTransform(mean, std)
+        self.train = BatchLoader(to(train_x[train_idx]), to(train_y[train_idx]), batch_size,
+                                 transform=train_tf, shuffle=True, seed=seed, drop_last=drop_last)
+        self.val = BatchLoader(to(train_x[val_idx]), to(train_y[val_idx]), eval_batch_size,
+                               transform=eval_tf, shuffle=False)
+        self.test = BatchLoader(to(test_x), to(test_y), eval_batch_size, transform=eval_tf, shuffle=False)
+        self.in_shape = tuple(train_x.shape[1:])  # (C, H, W)
+        self.num_classes = len(self.classes)
+
+    def _load(self, download: bool, mirror: Path | None, verify: bool) -> tuple[torch.Tensor, ...]:
+        """Provision, check and parse the raw files; cache the parsed tensors for the next run."""
+        raw = provision.provision(self.name, self.root, download=download, mirror=mirror)
+        cache = raw.parent / "tensors.pt"
+        stamp = [[f, os.stat(raw / f).st_size, os.stat(raw / f).st_mtime_ns] for f in provision.FILES]
+        if cache.is_file():
+            try:
+                cached = torch.load(cache, weights_only=True)
+                if cached["stamp"] == stamp and (cached["verified"] or not verify):
+                    return cached["train_x"], cached["train_y"], cached["test_x"], cached["test_y"]
+            except Exception as e:  # a stale or torn cache is rebuilt, never trusted
+                log.warning("ignoring unreadable cache %s: %s", cache, e)
+        for f in provision.FILES:
+            check_idx(raw / f, ndim=3 if "images" in f else 1)
+        if verify:
+            provision.verify(self.root, self.name)
+        import torchvision.datasets  # slow import (seconds): only on the first run over these files
+
+        splits = []
+        for train in (True, False):
+            ds = getattr(torchvision.datasets, self.name)(self.root, train=train)
+            images, labels = ds.data, ds.targets.to(torch.int64)
+            if len(images) != len(labels):
+                raise UserError(f"{raw}: {len(images)} images but {len(labels)} labels in the "
+                                f"{'train' if train else 't10k'} split")
+            if len(labels) and int(labels.max()) >= len(self.classes):
+                raise UserError(f"{raw}: label {int(labels.max())} out of range for {len(self.classes)} classes")
+            splits += [images.unsqueeze(1).contiguous(), labels]  # (N, 1, H, W) uint8, (N,) int64
+        train_x, train_y, test_x, test_y = splits
+        with atomic_write(cache) as f:
+            torch.save({"stamp": stamp, "verified": verify, "train_x": train_x, "train_y": train_y,
+                        "test_x": test_x, "test_y": test_y}, f)
+        return train_x, train_y, test_x, test_y
+
+
+class MNIST(IDXImageDataset):
+    name = "MNIST"
+    classes = tuple(str(d) for d in range(10))
+
+
+class FashionMNIST(IDXImageDataset):
+    name = "FashionMNIST"
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

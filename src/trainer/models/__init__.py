@@ -1,0 +1,1 @@
+"""Models. Each takes the input shape and class count from the dataset and returns logits."""

@@ -1,0 +1,38 @@
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.models.activation import activation as make_activation
+
+
+class CNN(nn.Module):
+    """Convolutional network: per stage Conv(k, same padding) [+ BatchNorm] + activation + MaxPool(2),
+    then Dropout, Linear(hidden), activation, Dropout, Linear(classes)."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, channels: list[int], kernel_sizes: list[int],
+                 hidden: int, dropout: float, batch_norm: bool, activation: str) -> None:
+        super().__init__()
+        if len(channels) != len(kernel_sizes) or not channels:
+            raise UserError(f"model.channels={list(channels)} and model.kernel_sizes={list(kernel_sizes)} "
+                            "must be non-empty lists of the same length")
+        if not all(k % 2 == 1 and k > 0 for k in kernel_sizes):
+            raise UserError(f"model.kernel_sizes={list(kernel_sizes)}: must be odd positive integers")
+        if not 0 <= dropout < 1:
+            raise UserError(f"model.dropout={dropout}: must be in [0, 1)")
+        c, h, w = in_shape
+        if h >> len(channels) < 1 or w >> len(channels) < 1:
+            raise UserError(f"model.channels: {len(channels)} pooling stages shrink a {h}x{w} input to nothing")
+        stages: list[nn.Module] = []
+        for out, k in zip(channels, kernel_sizes):
+            stages.append(nn.Conv2d(c, out, k, padding=k // 2, bias=not batch_norm))
+            if batch_norm:
+                stages.append(nn.BatchNorm2d(out))
+            stages += [make_activation(activation), nn.MaxPool2d(2)]
+            c, h, w = out, h // 2, w // 2
+        self.features = nn.Sequential(*stages)  # (B, C, H, W) -> (B, c, h, w)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, hidden),
+            make_activation(activation), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
+        return self.head(self.features(x))

@@ -1,0 +1,98 @@
+"""Learning-rate schedules: one function per `configs/scheduler/*.yaml`.
+
+Every function takes the optimizer and the run's length (`steps_per_epoch`, `max_epochs`, known only
+at runtime) plus its own settings, and returns a `Schedule`: the torch scheduler together with the
+cadence the Trainer must step it at. Schedules that shape the whole run (cosine, onecycle, warmup)
+step per batch so the curve is smooth; the classic epoch-wise ones step per epoch; plateau steps per
+epoch on the monitored validation metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as lrs
+
+
+class Schedule:
+    """A torch LR scheduler (or none) and when to step it: after every batch or after every epoch."""
+
+    def __init__(self, scheduler: Any | None, interval: Literal["step", "epoch"], needs_metric: bool = False) -> None:
+        self.scheduler, self.interval, self.needs_metric = scheduler, interval, needs_metric
+
+    def after_batch(self) -> None:
+        if self.scheduler is not None and self.interval == "step":
+            self.scheduler.step()
+
+    def after_epoch(self, metric: float) -> None:
+        if self.scheduler is not None and self.interval == "epoch":
+            self.scheduler.step(metric) if self.needs_metric else self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
+
+
+def none(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int) -> Schedule:
+    """Constant learning rate."""
+    return Schedule(None, "epoch")
+
+
+def step(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, step_size: int, gamma: float) -> Schedule:
+    """Multiply the LR by `gamma` every `step_size` epochs."""
+    return Schedule(lrs.StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
+
+
+def multistep(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, milestones: list[int],
+              gamma: float) -> Schedule:
+    """Multiply the LR by `gamma` at each epoch in `milestones`."""
+    return Schedule(lrs.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma), "epoch")
+
+
+def exponential(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, gamma: float) -> Schedule:
+    """Multiply the LR by `gamma` every epoch."""
+    return Schedule(lrs.ExponentialLR(optimizer, gamma=gamma), "epoch")
+
+
+def cosine(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, eta_min: float) -> Schedule:
+    """Cosine decay from the optimizer's LR to `eta_min` over the whole run, per batch."""
+    return Schedule(lrs.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * max_epochs, eta_min=eta_min), "step")
+
+
+def plateau(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, mode: str, factor: float,
+            patience: int, threshold: float, min_lr: float) -> Schedule:
+    """Multiply the LR by `factor` when the monitored validation metric stalls for `patience` epochs."""
+    return Schedule(lrs.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience,
+                                          threshold=threshold, min_lr=min_lr), "epoch", needs_metric=True)
+
+
+def onecycle(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, max_lr: float, pct_start: float,
+             div_factor: float, final_div_factor: float, anneal_strategy: str) -> Schedule:
+    """Leslie Smith's one-cycle policy over the whole run, per batch (momentum cycles too where the optimizer has it)."""
+    return Schedule(lrs.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps_per_epoch * max_epochs,
+                                   pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
+                                   anneal_strategy=anneal_strategy), "step")
+
+
+class LinearWarmup:
+    """LR factor rising linearly from 1/warmup_steps to 1 over `warmup_steps` batches, then constant.
+
+    A class rather than a lambda so LambdaLR can save its state in a checkpoint.
+    """
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+
+def warmup(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, warmup_steps: int) -> Schedule:
+    """Linear warm-up (LambdaLR) over `warmup_steps` batches, then the optimizer's LR."""
+    if not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"warmup_steps={warmup_steps!r}: must be an integer >= 1")
+    return Schedule(lrs.LambdaLR(optimizer, LinearWarmup(warmup_steps)), "step")

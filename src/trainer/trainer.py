@@ -1,0 +1,215 @@
+"""The train / evaluate / checkpoint loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from tqdm import tqdm
+
+from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.data import BatchLoader, IDXImageDataset
+from trainer.errors import UserError
+from trainer.fsutil import atomic_write
+from trainer.logger import TensorBoardLogger
+from trainer.runtime import set_deterministic
+from trainer.schedulers import Schedule
+
+log = logging.getLogger(__name__)
+
+MONITORABLE = ("val/loss", "val/acc", "val/f1")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class EpochMetrics:
+    """Mean loss, accuracy and macro F1, accumulated on the device. `compute()` is the only host sync."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        # nan_strategy/validate_args off: their checks read values back to the host on every update.
+        self.loss = MeanMetric(nan_strategy="disable").to(device)
+        self.acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False).to(device)
+        self.f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False).to(device)
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        preds = logits.argmax(dim=1)  # (B,)
+        self.loss.update(loss.detach(), weight=targets.numel())
+        self.acc.update(preds, targets)
+        self.f1.update(preds, targets)
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}/{name}": float(m.compute()) for name, m in
+               (("loss", self.loss), ("acc", self.acc), ("f1", self.f1))}
+        for m in (self.loss, self.acc, self.f1):
+            m.reset()
+        return out
+
+
+class Trainer:
+    """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing every epoch.
+
+    Arguments come from `configs/trainer/*.yaml` plus the objects `train.py` builds. `logger` is a
+    callable `(log_dir, purge_step) -> TensorBoardLogger`, because where the run logs is only known
+    once a resumed checkpoint is read. `config_yaml` is the resolved config, stored in checkpoints.
+    Checkpoints go to `<run_dir>/<checkpoint_dir>/{last,best}.pt`; resuming from a checkpoint that
+    lives in a run directory continues that run directory.
+    """
+
+    def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: Schedule, data: IDXImageDataset, logger: Callable[..., TensorBoardLogger],
+                 run_dir: str | Path, config_yaml: str, device: torch.device, max_epochs: int,
+                 grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
+                 checkpoint_dir: str, resume: str | None, deterministic: bool) -> None:
+        if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
+            raise UserError(f"trainer.max_epochs={max_epochs!r}: must be an integer >= 1")
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise UserError(f"trainer.log_every_n_steps={log_every_n_steps!r}: must be an integer >= 1")
+        if monitor not in MONITORABLE:
+            raise UserError(f"trainer.monitor={monitor!r}: not a validation metric; use one of {', '.join(MONITORABLE)}")
+        if mode not in ("min", "max"):
+            raise UserError(f"trainer.mode={mode!r}: use min or max")
+        if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
+            raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
+        set_deterministic(deterministic)
+        self.model, self.loss_fn, self.optimizer, self.schedule = model.to(device), loss_fn, optimizer, schedule
+        self.data, self.device, self.config_yaml = data, device, config_yaml
+        self.max_epochs, self.grad_clip_norm, self.log_every = max_epochs, grad_clip_norm, log_every_n_steps
+        self.monitor, self.mode = monitor, mode
+        self.epoch = self.global_step = 0  # epochs completed, optimizer steps taken
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.train_metrics = EpochMetrics(data.num_classes, device)
+        self.eval_metrics = EpochMetrics(data.num_classes, device)
+        resumed = self._resume(Path(resume).expanduser(), Path(run_dir)) if resume else None
+        self.run_dir = resumed or Path(run_dir)
+        self.ckpt_dir = self.run_dir / checkpoint_dir
+        self.logger = logger(log_dir=self.run_dir, purge_step=self.global_step + 1 if resumed else None)
+        if not resumed:
+            self.logger.log_text("config", config_yaml)
+
+    def fit(self) -> dict[str, float]:
+        """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
+        for epoch in range(self.epoch, self.max_epochs):
+            start = time.perf_counter()
+            train = self.train_epoch(epoch)
+            val = self.evaluate(self.data.val, "val")
+            seconds = time.perf_counter() - start
+            self.epoch = epoch + 1
+            self.schedule.after_epoch(val[self.monitor])
+            improved = self.best_metric is None or (
+                val[self.monitor] > self.best_metric if self.mode == "max" else val[self.monitor] < self.best_metric)
+            if improved:
+                self.best_metric, self.best_epoch = val[self.monitor], self.epoch
+            speed = {"epoch/time_s": seconds, "epoch/samples_per_s": self.data.train.num_samples / seconds}
+            self.logger.log_metrics({**train, **val, **speed, "epoch": self.epoch}, self.global_step)
+            log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s%s", self.epoch, self.max_epochs,
+                     "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()), seconds,
+                     speed["epoch/samples_per_s"], "  (best)" if improved else "")
+            self.save_checkpoint("last.pt")
+            if improved:
+                self.save_checkpoint("best.pt")
+        return {f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch}
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training split. Reads values back from the device only every `log_every` steps."""
+        self.model.train()
+        self.data.train.set_epoch(epoch)
+        interval_loss, interval_steps = torch.zeros((), device=self.device), 0
+        bar = tqdm(total=len(self.data.train), desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
+                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        for images, targets in self.data.train:
+            logits = self.model(images)
+            loss = self.loss_fn(logits, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+            self.schedule.after_batch()
+            self.global_step += 1
+            self.train_metrics.update(loss, logits, targets)
+            interval_loss += loss.detach()
+            interval_steps += 1
+            bar.update()
+            if self.global_step % self.log_every == 0:
+                mean_loss = interval_loss.item() / interval_steps  # the one sync per log interval
+                self._check_finite(mean_loss, interval_steps)
+                self.logger.log_metrics({"train/loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"]},
+                                        self.global_step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                interval_loss.zero_()
+                interval_steps = 0
+        bar.close()
+        metrics = self.train_metrics.compute("train")
+        self._check_finite(metrics["train/loss"], len(self.data.train))
+        return metrics
+
+    @torch.inference_mode()
+    def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
+        """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc."""
+        self.model.eval()
+        for images, targets in loader:
+            logits = self.model(images)
+            self.eval_metrics.update(self.loss_fn(logits, targets), logits, targets)
+        return self.eval_metrics.compute(prefix)
+
+    def test(self) -> dict[str, float]:
+        """Evaluate the best checkpoint (else the current weights) on the test split; write metrics.json."""
+        best = self.ckpt_dir / "best.pt"
+        if best.is_file():
+            self.model.load_state_dict(load_checkpoint(best)["model"])
+        metrics = self.evaluate(self.data.test, "test")
+        self.logger.log_metrics(metrics, self.global_step)
+        summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,
+                   "epochs": self.epoch, "global_step": self.global_step}
+        with atomic_write(self.run_dir / "metrics.json") as f:
+            f.write(json.dumps(summary, indent=2).encode())
+        log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.logger.close()
+        return metrics
+
+    def save_checkpoint(self, name: str) -> Path:
+        """Atomically write everything needed to continue this run to `<checkpoint_dir>/<name>`."""
+        path = self.ckpt_dir / name
+        save_checkpoint(path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+            "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
+            "rng": rng_state(), "config": self.config_yaml})
+        return path
+
+    def _resume(self, path: Path, new_run_dir: Path) -> Path:
+        """Restore model, optimizer, schedule, counters and RNGs from `path`; return the run dir to continue."""
+        state = load_checkpoint(path)
+        for change in config_changes(state["config"], self.config_yaml):
+            log.info("resume: config changed, %s", change)
+        if state["epoch"] >= self.max_epochs:
+            raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs; "
+                            f"raise trainer.max_epochs (now {self.max_epochs}) to train on")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        if state.get("monitor") == self.monitor:
+            self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        set_rng_state(state["rng"])
+        run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
+        log.info("resumed %s at epoch %d (step %d); continuing in %s", path, self.epoch, self.global_step, run_dir)
+        return run_dir
+
+    def _check_finite(self, loss: float, steps: int) -> None:
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"training loss is {loss} in the {steps} steps up to global step "
+                                     f"{self.global_step} (epoch {self.epoch + 1}); lower optimizer.lr or set "
+                                     "trainer.grad_clip_norm")

@@ -1,0 +1,75 @@
+"""Train an image classifier: `python train.py model=cnn optimizer=adam trainer.max_epochs=3`.
+
+The composition root: every object is built here from its config group, in the order a reader
+expects, and handed to the Trainer. Nothing else in the project reads the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from trainer.errors import UserError
+from trainer.runtime import resolve_device, seed_everything
+from trainer.trainer import NonFiniteLossError
+
+log = logging.getLogger("train")
+OmegaConf.register_new_resolver("root_dir", lambda: str(Path(__file__).resolve().parent), replace=True)
+
+
+def build(node: DictConfig, **runtime: Any) -> Any:
+    """`hydra.utils.instantiate` with plain containers, turning bad values into a one-line UserError."""
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **runtime)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            values = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
+            raise UserError(f"{node._key()}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
+        raise
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    data = build(cfg.dataset, device=device, seed=cfg.seed)
+    model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
+    loss_fn = build(cfg.loss)
+    optimizer = build(cfg.optimizer, params=model.parameters())
+    schedule = build(cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(data.train),
+                     max_epochs=cfg.trainer.max_epochs)
+    logger = build(cfg.logger)
+    trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, data=data,
+                    logger=logger, device=device, run_dir=HydraConfig.get().runtime.output_dir,
+                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
+             device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
+             len(data.val.labels), len(data.test.labels), trainer.run_dir)
+    trainer.fit()
+    return trainer.test()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)["test/acc"]  # returned for Hydra sweepers that optimise it
+    except (UserError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except MissingMandatoryValue as e:
+        print(f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
+              f"{e.full_key}=...", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
