@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require_int
 from trainer.runtime import resolve_device, seed_everything
 from trainer.trainer import NonFiniteLossError
 
@@ -39,7 +39,8 @@ def build(node: DictConfig, **runtime: Any) -> Any:
         raise
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Build everything from `cfg`, fit, and return the test metrics of the best checkpoint."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     data = build(cfg.dataset, device=device, seed=cfg.seed)
@@ -47,10 +48,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     schedule = build(cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(data.train),
-                     max_epochs=cfg.trainer.max_epochs)
+                     max_epochs=require_int("trainer.max_epochs", cfg.trainer.max_epochs, 1))
     logger = build(cfg.logger)
     trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, data=data,
-                    logger=logger, device=device, run_dir=HydraConfig.get().runtime.output_dir,
+                    logger=logger, device=device, run_dir=run_dir,
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
@@ -62,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        return train(cfg)["test/acc"]  # returned for Hydra sweepers that optimise it
+        return train(cfg, Path(HydraConfig.get().runtime.output_dir))["test/acc"]  # returned for Hydra sweepers that optimise it
     except (UserError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
     except MissingMandatoryValue as e:

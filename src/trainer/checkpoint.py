@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import random
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"refusing to load {path}: it holds pickled objects beyond tensors and plain values, "
-                        f"which weights_only loading forbids ({first})") from None
+        smuggled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if smuggled:
+            raise UserError(f"refusing to load {path}: it holds a pickled {smuggled[1]} object, and only tensors "
+                            "and plain values are loaded (weights_only=True); nothing in it was run") from None
+        raise UserError(f"{path} is not a readable checkpoint (not a torch file)") from None
     except Exception as e:  # torn zip, random bytes, empty file...
         raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
                         f"{type(e).__name__})") from None

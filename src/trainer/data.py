@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import provision
-from trainer.errors import UserError
+from trainer.errors import UserError, require_int
 from trainer.fsutil import atomic_write
 from trainer.idx import check_idx
 
@@ -120,8 +120,7 @@ class IDXImageDataset:
                  mirror: str | None, verify: bool, device: torch.device | str = "cpu", seed: int = 0) -> None:
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("val_size", val_size, 0), ("augment_shift", augment_shift, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UserError(f"dataset.{key}={value!r}: must be an integer >= {low}")
+            require_int(f"dataset.{key}", value, low)
         if not isinstance(std, (int, float)) or std <= 0:
             raise UserError(f"dataset.std={std!r}: must be a number > 0")
         self.root = Path(root).expanduser()

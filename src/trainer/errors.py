@@ -3,3 +3,10 @@
 
 class UserError(Exception):
     """A bad config value, path or data file. The message names the bad value and what is allowed."""
+
+
+def require_int(name: str, value: object, low: int) -> int:
+    """Return `value` if it is an integer >= `low`, else raise UserError naming `name` and the value."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise UserError(f"{name}={value!r}: must be an integer >= {low}")
+    return value

@@ -8,6 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+# mkstemp creates files 0600; give the final file the mode a plain open() would (0666 minus umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
@@ -25,6 +29,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

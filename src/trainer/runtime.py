@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require_int
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,8 +37,7 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UserError(f"seed={seed!r}: must be a non-negative integer")
+    require_int("seed", seed, 0)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -71,11 +71,21 @@ def plateau(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, mode
 
 
 def onecycle(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, max_lr: float, pct_start: float,
-             div_factor: float, final_div_factor: float, anneal_strategy: str) -> Schedule:
-    """Leslie Smith's one-cycle policy over the whole run, per batch (momentum cycles too where the optimizer has it)."""
-    return Schedule(lrs.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps_per_epoch * max_epochs,
+             div_factor: float, final_div_factor: float, anneal_strategy: str, cycle_momentum: bool) -> Schedule:
+    """Leslie Smith's one-cycle policy over the whole run, per batch.
+
+    With `cycle_momentum`, momentum (or Adam's beta1) cycles inversely to the LR, for optimizers that
+    have one; Adagrad and Adadelta have none, so only their LR cycles.
+    """
+    total_steps = steps_per_epoch * max_epochs
+    if pct_start * total_steps < 2:  # torch divides by (pct_start * total_steps - 1) and breaks
+        raise ValueError(f"pct_start={pct_start} of a {total_steps}-step run leaves under 2 warm-up steps; "
+                         "train longer or raise pct_start")
+    has_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
+    return Schedule(lrs.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
                                    pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
-                                   anneal_strategy=anneal_strategy), "step")
+                                   anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum and has_momentum),
+                    "step")
 
 
 class LinearWarmup:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.data import BatchLoader, IDXImageDataset
-from trainer.errors import UserError
+from trainer.errors import UserError, require_int
 from trainer.fsutil import atomic_write
 from trainer.logger import TensorBoardLogger
 from trainer.runtime import set_deterministic
@@ -71,10 +71,8 @@ class Trainer:
                  run_dir: str | Path, config_yaml: str, device: torch.device, max_epochs: int,
                  grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
                  checkpoint_dir: str, resume: str | None, deterministic: bool) -> None:
-        if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
-            raise UserError(f"trainer.max_epochs={max_epochs!r}: must be an integer >= 1")
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise UserError(f"trainer.log_every_n_steps={log_every_n_steps!r}: must be an integer >= 1")
+        require_int("trainer.max_epochs", max_epochs, 1)
+        require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
         if monitor not in MONITORABLE:
             raise UserError(f"trainer.monitor={monitor!r}: not a validation metric; use one of {', '.join(MONITORABLE)}")
         if mode not in ("min", "max"):
@@ -136,6 +134,7 @@ class Trainer:
             if self.grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
             self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used, before the schedule moves it
             self.schedule.after_batch()
             self.global_step += 1
             self.train_metrics.update(loss, logits, targets)
@@ -145,14 +144,16 @@ class Trainer:
             if self.global_step % self.log_every == 0:
                 mean_loss = interval_loss.item() / interval_steps  # the one sync per log interval
                 self._check_finite(mean_loss, interval_steps)
-                self.logger.log_metrics({"train/loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"]},
+                self.logger.log_metrics({"train/loss": mean_loss, "lr": lr},
                                         self.global_step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 interval_loss.zero_()
                 interval_steps = 0
         bar.close()
         metrics = self.train_metrics.compute("train")
-        self._check_finite(metrics["train/loss"], len(self.data.train))
+        # train/loss is the per-interval curve; the epoch mean gets its own tag.
+        metrics["train/loss_epoch"] = metrics.pop("train/loss")
+        self._check_finite(metrics["train/loss_epoch"], len(self.data.train))
         return metrics
 
     @torch.inference_mode()

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny generated IDX datasets, real data (via ../shared as a mirror when present),
+and a helper that runs train.py as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.idx import write_idx
+from trainer.provision import provision
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MIRROR = REPO.parent / "shared" / "data"  # developers' and CI's local copy; optional
+
+
+def make_tiny_dataset(root: Path, name: str = "MNIST", n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """Write a small learnable MNIST-layout dataset: class k is a bright 6x6 patch at a k-dependent spot + noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for k in range(10):
+            r, c = 2 + 8 * (k // 4), 2 + 6 * (k % 4)
+            images[labels == k, r:r + 6, c:c + 6] = 255
+        return images.to(torch.uint8), labels.to(torch.uint8)
+
+    raw = root / name / "raw"
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = split(n)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_data")
+    make_tiny_dataset(root, "MNIST")
+    make_tiny_dataset(root, "FashionMNIST", seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The repo's data/ directory with both real datasets, provisioned the way train.py does it."""
+    root = REPO / "data"
+    mirror = SHARED_MIRROR if SHARED_MIRROR.is_dir() else None
+    for name in ("MNIST", "FashionMNIST"):
+        provision(name, root, download=True, mirror=mirror)
+    return root
+
+
+TINY = ("dataset.verify=false", "dataset.val_size=100", "dataset.batch_size=32", "dataset.eval_batch_size=100",
+        "trainer.log_every_n_steps=5", "trainer.device=cpu")
+
+
+def run_train(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python train.py OVERRIDES...` from the repo root, as a user would."""
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)

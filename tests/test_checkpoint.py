@@ -1,0 +1,81 @@
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.errors import UserError
+from trainer.fsutil import atomic_write
+
+STATE = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "epoch": 1, "global_step": 10,
+         "rng": {}, "config": "a: 1\n"}
+
+
+def test_roundtrip_is_weights_only_and_world_readable(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", STATE)
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["w"], torch.ones(2))
+    torch.load(tmp_path / "c.pt", weights_only=True)
+    assert os.stat(tmp_path / "c.pt").st_mode & 0o044  # not left at mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp files left behind
+
+
+class Evil:
+    def __reduce__(self):
+        return (open, ("/tmp/pwned-by-checkpoint", "w"))  # would create a file when unpickled
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    target = "/tmp/pwned-by-checkpoint"
+    if os.path.exists(target):
+        os.unlink(target)
+    torch.save({**STATE, "format": "hydra-torch-trainer", "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refusing to load .* pickled io.open object"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not os.path.exists(target)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_bytes(b""), "not a readable checkpoint"),
+    (lambda p: p.write_text("hello"), "not a readable checkpoint"),
+    (lambda p: (save_checkpoint(p, STATE), p.write_bytes(p.read_bytes()[:200])), "not a readable checkpoint"),
+    (lambda p: torch.save({"w": torch.ones(1)}, p), "not a checkpoint of this framework"),
+    (lambda p: torch.save({"format": "hydra-torch-trainer", "model": {}}, p), "missing optimizer"),
+])
+def test_unusable_checkpoints_are_explained(tmp_path, make, message):
+    make(tmp_path / "c.pt")
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", STATE)
+    before = (tmp_path / "c.pt").read_bytes()
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "c.pt") as f:
+            f.write(b"half a checkpoint")
+            raise RuntimeError("killed mid-write")
+    assert (tmp_path / "c.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_rng_state_roundtrips_through_a_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    save_checkpoint(tmp_path / "c.pt", {**STATE, "rng": rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_config_changes_harmless_vs_fatal():
+    old = "model:\n  _target_: M\n  hidden: 8\ntrainer:\n  max_epochs: 1\ndataset:\n  _target_: D\n  batch_size: 8\n"
+    assert config_changes(old, old.replace("max_epochs: 1", "max_epochs: 5")) == ["trainer.max_epochs: 1 -> 5"]
+    with pytest.raises(UserError, match="model.hidden: 8 in the checkpoint, 16 now"):
+        config_changes(old, old.replace("hidden: 8", "hidden: 16"))
+    with pytest.raises(UserError, match="dataset._target_"):
+        config_changes(old, old.replace("_target_: D", "_target_: F"))

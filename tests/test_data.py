@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from trainer.data import MNIST, BatchLoader, BatchTransform, FashionMNIST, random_shift
+from trainer.errors import UserError
+
+
+def loader(n=103, batch_size=10, shuffle=False, **kw):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    return BatchLoader(images, torch.arange(n), batch_size, transform=BatchTransform(0.0, 1 / 255), shuffle=shuffle, **kw)
+
+
+def test_epoch_visits_every_sample_once_in_a_seeded_order():
+    ld = loader(shuffle=True, seed=3)
+    ld.set_epoch(0)
+    first = torch.cat([y for _, y in ld])
+    assert sorted(first.tolist()) == list(range(103))
+    assert not torch.equal(first, torch.arange(103))
+    ld.set_epoch(1)
+    second = torch.cat([y for _, y in ld])
+    assert not torch.equal(first, second)
+    ld.set_epoch(0)
+    assert torch.equal(first, torch.cat([y for _, y in ld]))  # an epoch's order can be rebuilt
+    assert torch.equal(first, torch.cat([y for _, y in loader(shuffle=True, seed=3)]))
+
+
+def test_images_and_labels_stay_paired_and_normalised():
+    for x, y in loader(shuffle=True, seed=0):  # image value == label by construction
+        assert x.dtype == torch.float32 and x.shape[1:] == (1, 2, 2)
+        assert torch.equal(x[:, 0, 0, 0], y.float())
+
+
+def test_len_drop_last_and_resume_mid_epoch():
+    assert len(loader()) == 11 and len(loader(drop_last=True)) == 10
+    assert loader(drop_last=True).num_samples == 100
+    ld = loader(shuffle=True, seed=1)
+    full = [y for _, y in ld]
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], [y for _, y in ld.iter_from(4)]))
+
+
+def test_random_shift_moves_content_and_fills_zero():
+    x = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, 4, 4] = 200
+    out = random_shift(x, 2)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    rows, cols = (out[:, 0] == 200).nonzero()[:, 1:].T
+    assert len(rows) == 64 and rows.sub(4).abs().max() <= 2 and cols.sub(4).abs().max() <= 2
+    assert len({(r, c) for r, c in zip(rows.tolist(), cols.tolist())}) > 5  # per-sample offsets
+    assert int(out.sum()) == 64 * 200  # nothing else appears
+
+
+def make(cls=MNIST, **kw):
+    args = dict(batch_size=32, eval_batch_size=50, val_size=100, split_seed=0, mean=0.1307, std=0.3081,
+                augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
+    return cls(**{**args, **kw})
+
+
+def test_dataset_splits_and_cache(tiny_root):
+    data = make(root=str(tiny_root))
+    assert (data.in_shape, data.num_classes) == ((1, 28, 28), 10)
+    assert (data.train.num_samples, len(data.val.labels), len(data.test.labels)) == (500, 100, 200)
+    assert (tiny_root / "MNIST" / "tensors.pt").is_file()  # parsed once, cached for the next run
+    again = make(root=str(tiny_root))
+    assert torch.equal(again.val.images, data.val.images)
+    other = make(root=str(tiny_root), split_seed=1)
+    assert not torch.equal(other.val.labels, data.val.labels)
+    assert make(FashionMNIST, root=str(tiny_root)).classes[0] == "T-shirt/top"
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 0), ("eval_batch_size", -1), ("val_size", -5),
+                                        ("val_size", 600), ("augment_shift", -1), ("std", 0)])
+def test_bad_dataset_values_are_named(tiny_root, key, value):
+    with pytest.raises(UserError, match=f"{key}={value}"):
+        make(root=str(tiny_root), **{key: value})
+
+
+def test_verify_rejects_foreign_files(tiny_root, tmp_path):
+    import shutil
+    shutil.copytree(tiny_root / "MNIST", tmp_path / "MNIST")
+    (tmp_path / "MNIST" / "tensors.pt").unlink()
+    with pytest.raises(UserError, match="md5"):
+        make(root=str(tmp_path), verify=True)

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from trainer.errors import UserError
+from trainer.losses import MSEOnSoftmax, NLLOnLogSoftmax
+from trainer.models.cnn import CNN
+from trainer.models.logistic import LogisticRegression
+from trainer.models.mlp import MLP
+
+MODELS = {
+    "logistic": lambda: LogisticRegression((1, 28, 28), 10),
+    "mlp": lambda: MLP((1, 28, 28), 10, hidden_sizes=[64, 32], activation="GELU", dropout=0.0),
+    "cnn": lambda: CNN((1, 28, 28), 10, channels=[8, 16], kernel_sizes=[3, 5], hidden=32, dropout=0.0,
+                       batch_norm=True, activation="ReLU"),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_is_logits_per_class(name):
+    assert MODELS[name]()(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_can_overfit_one_batch(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    x, y = torch.randn(32, 1, 28, 28), torch.arange(32) % 10
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert loss.item() < 0.05 and (model(x).argmax(1) == y).all()
+
+
+def test_cnn_takes_other_input_shapes_and_no_batch_norm():
+    model = CNN((3, 32, 32), 7, channels=[4], kernel_sizes=[3], hidden=8, dropout=0.5, batch_norm=False,
+                activation="SiLU")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: MLP((1, 28, 28), 10, hidden_sizes=[0], activation="ReLU", dropout=0.0), "hidden_sizes"),
+    (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="Relu", dropout=0.0), "'Relu'"),
+    (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="Linear", dropout=0.0), "'Linear'"),
+    (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="ReLU", dropout=1.0), "dropout"),
+    (lambda: CNN((1, 28, 28), 10, [8, 8], [3], 8, 0.0, True, "ReLU"), "same length"),
+    (lambda: CNN((1, 28, 28), 10, [8], [4], 8, 0.0, True, "ReLU"), "odd"),
+    (lambda: CNN((1, 28, 28), 10, [8] * 6, [3] * 6, 8, 0.0, True, "ReLU"), "shrink"),
+])
+def test_bad_model_settings_are_named(build, message):
+    with pytest.raises(UserError, match=message):
+        build()
+
+
+def test_losses_take_logits():
+    logits, y = torch.randn(6, 10), torch.arange(6)
+    assert torch.allclose(NLLOnLogSoftmax()(logits, y), torch.nn.functional.cross_entropy(logits, y))
+    expected = ((logits.softmax(1) - torch.nn.functional.one_hot(y, 10)) ** 2).mean()
+    assert torch.allclose(MSEOnSoftmax()(logits, y), expected)

@@ -1,0 +1,92 @@
+"""Each scheduler is stepped by the real Trainer at its cadence: the logged lr sequence is checked."""
+
+import math
+
+import pytest
+import torch
+
+from trainer.data import MNIST
+from trainer import schedulers
+from trainer.trainer import Trainer
+
+STEPS_PER_EPOCH, EPOCHS, LR = 4, 4, 0.1
+
+
+class RecordingLogger:
+    def __init__(self, log_dir, purge_step=None):
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics, step):
+        for k, v in metrics.items():
+            self.scalars.setdefault(k, []).append((step, v))
+
+    def log_text(self, tag, text, step=0):
+        pass
+
+    def close(self):
+        pass
+
+
+def lr_per_step(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc"):
+    """Train EPOCHS x STEPS_PER_EPOCH steps; return the lr each step trained with."""
+    torch.manual_seed(0)
+    data = MNIST(root=str(tiny_root), batch_size=125, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
+                 std=0.31, augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
+    assert len(data.train) == STEPS_PER_EPOCH
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adagrad(model.parameters(), lr=LR))
+    schedule = make_schedule(opt, steps_per_epoch=STEPS_PER_EPOCH, max_epochs=EPOCHS)
+    logs = []
+    trainer = Trainer(model=model, loss_fn=torch.nn.CrossEntropyLoss(), optimizer=opt, schedule=schedule, data=data,
+                      logger=lambda **kw: logs.append(RecordingLogger(**kw)) or logs[-1], run_dir=tmp_path,
+                      config_yaml="{}", device=torch.device("cpu"), max_epochs=EPOCHS, grad_clip_norm=None,
+                      log_every_n_steps=1, monitor=monitor, mode="max" if monitor != "val/loss" else "min",
+                      checkpoint_dir="checkpoints", resume=None, deterministic=False)
+    trainer.fit()
+    return [lr for _, lr in logs[0].scalars["lr"]]
+
+
+def test_none_is_constant(tiny_root, tmp_path):
+    assert lr_per_step(tiny_root, tmp_path, schedulers.none) == [LR] * 16
+
+
+def test_step_is_per_epoch(tiny_root, tmp_path):
+    lrs = lr_per_step(tiny_root, tmp_path, lambda o, **kw: schedulers.step(o, step_size=2, gamma=0.5, **kw))
+    assert lrs == pytest.approx([LR] * 8 + [LR / 2] * 8)
+
+
+def test_multistep_and_exponential_are_per_epoch(tiny_root, tmp_path):
+    lrs = lr_per_step(tiny_root, tmp_path, lambda o, **kw: schedulers.multistep(o, milestones=[1, 3], gamma=0.1, **kw))
+    assert lrs == pytest.approx([LR] * 4 + [LR / 10] * 8 + [LR / 100] * 4)
+    lrs = lr_per_step(tiny_root, tmp_path, lambda o, **kw: schedulers.exponential(o, gamma=0.5, **kw))
+    assert lrs == pytest.approx([LR * 0.5 ** (i // 4) for i in range(16)])
+
+
+def test_cosine_is_per_step_over_the_run(tiny_root, tmp_path):
+    lrs = lr_per_step(tiny_root, tmp_path, lambda o, **kw: schedulers.cosine(o, eta_min=0.0, **kw))
+    assert lrs == pytest.approx([LR * (1 + math.cos(math.pi * i / 16)) / 2 for i in range(16)], abs=1e-9)
+
+
+def test_onecycle_is_per_step_and_peaks_at_max_lr(tiny_root, tmp_path):
+    make = lambda o, **kw: schedulers.onecycle(o, max_lr=1.0, pct_start=0.25, div_factor=10.0,  # noqa: E731
+                                               final_div_factor=100.0, anneal_strategy="linear", cycle_momentum=True,
+                                               **kw)
+    lrs = lr_per_step(tiny_root, tmp_path, make)
+    assert len(set(lrs)) == 16 and lrs[0] == pytest.approx(1.0 / 10)  # starts at max_lr / div_factor
+    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 3  # peak at step pct_start * 16 - 1
+    assert lrs[-1] == pytest.approx(1.0 / 10 / 100) == min(lrs)  # ends at initial / final_div_factor
+    assert lr_per_step(tiny_root, tmp_path, make, optimizer="adagrad")[3] == pytest.approx(1.0)  # no momentum: ok
+
+
+def test_warmup_is_linear_per_step(tiny_root, tmp_path):
+    lrs = lr_per_step(tiny_root, tmp_path, lambda o, **kw: schedulers.warmup(o, warmup_steps=5, **kw))
+    assert lrs == pytest.approx([LR * min(1, (i + 1) / 5) for i in range(16)])
+
+
+def test_plateau_steps_on_the_monitored_metric(tiny_root, tmp_path):
+    # val/loss in "max" mode never improves after epoch 1: with patience 1 the LR drops after epoch 3.
+    make = lambda o, **kw: schedulers.plateau(o, mode="max", factor=0.5, patience=1, threshold=0.0,  # noqa: E731
+                                              min_lr=0.0, **kw)
+    lrs = lr_per_step(tiny_root, tmp_path, make, monitor="val/loss")
+    assert lrs[:12] == [LR] * 12 and lrs[12:] == pytest.approx([LR / 2] * 4)
