@@ -17,7 +17,8 @@ def tiny(root, run_dir, *more):
 @pytest.fixture(scope="module")
 def finished_run(tiny_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "first"
-    result = run_train(*tiny(tiny_root, run_dir, "model=mlp", "trainer.max_epochs=3", "scheduler=step"))
+    result = run_train(*tiny(tiny_root, run_dir, "model=mlp", "trainer.max_epochs=3", "scheduler=step",
+                                     "dataset.augment_shift=2"))
     assert result.returncode == 0, result.stderr
     return run_dir, result
 

@@ -1,4 +1,5 @@
-"""Each scheduler is stepped by the real Trainer at its cadence: the logged lr sequence is checked."""
+"""The real Trainer loop: each scheduler is stepped at its cadence (the logged lr sequence is checked),
+gradient clipping bounds the updates."""
 
 import math
 
@@ -27,24 +28,29 @@ class RecordingLogger:
         pass
 
 
-def lr_per_step(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc"):
-    """Train EPOCHS x STEPS_PER_EPOCH steps; return the lr each step trained with."""
+def fit(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", grad_clip_norm=None):
+    """Train EPOCHS x STEPS_PER_EPOCH steps; return the trainer and its recorded TensorBoard scalars."""
     torch.manual_seed(0)
     data = MNIST(root=str(tiny_root), batch_size=125, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
                  std=0.31, augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
     assert len(data.train) == STEPS_PER_EPOCH
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9) if optimizer == "sgd"
-           else torch.optim.Adagrad(model.parameters(), lr=LR))
+    opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if grad_clip_norm is None else 0.0)
+           if optimizer == "sgd" else torch.optim.Adagrad(model.parameters(), lr=LR))
     schedule = make_schedule(opt, steps_per_epoch=STEPS_PER_EPOCH, max_epochs=EPOCHS)
     logs = []
     trainer = Trainer(model=model, loss_fn=torch.nn.CrossEntropyLoss(), optimizer=opt, schedule=schedule, data=data,
                       logger=lambda **kw: logs.append(RecordingLogger(**kw)) or logs[-1], run_dir=tmp_path,
-                      config_yaml="{}", device=torch.device("cpu"), max_epochs=EPOCHS, grad_clip_norm=None,
+                      config_yaml="{}", device=torch.device("cpu"), max_epochs=EPOCHS, grad_clip_norm=grad_clip_norm,
                       log_every_n_steps=1, monitor=monitor, mode="max" if monitor != "val/loss" else "min",
                       checkpoint_dir="checkpoints", resume=None, deterministic=False)
     trainer.fit()
-    return [lr for _, lr in logs[0].scalars["lr"]]
+    return trainer, logs[0].scalars
+
+
+def lr_per_step(*args, **kwargs):
+    """The lr each step trained with."""
+    return [lr for _, lr in fit(*args, **kwargs)[1]["lr"]]
 
 
 def test_none_is_constant(tiny_root, tmp_path):
@@ -90,3 +96,15 @@ def test_plateau_steps_on_the_monitored_metric(tiny_root, tmp_path):
                                               min_lr=0.0, **kw)
     lrs = lr_per_step(tiny_root, tmp_path, make, monitor="val/loss")
     assert lrs[:12] == [LR] * 12 and lrs[12:] == pytest.approx([LR / 2] * 4)
+
+
+def test_grad_clip_norm_bounds_every_update(tiny_root, tmp_path):
+    torch.manual_seed(0)
+    start = torch.nn.Linear(784, 10).state_dict()  # what fit() initialises after seeding the same way
+    clip = 1e-3
+    trainer, _ = fit(tiny_root, tmp_path, schedulers.none, grad_clip_norm=clip)
+    moved = torch.cat([(p - start[k.split(".", 1)[1]]).flatten() for k, p in trainer.model.state_dict().items()])
+    # plain SGD: each step moves the weights by lr * clipped gradient, so at most lr * clip in norm
+    assert 0 < moved.norm() <= EPOCHS * STEPS_PER_EPOCH * LR * clip * (1 + 1e-5)
+    _, scalars = fit(tiny_root, tmp_path, schedulers.none)
+    assert scalars["val/acc"][-1][1] > 0.5  # without clipping the same run learns

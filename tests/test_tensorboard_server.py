@@ -1,0 +1,55 @@
+"""TensorBoard's own server reads a finished run's scalars over its HTTP data API."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_the_run(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_train(*TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={run_dir}", "model=logistic",
+                     "trainer.max_epochs=2").returncode == 0
+    port = free_port()
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    server = subprocess.Popen([str(tensorboard), "--logdir", str(tmp_path), "--host", "127.0.0.1",
+                               "--port", str(port), "--load_fast", "false"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # the server is up once it lists our run with its scalars
+            try:
+                tags = get(f"{base}/data/plugin/scalars/tags")
+                if "run" in tags and "val/acc" in tags["run"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "tensorboard did not serve the run within 60 s"
+            time.sleep(0.5)
+        assert {"train/loss", "lr", "val/loss", "val/acc", "test/acc"} <= set(tags["run"])
+        points = get(f"{base}/data/plugin/scalars/scalars?run=run&tag=val/acc")
+        assert [step for _, step, _ in points] == [16, 32]
+        assert all(0.0 <= value <= 1.0 for _, _, value in points)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
