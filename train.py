@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.errors import UserError, require_int
+from trainer.errors import UserError
 from trainer.runtime import resolve_device, seed_everything
 from trainer.trainer import NonFiniteLossError
 
@@ -47,10 +47,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
-    schedule = build(cfg.scheduler, optimizer=optimizer, steps_per_epoch=len(data.train),
-                     max_epochs=require_int("trainer.max_epochs", cfg.trainer.max_epochs, 1))
+    scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
     logger = build(cfg.logger)
-    trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, data=data,
+    trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
                     logger=logger, device=device, run_dir=run_dir,
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,

@@ -91,6 +91,12 @@ BAD = [
     (["trainer.mode=up"], "trainer.mode='up'", "min or max"),
     (["trainer.resume=/nonexistent/last.pt"], "/nonexistent/last.pt", "does not exist"),
     (["seed=-1"], "seed=-1", ">= 0"),
+    (["trainer.precision=fp16"], "trainer.precision=fp16", "needs CUDA"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8'", "bf16"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0", ">= 1"),
+    (["trainer.num_threads=0"], "trainer.num_threads=0", ">= 1"),
+    (["trainer.max_epochs=1", "scheduler=onecycle", "trainer.limit_train_batches=3"], "scheduler=onecycle",
+     "warm-up steps"),
     (["model.activation=Relu"], "'Relu'", "GELU"),
     (["dataset.root=/nonexistent/data", "dataset.download=false"], "/nonexistent/data", "provision_data.py"),
 ]

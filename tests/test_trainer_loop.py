@@ -28,22 +28,29 @@ class RecordingLogger:
         pass
 
 
-def fit(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", grad_clip_norm=None):
+OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_grad_batches=1, num_threads=None,
+               limit_train_batches=None)
+
+
+def linear():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+
+
+def fit(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", grad_clip_norm=None, batch_size=125,
+        make_model=linear, **options):
     """Train EPOCHS x STEPS_PER_EPOCH steps; return the trainer and its recorded TensorBoard scalars."""
     torch.manual_seed(0)
-    data = MNIST(root=str(tiny_root), batch_size=125, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
+    data = MNIST(root=str(tiny_root), batch_size=batch_size, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
                  std=0.31, augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
-    assert len(data.train) == STEPS_PER_EPOCH
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    model = make_model()
     opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if grad_clip_norm is None else 0.0)
            if optimizer == "sgd" else torch.optim.Adagrad(model.parameters(), lr=LR))
-    schedule = make_schedule(opt, steps_per_epoch=STEPS_PER_EPOCH, max_epochs=EPOCHS)
-    logs = []
-    trainer = Trainer(model=model, loss_fn=torch.nn.CrossEntropyLoss(), optimizer=opt, schedule=schedule, data=data,
+    logs, options = [], {**OPTIONS, **options}
+    trainer = Trainer(model=model, loss_fn=torch.nn.CrossEntropyLoss(), optimizer=opt, scheduler=make_schedule, data=data,
                       logger=lambda **kw: logs.append(RecordingLogger(**kw)) or logs[-1], run_dir=tmp_path,
                       config_yaml="{}", device=torch.device("cpu"), max_epochs=EPOCHS, grad_clip_norm=grad_clip_norm,
                       log_every_n_steps=1, monitor=monitor, mode="max" if monitor != "val/loss" else "min",
-                      checkpoint_dir="checkpoints", resume=None, deterministic=False)
+                      checkpoint_dir="checkpoints", resume=None, deterministic=False, **options)
     trainer.fit()
     return trainer, logs[0].scalars
 
@@ -108,3 +115,64 @@ def test_grad_clip_norm_bounds_every_update(tiny_root, tmp_path):
     assert 0 < moved.norm() <= EPOCHS * STEPS_PER_EPOCH * LR * clip * (1 + 1e-5)
     _, scalars = fit(tiny_root, tmp_path, schedulers.none)
     assert scalars["val/acc"][-1][1] > 0.5  # without clipping the same run learns
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_root, tmp_path):
+    big, _ = fit(tiny_root, tmp_path, schedulers.none, batch_size=100)
+    acc, _ = fit(tiny_root, tmp_path, schedulers.none, batch_size=50, accumulate_grad_batches=2)
+    assert big.global_step == acc.global_step == EPOCHS * 5
+    for k, v in big.model.state_dict().items():
+        assert torch.allclose(v, acc.model.state_dict()[k], atol=1e-6), k
+
+
+def test_accumulation_and_batch_limit_set_the_schedule_length(tiny_root, tmp_path):
+    make = lambda o, **kw: schedulers.onecycle(o, max_lr=1.0, pct_start=0.3, div_factor=10.0,  # noqa: E731
+                                               final_div_factor=100.0, anneal_strategy="linear", cycle_momentum=True,
+                                               **kw)
+    trainer, scalars = fit(tiny_root, tmp_path, make, batch_size=25, limit_train_batches=7, accumulate_grad_batches=3)
+    assert trainer.steps_per_epoch == 3 and trainer.global_step == EPOCHS * 3  # ceil(7 / 3) steps an epoch
+    lrs = [lr for _, lr in scalars["lr"]]
+    assert lrs[-1] == pytest.approx(1.0 / 10 / 100)  # the one-cycle ends exactly at the run's last step
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tiny_root, tmp_path):
+    trainer, scalars = fit(tiny_root, tmp_path, schedulers.none, precision="bf16")
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert scalars["val/acc"][-1][1] > 0.5
+
+
+def test_num_threads(tiny_root, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        fit(tiny_root, tmp_path, schedulers.none, num_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def small_cnn():
+    from trainer.models.cnn import CNN
+    return CNN((1, 28, 28), 10, channels=[4, 8], kernel_sizes=[3, 3], hidden=16, dropout=0.0, batch_norm=True,
+               activation="ReLU")
+
+
+def test_channels_last_matches_contiguous(tiny_root, tmp_path):
+    nchw, _ = fit(tiny_root, tmp_path, schedulers.none, make_model=small_cnn)
+    nhwc, _ = fit(tiny_root, tmp_path, schedulers.none, make_model=small_cnn, channels_last=True)
+    assert nhwc.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for k, v in nchw.model.state_dict().items():
+        assert torch.allclose(v.float(), nhwc.model.state_dict()[k].float(), atol=1e-4), k
+
+
+@pytest.mark.slow
+def test_compiled_model_checkpoints_load_uncompiled(tiny_root, tmp_path):
+    trainer, scalars = fit(tiny_root, tmp_path, schedulers.none, make_model=small_cnn, compile=True)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in state)
+    fresh = small_cnn()
+    fresh.load_state_dict(state)  # strict: every key matches an uncompiled model
+    fresh.eval()
+    trainer.net.eval()
+    x = trainer.data.test.transform(trainer.data.test.images[:8])
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), trainer.net(x), atol=1e-4)

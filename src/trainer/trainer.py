@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,19 @@ from trainer.data import BatchLoader, IDXImageDataset
 from trainer.errors import UserError, require_int
 from trainer.fsutil import atomic_write
 from trainer.logger import TensorBoardLogger
-from trainer.runtime import set_deterministic
+from trainer.runtime import seconds_since_process_start, set_deterministic
 from trainer.schedulers import Schedule
 
 log = logging.getLogger(__name__)
 
 MONITORABLE = ("val/loss", "val/acc", "val/f1")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,20 +67,34 @@ class EpochMetrics:
 class Trainer:
     """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing every epoch.
 
-    Arguments come from `configs/trainer/*.yaml` plus the objects `train.py` builds. `logger` is a
-    callable `(log_dir, purge_step) -> TensorBoardLogger`, because where the run logs is only known
-    once a resumed checkpoint is read. `config_yaml` is the resolved config, stored in checkpoints.
+    Arguments come from `configs/trainer/*.yaml` plus the objects `train.py` builds. `model` must
+    already be on `device`. `scheduler` is a callable `(optimizer, steps_per_epoch, max_epochs) -> Schedule`
+    (a function from `trainer.schedulers`), because the run's length in optimizer steps depends on
+    accumulation and batch limits. `logger` is a callable `(log_dir, purge_step) -> TensorBoardLogger`,
+    because where the run logs is only known once a resumed checkpoint is read. `config_yaml` is the resolved config, stored in checkpoints.
     Checkpoints go to `<run_dir>/<checkpoint_dir>/{last,best}.pt`; resuming from a checkpoint that
     lives in a run directory continues that run directory.
     """
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: Schedule, data: IDXImageDataset, logger: Callable[..., TensorBoardLogger],
+                 scheduler: Callable[..., Schedule], data: IDXImageDataset, logger: Callable[..., TensorBoardLogger],
                  run_dir: str | Path, config_yaml: str, device: torch.device, max_epochs: int,
                  grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
-                 checkpoint_dir: str, resume: str | None, deterministic: bool) -> None:
+                 checkpoint_dir: str, resume: str | None, deterministic: bool, precision: str,
+                 compile: bool, channels_last: bool, accumulate_grad_batches: int, num_threads: int | None,
+                 limit_train_batches: int | None) -> None:
         require_int("trainer.max_epochs", max_epochs, 1)
         require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
+        require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)
+        if limit_train_batches is not None:
+            require_int("trainer.limit_train_batches", limit_train_batches, 1)
+        if num_threads is not None:
+            torch.set_num_threads(require_int("trainer.num_threads", num_threads, 1))
+        if precision not in PRECISIONS:
+            raise UserError(f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+        if precision == "fp16" and device.type != "cuda":
+            raise UserError(f"trainer.precision=fp16 needs CUDA (it trains with a gradient scaler); on {device.type} "
+                            "use bf16 or fp32")
         if monitor not in MONITORABLE:
             raise UserError(f"trainer.monitor={monitor!r}: not a validation metric; use one of {', '.join(MONITORABLE)}")
         if mode not in ("min", "max"):
@@ -80,10 +102,22 @@ class Trainer:
         if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
             raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
         set_deterministic(deterministic)
-        self.model, self.loss_fn, self.optimizer, self.schedule = model.to(device), loss_fn, optimizer, schedule
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.data, self.device, self.config_yaml = data, device, config_yaml
         self.max_epochs, self.grad_clip_norm, self.log_every = max_epochs, grad_clip_norm, log_every_n_steps
         self.monitor, self.mode = monitor, mode
+        self.accumulate, self.limit_train_batches = accumulate_grad_batches, limit_train_batches
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # Checkpoints save self.model (no "_orig_mod." keys); training and evaluation call the compiled one.
+        self.net = torch.compile(model) if compile else model
+        try:  # per-step schedules need the run's length in optimizer steps, which only the Trainer knows
+            self.schedule = scheduler(optimizer, steps_per_epoch=self.steps_per_epoch, max_epochs=max_epochs)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"scheduler={getattr(scheduler, 'func', scheduler).__name__}: {e}") from None
+        self.autocast_dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.epoch = self.global_step = 0  # epochs completed, optimizer steps taken
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
@@ -109,11 +143,12 @@ class Trainer:
                 val[self.monitor] > self.best_metric if self.mode == "max" else val[self.monitor] < self.best_metric)
             if improved:
                 self.best_metric, self.best_epoch = val[self.monitor], self.epoch
-            speed = {"epoch/time_s": seconds, "epoch/samples_per_s": self.data.train.num_samples / seconds}
+            samples = min(self.data.train.num_samples, self.batches_per_epoch * self.data.train.batch_size)
+            speed = {"epoch/time_s": seconds, "epoch/samples_per_s": samples / seconds}
             self.logger.log_metrics({**train, **val, **speed, "epoch": self.epoch}, self.global_step)
-            log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s%s", self.epoch, self.max_epochs,
+            log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s  [%.1fs since start]%s", self.epoch, self.max_epochs,
                      "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()), seconds,
-                     speed["epoch/samples_per_s"], "  (best)" if improved else "")
+                     speed["epoch/samples_per_s"], seconds_since_process_start(), "  (best)" if improved else "")
             self.save_checkpoint("last.pt")
             if improved:
                 self.save_checkpoint("best.pt")
@@ -123,29 +158,24 @@ class Trainer:
         """One pass over the training split. Reads values back from the device only every `log_every` steps."""
         self.model.train()
         self.data.train.set_epoch(epoch)
+        batches = self.batches_per_epoch
         interval_loss, interval_steps = torch.zeros((), device=self.device), 0
-        bar = tqdm(total=len(self.data.train), desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
+        bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        for images, targets in self.data.train:
-            logits = self.model(images)
-            loss = self.loss_fn(logits, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-            self.optimizer.step()
-            lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used, before the schedule moves it
-            self.schedule.after_batch()
-            self.global_step += 1
+        for i, (images, targets) in zip(range(batches), self.data.train):
+            logits, loss = self._forward(images, targets)
+            self.scaler.scale(loss / self.accumulate).backward()
             self.train_metrics.update(loss, logits, targets)
             interval_loss += loss.detach()
             interval_steps += 1
             bar.update()
+            if (i + 1) % self.accumulate and i + 1 < batches:
+                continue  # accumulate gradients over `accumulate` batches per optimizer step
+            lr = self._optimizer_step()
             if self.global_step % self.log_every == 0:
                 mean_loss = interval_loss.item() / interval_steps  # the one sync per log interval
                 self._check_finite(mean_loss, interval_steps)
-                self.logger.log_metrics({"train/loss": mean_loss, "lr": lr},
-                                        self.global_step)
+                self.logger.log_metrics({"train/loss": mean_loss, "lr": lr}, self.global_step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 interval_loss.zero_()
                 interval_steps = 0
@@ -153,16 +183,45 @@ class Trainer:
         metrics = self.train_metrics.compute("train")
         # train/loss is the per-interval curve; the epoch mean gets its own tag.
         metrics["train/loss_epoch"] = metrics.pop("train/loss")
-        self._check_finite(metrics["train/loss_epoch"], len(self.data.train))
+        self._check_finite(metrics["train/loss_epoch"], batches)
         return metrics
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return min(len(self.data.train), self.limit_train_batches or len(self.data.train))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (what per-step schedules count)."""
+        return math.ceil(self.batches_per_epoch / self.accumulate)
+
+    def _forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.net(images)  # (B, classes)
+            return logits, self.loss_fn(logits, targets)
+
+    def _optimizer_step(self) -> float:
+        """Clip, step (through the fp16 scaler when on), zero the grads and step per-batch schedules.
+        Returns the LR this step used."""
+        if self.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.schedule.after_batch()
+        self.global_step += 1
+        return lr
 
     @torch.inference_mode()
     def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
         """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc."""
         self.model.eval()
         for images, targets in loader:
-            logits = self.model(images)
-            self.eval_metrics.update(self.loss_fn(logits, targets), logits, targets)
+            logits, loss = self._forward(images, targets)
+            self.eval_metrics.update(loss, logits, targets)
         return self.eval_metrics.compute(prefix)
 
     def test(self) -> dict[str, float]:
@@ -173,10 +232,14 @@ class Trainer:
         metrics = self.evaluate(self.data.test, "test")
         self.logger.log_metrics(metrics, self.global_step)
         summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,
-                   "epochs": self.epoch, "global_step": self.global_step}
+                   "epochs": self.epoch, "global_step": self.global_step, "peak_rss_mib": peak_rss_mib()}
+        if self.device.type == "cuda":
+            summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         with atomic_write(self.run_dir / "metrics.json") as f:
             f.write(json.dumps(summary, indent=2).encode())
-        log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        summary["seconds_since_start"] = seconds_since_process_start()
+        log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
+                 metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
         self.logger.close()
         return metrics
 
@@ -185,7 +248,7 @@ class Trainer:
         path = self.ckpt_dir / name
         save_checkpoint(path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+            "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
             "rng": rng_state(), "config": self.config_yaml})
         return path
@@ -201,6 +264,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         if state.get("monitor") == self.monitor:
             self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Training throughput, side by side in one process: bare floor vs this framework vs the tutorial loop.
+
+For each device x model x batch size, the same number of training steps is timed for:
+  floor      a bare loop over pre-normalised tensors already on the device: forward, loss, backward, step;
+  framework  the real Trainer.train_epoch (shuffling, batched normalisation, metrics, TensorBoard logging,
+             progress bar) plus its checkpoint save, built from configs/ exactly as train.py builds it;
+  tutorial   the PyTorch quickstart loop: torchvision's MNIST with ToTensor() through a DataLoader.
+All three use the same model initialisation and the optimizer of the config. Repetitions are
+interleaved (floor, framework, tutorial, floor, ...), after one untimed warm-up each, and the median
+is reported.
+
+    python scripts/benchmark.py                              # CPU (and CUDA when available), all rows
+    python scripts/benchmark.py --models mlp --batch-sizes 64 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402  (registers the config resolvers; its build() is what train.py uses)
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Row:
+    """One device x model x batch-size comparison; each method builds a fresh model from the same seed."""
+
+    def __init__(self, device: torch.device, model: str, batch_size: int, steps: int, root: str, run_dir: Path):
+        self.device, self.steps, self.batch_size = device, steps, batch_size
+        self.cfg = config(f"model={model}", f"dataset.batch_size={batch_size}", f"dataset.root={root}",
+                          f"trainer.limit_train_batches={steps}", "trainer.max_epochs=1000000",
+                          f"trainer.device={device}")
+        self.data = train.build(self.cfg.dataset, device=device, seed=self.cfg.seed)
+        self.run_dir = run_dir
+        # floor: every training image normalised once, in the order the loop will slice it
+        self.floor_x = self.data.train.transform(self.data.train.images)  # (N, 1, 28, 28) float32
+        self.floor_y = self.data.train.labels
+        self.epoch = 0
+
+    def fresh(self):
+        torch.manual_seed(0)
+        model = train.build(self.cfg.model, in_shape=self.data.in_shape,
+                            num_classes=self.data.num_classes).to(self.device)
+        return model, train.build(self.cfg.loss), train.build(self.cfg.optimizer, params=model.parameters())
+
+    def floor(self) -> float:
+        model, loss_fn, optimizer = self.fresh()
+        model.train()
+        bs = self.batch_size
+        sync(self.device)
+        start = time.perf_counter()
+        for i in range(self.steps):
+            x, y = self.floor_x[i * bs:(i + 1) * bs], self.floor_y[i * bs:(i + 1) * bs]
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def framework(self) -> float:
+        model, loss_fn, optimizer = self.fresh()
+        trainer = train.build(self.cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                              scheduler=train.build(self.cfg.scheduler, _partial_=True), data=self.data,
+                              logger=train.build(self.cfg.logger), device=self.device, run_dir=self.run_dir,
+                              config_yaml="{}")
+        self.epoch += 1
+        sync(self.device)
+        start = time.perf_counter()
+        trainer.train_epoch(self.epoch)
+        trainer.save_checkpoint("last.pt")
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        trainer.logger.close()
+        return seconds
+
+    def tutorial(self) -> float:
+        from torch.utils.data import DataLoader
+        from torchvision import datasets
+        from torchvision.transforms import ToTensor
+
+        model, loss_fn, optimizer = self.fresh()
+        dataset = datasets.MNIST(self.cfg.dataset.root, train=True, transform=ToTensor())
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=True)
+        model.train()
+        sync(self.device)
+        start = time.perf_counter()
+        for batch, (X, y) in enumerate(loader):  # the quickstart's train loop, verbatim but for the step limit
+            if batch == self.steps:
+                break
+            X, y = X.to(self.device), y.to(self.device)
+            pred = model(X)
+            loss = loss_fn(pred, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if batch % 100 == 0:
+                loss = loss.item()
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["logistic", "mlp", "cnn"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 512])
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    parser.add_argument("--samples", type=int, default=25600,
+                        help="training samples per timed run (cnn on cpu: a quarter of this)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--root", default=str(REPO / "data"))
+    args = parser.parse_args()
+
+    methods = ("floor", "framework", "tutorial")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    header = (f"{'device':6} {'model':8} {'batch':>5} {'steps':>5} | {'floor':>9} {'framework':>9} {'tutorial':>9}"
+              f" samples/s | {'fw/floor':>8} {'tut/fw':>7} | {'cuda MiB':>8}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for device in map(torch.device, args.devices):
+            for model in args.models:
+                for bs in args.batch_sizes:
+                    samples = args.samples // 4 if (model == "cnn" and device.type == "cpu") else args.samples
+                    steps = max(samples // bs, 5)
+                    row = Row(device, model, bs, steps, args.root, Path(tmp) / f"{device.type}-{model}-{bs}")
+                    times: dict[str, list[float]] = {m: [] for m in methods}
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    for rep in range(args.reps + 1):  # rep 0 warms up (allocator, kernels, file cache)
+                        for m in methods:
+                            seconds = getattr(row, m)()
+                            if rep:
+                                times[m].append(seconds)
+                    med = {m: statistics.median(times[m]) for m in methods}
+                    rate = {m: steps * bs / med[m] for m in methods}
+                    cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
+                    print(f"{device.type:6} {model:8} {bs:5} {steps:5} | {rate['floor']:9.0f} {rate['framework']:9.0f}"
+                          f" {rate['tutorial']:9.0f}           | {med['framework'] / med['floor']:8.2f}"
+                          f" {med['tutorial'] / med['framework']:7.2f} | {cuda_mib:8.0f}", flush=True)
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print("fw/floor: framework time / floor time (1.00 = no overhead); tut/fw: tutorial time / framework time")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
