@@ -176,3 +176,17 @@ def test_compiled_model_checkpoints_load_uncompiled(tiny_root, tmp_path):
     x = trainer.data.test.transform(trainer.data.test.images[:8])
     with torch.no_grad():
         assert torch.allclose(fresh(x), trainer.net(x), atol=1e-4)
+
+
+def test_buffered_metric_updates_equal_per_batch_updates():
+    from trainer.trainer import EpochMetrics
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand((), generator=g), torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
+               for n in (32, 32, 7)]
+    one, many = EpochMetrics(10, torch.device("cpu")), EpochMetrics(10, torch.device("cpu"))
+    for loss, logits, targets in batches:
+        one.update(loss, logits, targets)
+    many.update_many([b[0] for b in batches], [b[1].argmax(1) for b in batches], [b[2] for b in batches])
+    a, b = one.compute("x"), many.compute("x")
+    assert a == pytest.approx(b)
+    assert a["x/loss"] == pytest.approx(sum(float(l) * len(t) for l, _, t in batches) / 71)  # weighted by samples

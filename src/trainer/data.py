@@ -43,7 +43,7 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) uint8 -> float32
         if self.max_shift:
             images = random_shift(images, self.max_shift)
-        return images.float().mul_(self.scale).add_(self.bias)
+        return torch.add(self.bias, images.float(), alpha=self.scale)  # one fused op: bias + scale * x
 
 
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:

@@ -51,10 +51,17 @@ class EpochMetrics:
         self.f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False).to(device)
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        preds = logits.argmax(dim=1)  # (B,)
-        self.loss.update(loss.detach(), weight=targets.numel())
-        self.acc.update(preds, targets)
-        self.f1.update(preds, targets)
+        self.update_many([loss.detach()], [logits.argmax(dim=1)], [targets])
+
+    def update_many(self, losses: list[torch.Tensor], preds: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        """Add several batches at once: per-batch mean losses (scalars), predicted classes and targets (B_i,)."""
+        if not losses:
+            return
+        sizes = torch.tensor([t.numel() for t in targets], device=losses[0].device, dtype=torch.float32)
+        self.loss.update(torch.stack(losses).float(), weight=sizes)  # mean over samples, not over batches
+        preds_, targets_ = torch.cat(preds), torch.cat(targets)
+        self.acc.update(preds_, targets_)
+        self.f1.update(preds_, targets_)
 
     def compute(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/{name}": float(m.compute()) for name, m in
@@ -159,27 +166,32 @@ class Trainer:
         self.model.train()
         self.data.train.set_epoch(epoch)
         batches = self.batches_per_epoch
-        interval_loss, interval_steps = torch.zeros((), device=self.device), 0
+        # Per-batch results stay on the device in these lists and reach torchmetrics once per log interval:
+        # per-step metric updates cost more than a small model's whole step.
+        losses: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
+        targets_seen: list[torch.Tensor] = []
         bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         for i, (images, targets) in zip(range(batches), self.data.train):
             logits, loss = self._forward(images, targets)
-            self.scaler.scale(loss / self.accumulate).backward()
-            self.train_metrics.update(loss, logits, targets)
-            interval_loss += loss.detach()
-            interval_steps += 1
+            self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
+            losses.append(loss.detach())
+            preds.append(logits.detach().argmax(dim=1))
+            targets_seen.append(targets)
             bar.update()
             if (i + 1) % self.accumulate and i + 1 < batches:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
             lr = self._optimizer_step()
             if self.global_step % self.log_every == 0:
-                mean_loss = interval_loss.item() / interval_steps  # the one sync per log interval
-                self._check_finite(mean_loss, interval_steps)
+                mean_loss = float(torch.stack(losses).mean())  # the one host sync per log interval
+                self._check_finite(mean_loss, len(losses))
                 self.logger.log_metrics({"train/loss": mean_loss, "lr": lr}, self.global_step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-                interval_loss.zero_()
-                interval_steps = 0
+                self.train_metrics.update_many(losses, preds, targets_seen)
+                losses, preds, targets_seen = [], [], []
         bar.close()
+        self.train_metrics.update_many(losses, preds, targets_seen)
         metrics = self.train_metrics.compute("train")
         # train/loss is the per-interval curve; the epoch mean gets its own tag.
         metrics["train/loss_epoch"] = metrics.pop("train/loss")
