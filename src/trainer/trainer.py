@@ -57,8 +57,12 @@ class EpochMetrics:
         """Add several batches at once: per-batch mean losses (scalars), predicted classes and targets (B_i,)."""
         if not losses:
             return
-        sizes = torch.tensor([t.numel() for t in targets], device=losses[0].device, dtype=torch.float32)
-        self.loss.update(torch.stack(losses).float(), weight=sizes)  # mean over samples, not over batches
+        sizes = [t.numel() for t in targets]
+        # Mean over samples, not batches. torchmetrics 1.9 drops `weight` under nan_strategy="disable", so each
+        # batch's mean loss is repeated once per sample; output_size keeps that free of a CUDA host sync.
+        per_sample = torch.stack(losses).float().repeat_interleave(
+            torch.tensor(sizes, device=losses[0].device), output_size=sum(sizes))  # (sum B_i,)
+        self.loss.update(per_sample)
         preds_, targets_ = torch.cat(preds), torch.cat(targets)
         self.acc.update(preds_, targets_)
         self.f1.update(preds_, targets_)
