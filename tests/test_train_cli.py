@@ -29,6 +29,7 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.9  # the tiny dataset is easy: a broken pipeline would not learn it
     assert metrics["epochs"] == 3 and metrics["global_step"] == 3 * 16
+    assert 0 < metrics["seconds_since_start"] < 600 and metrics["peak_rss_mib"] > 0
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(run_dir / "checkpoints" / name, weights_only=True)
         assert "model:\n  _target_: trainer.models.mlp.MLP" in ckpt["config"]

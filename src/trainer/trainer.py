@@ -248,12 +248,12 @@ class Trainer:
         metrics = self.evaluate(self.data.test, "test")
         self.logger.log_metrics(metrics, self.global_step)
         summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,
-                   "epochs": self.epoch, "global_step": self.global_step, "peak_rss_mib": peak_rss_mib()}
+                   "epochs": self.epoch, "global_step": self.global_step, "peak_rss_mib": peak_rss_mib(),
+                   "seconds_since_start": seconds_since_process_start()}
         if self.device.type == "cuda":
             summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         with atomic_write(self.run_dir / "metrics.json") as f:
             f.write(json.dumps(summary, indent=2).encode())
-        summary["seconds_since_start"] = seconds_since_process_start()
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
                  metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
         self.logger.close()
