@@ -22,18 +22,21 @@ def test_roundtrip_is_weights_only_and_world_readable(tmp_path):
 
 
 class Evil:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
     def __reduce__(self):
-        return (open, ("/tmp/pwned-by-checkpoint", "w"))  # would create a file when unpickled
+        return (open, (self.target, "w"))  # would create the file when unpickled
 
 
 def test_pickled_code_is_refused_and_never_runs(tmp_path):
-    target = "/tmp/pwned-by-checkpoint"
-    if os.path.exists(target):
-        os.unlink(target)
-    torch.save({**STATE, "format": "hydra-torch-trainer", "payload": Evil()}, tmp_path / "evil.pt")
+    target = tmp_path / "pwned-by-checkpoint"
+    torch.save({**STATE, "format": "hydra-torch-trainer", "payload": Evil(str(target))}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="refusing to load .* pickled io.open object"):
         load_checkpoint(tmp_path / "evil.pt")
-    assert not os.path.exists(target)
+    assert not target.exists()
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is real: unrestricted loading runs it
+    assert target.exists()
 
 
 @pytest.mark.parametrize("make, message", [
