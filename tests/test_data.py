@@ -80,3 +80,10 @@ def test_verify_rejects_foreign_files(tiny_root, tmp_path):
     (tmp_path / "MNIST" / "tensors.pt").unlink()
     with pytest.raises(UserError, match="md5"):
         make(root=str(tmp_path), verify=True)
+
+
+def test_random_shift_keeps_channels_and_layout():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).view(2, 3, 6, 6)
+    out = random_shift(x, 1)
+    assert out.shape == x.shape and out.is_contiguous()  # NCHW, as every consumer expects
+    assert all(set(out[:, c].unique().tolist()) - {0} <= set(x[:, c].unique().tolist()) for c in range(3))

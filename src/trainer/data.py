@@ -57,7 +57,8 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     rows = torch.arange(h, device=dev).view(1, h, 1) + dy  # (B, H, 1)
     cols = torch.arange(w, device=dev).view(1, 1, w) + dx  # (B, 1, W)
     batch = torch.arange(b, device=dev).view(b, 1, 1)
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    shifted = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (B, H, W, C)
+    return shifted.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W), NCHW like the unaugmented batches
 
 
 class BatchLoader:

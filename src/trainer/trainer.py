@@ -118,7 +118,7 @@ class Trainer:
         self.max_epochs, self.grad_clip_norm, self.log_every = max_epochs, grad_clip_norm, log_every_n_steps
         self.monitor, self.mode = monitor, mode
         self.accumulate, self.limit_train_batches = accumulate_grad_batches, limit_train_batches
-        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
         # Checkpoints save self.model (no "_orig_mod." keys); training and evaluation call the compiled one.
@@ -212,7 +212,8 @@ class Trainer:
         return math.ceil(self.batches_per_epoch / self.accumulate)
 
     def _forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.contiguous(memory_format=self.memory_format)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as NHWC
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.net(images)  # (B, classes)
             return logits, self.loss_fn(logits, targets)
