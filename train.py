@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from trainer.errors import UserError
 from trainer.runtime import resolve_device, seed_everything
-from trainer.trainer import NonFiniteLossError
+from trainer.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger("train")
 OmegaConf.register_new_resolver("root_dir", lambda: str(Path(__file__).resolve().parent), replace=True)
@@ -39,8 +39,8 @@ def build(node: DictConfig, **runtime: Any) -> Any:
         raise
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Build everything from `cfg`, fit, and return the test metrics of the best checkpoint."""
+def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """Build everything from `cfg`, in order, and hand it to the Trainer."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     data = build(cfg.dataset, device=device, seed=cfg.seed)
@@ -55,6 +55,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
              len(data.val.labels), len(data.test.labels), trainer.run_dir)
+    return trainer
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Fit, then return the test metrics of the best checkpoint."""
+    trainer = setup(cfg, run_dir)
     trainer.fit()
     return trainer.test()
 

@@ -4,9 +4,10 @@
 For each device x model x batch size, the same number of training steps is timed for:
   floor      a bare loop over pre-normalised tensors already on the device: forward, loss, backward, step;
   framework  the real Trainer.train_epoch (shuffling, batched normalisation, metrics, TensorBoard logging,
-             progress bar) plus its checkpoint save, built from configs/ exactly as train.py builds it;
+             progress bar) plus its checkpoint save;
   tutorial   the PyTorch quickstart loop: torchvision's MNIST with ToTensor() through a DataLoader.
-All three use the same model initialisation and the optimizer of the config. Repetitions are
+The framework run is `train.setup()`, so it is built exactly as train.py builds it; all three use the
+same model initialisation (the config's seed) and the config's optimizer. Repetitions are
 interleaved (floor, framework, tutorial, floor, ...), after one untimed warm-up each, and the median
 is reported.
 
@@ -31,6 +32,8 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (registers the config resolvers; its build() is what train.py uses)
 from hydra import compose, initialize_config_dir  # noqa: E402
+
+from trainer.runtime import seed_everything  # noqa: E402
 
 
 def config(*overrides: str):
@@ -59,7 +62,7 @@ class Row:
         self.epoch = 0
 
     def fresh(self):
-        torch.manual_seed(0)
+        seed_everything(self.cfg.seed)  # the initialisation train.setup() gives the framework's model
         model = train.build(self.cfg.model, in_shape=self.data.in_shape,
                             num_classes=self.data.num_classes).to(self.device)
         return model, train.build(self.cfg.loss), train.build(self.cfg.optimizer, params=model.parameters())
@@ -80,11 +83,7 @@ class Row:
         return time.perf_counter() - start
 
     def framework(self) -> float:
-        model, loss_fn, optimizer = self.fresh()
-        trainer = train.build(self.cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                              scheduler=train.build(self.cfg.scheduler, _partial_=True), data=self.data,
-                              logger=train.build(self.cfg.logger), device=self.device, run_dir=self.run_dir,
-                              config_yaml="{}")
+        trainer = train.setup(self.cfg, self.run_dir)  # exactly what train.py builds (data from its cache)
         self.epoch += 1
         sync(self.device)
         start = time.perf_counter()
