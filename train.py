@@ -7,6 +7,7 @@ expects, and handed to the Trainer. Nothing else in the project reads the config
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from trainer.checkpoint import find_unfinished_run
 from trainer.errors import UserError
 from trainer.runtime import resolve_device, seed_everything
-from trainer.trainer import NonFiniteLossError, Trainer
+from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 log = logging.getLogger("train")
 OmegaConf.register_new_resolver("root_dir", lambda: str(Path(__file__).resolve().parent), replace=True)
@@ -49,8 +51,14 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     optimizer = build(cfg.optimizer, params=model.parameters())
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
     logger = build(cfg.logger)
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        resume = find_unfinished_run(Path(cfg.output_root), list(HydraConfig.get().overrides.task),
+                                     cfg.trainer.checkpoint_dir)
+        log.info("trainer.resume=auto: %s", f"continuing {resume}" if resume else "no unfinished run with these "
+                 f"overrides under {cfg.output_root}; starting a new run")
     trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
-                    logger=logger, device=device, run_dir=run_dir,
+                    logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
@@ -74,6 +82,15 @@ def main(cfg: DictConfig) -> float:
     except MissingMandatoryValue as e:
         print(f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
               f"{e.full_key}=...", file=sys.stderr)
+    except TrainingInterrupted as e:
+        again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
+        again.append(f"trainer.resume={e.checkpoint}")
+        print(f"{e}\nresume with: python train.py {shlex.join(again)}", file=sys.stderr)
+        sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
+    except KeyboardInterrupt:
+        print("error: interrupted at once (second signal); every checkpoint already written is intact",
+              file=sys.stderr)
+        sys.exit(130)
     sys.exit(1)
 
 

@@ -3,13 +3,15 @@
 
 For each device x model x batch size, the same number of training steps is timed for:
   floor      a bare loop over pre-normalised tensors already on the device: forward, loss, backward, step;
+  +data      the same bare loop fed by the framework's input pipeline (shuffled gather, normalisation);
   framework  the real Trainer.train_epoch (shuffling, batched normalisation, metrics, TensorBoard logging,
              progress bar) plus its checkpoint save;
   tutorial   the PyTorch quickstart loop: torchvision's MNIST with ToTensor() through a DataLoader.
 The framework run is `train.setup()`, so it is built exactly as train.py builds it; all three use the
 same model initialisation (the config's seed) and the config's optimizer. Repetitions are
-interleaved (floor, framework, tutorial, floor, ...), after one untimed warm-up each, and the median
-is reported.
+interleaved (floor, +data, framework, tutorial, floor, ...), after one untimed warm-up each, and the
+median is reported. `noise` is the spread (slowest / fastest - 1) of the floor's own repetitions: a
+ratio closer to 1.00 than that is within this machine's timing noise.
 
     python scripts/benchmark.py                              # CPU (and CUDA when available), all rows
     python scripts/benchmark.py --models mlp --batch-sizes 64 --reps 5
@@ -82,6 +84,22 @@ class Row:
         sync(self.device)
         return time.perf_counter() - start
 
+    def floor_data(self) -> float:
+        """The floor, fed by the framework's input pipeline (shuffled gather + normalisation on the device):
+        what any loop that shuffles its data pays on top of the floor."""
+        model, loss_fn, optimizer = self.fresh()
+        model.train()
+        self.data.train.set_epoch(self.epoch)
+        sync(self.device)
+        start = time.perf_counter()
+        for _, (x, y) in zip(range(self.steps), self.data.train):
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(self.device)
+        return time.perf_counter() - start
+
     def framework(self) -> float:
         trainer = train.setup(self.cfg, self.run_dir)  # exactly what train.py builds (data from its cache)
         self.epoch += 1
@@ -127,15 +145,15 @@ def main() -> int:
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     parser.add_argument("--samples", type=int, default=55000,
                         help="training samples per timed run (default: one epoch; cnn on cpu: an eighth of this)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--root", default=str(REPO / "data"))
     args = parser.parse_args()
 
-    methods = ("floor", "framework", "tutorial")
+    methods = ("floor", "floor_data", "framework", "tutorial")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    header = (f"{'device':6} {'model':8} {'batch':>5} {'steps':>5} | {'floor':>9} {'framework':>9} {'tutorial':>9}"
-              f" samples/s | {'fw/floor':>8} {'tut/fw':>7} | {'cuda MiB':>8}")
+    header = (f"{'device':6} {'model':8} {'batch':>5} {'steps':>5} | {'floor':>8} {'+data':>8} {'framework':>9} "
+              f"{'tutorial':>8} samples/s | {'fw/floor':>8} {'fw/+data':>8} {'tut/fw':>6} | {'noise':>5} | {'cuda MiB':>8}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,12 +173,16 @@ def main() -> int:
                                 times[m].append(seconds)
                     med = {m: statistics.median(times[m]) for m in methods}
                     rate = {m: steps * bs / med[m] for m in methods}
+                    noise = max(times["floor"]) / min(times["floor"]) - 1
                     cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
-                    print(f"{device.type:6} {model:8} {bs:5} {steps:5} | {rate['floor']:9.0f} {rate['framework']:9.0f}"
-                          f" {rate['tutorial']:9.0f}           | {med['framework'] / med['floor']:8.2f}"
-                          f" {med['tutorial'] / med['framework']:7.2f} | {cuda_mib:8.0f}", flush=True)
+                    print(f"{device.type:6} {model:8} {bs:5} {steps:5} | {rate['floor']:8.0f} {rate['floor_data']:8.0f}"
+                          f" {rate['framework']:9.0f} {rate['tutorial']:8.0f}           |"
+                          f" {med['framework'] / med['floor']:8.2f} {med['framework'] / med['floor_data']:8.2f}"
+                          f" {med['tutorial'] / med['framework']:6.2f} | {noise:5.0%} | {cuda_mib:8.0f}", flush=True)
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print("fw/floor: framework time / floor time (1.00 = no overhead); tut/fw: tutorial time / framework time")
+    print("fw/floor: framework time / floor time (1.00 = no overhead); fw/+data: framework / floor fed by the same\n"
+          "input pipeline (the Trainer's own cost: metrics, logging, checkpoint); tut/fw: tutorial / framework;\n"
+          "noise: spread of the floor's repetitions")
     return 0
 
 

@@ -3,6 +3,7 @@ and a helper that runs train.py as a user would."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,45 @@ TINY = ("dataset.verify=false", "dataset.val_size=100", "dataset.batch_size=32",
         "trainer.log_every_n_steps=5", "trainer.device=cpu")
 
 
-def run_train(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python train.py OVERRIDES...` from the repo root, as a user would."""
     return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# train.py, except that the process sends itself a signal right after optimizer step STOP_AT_STEP, or is
+# SIGKILLed halfway through writing its CHECKPOINT_WRITE-th checkpoint file (a torn temporary file is left).
+_STOPPING_TRAIN = """
+import io, os, runpy, signal, sys
+import torch
+from trainer.trainer import Trainer
+train_py, sys.argv[0] = sys.argv[1], sys.argv[1]
+del sys.argv[1]
+if "STOP_AT_STEP" in os.environ:
+    at, sig, step = int(os.environ["STOP_AT_STEP"]), int(os.environ["STOP_SIGNAL"]), Trainer._optimizer_step
+    def stepping(self):
+        lr = step(self)
+        if self.global_step == at:
+            os.kill(os.getpid(), sig)
+        return lr
+    Trainer._optimizer_step = stepping
+if "CHECKPOINT_WRITE" in os.environ:
+    nth, save, calls = int(os.environ["CHECKPOINT_WRITE"]), torch.save, []
+    def dying_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < nth:
+            return save(obj, f, *args, **kwargs)
+        buf = io.BytesIO()
+        save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = dying_save
+runpy.run_path(train_py, run_name="__main__")
+"""
+
+
+def run_train_stopping(*overrides: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`run_train`, with the process stopping itself as `env` says (see _STOPPING_TRAIN)."""
+    return subprocess.run([sys.executable, "-c", _STOPPING_TRAIN, str(REPO / "train.py"), *overrides], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})

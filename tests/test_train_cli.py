@@ -7,7 +7,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, run_train
+from conftest import TINY, make_tiny_dataset, run_train
+from trainer.idx import write_idx
 
 
 def tiny(root, run_dir, *more):
@@ -55,7 +56,7 @@ def test_resume_continues_at_the_right_epoch_with_the_same_state(tiny_root, tmp_
     resumed = run_train(*tiny(tiny_root, tmp_path / "resume_invocation", *common, "trainer.max_epochs=3",
                               f"trainer.resume={part}/checkpoints/last.pt"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed" in resumed.stdout and "at epoch 1 (step 16)" in resumed.stdout
+    assert "resumed" in resumed.stdout and "at the start of epoch 2 (step 16)" in resumed.stdout
     assert "config changed, trainer.max_epochs: 1 -> 3" in resumed.stdout
     assert "epoch 1/3" not in resumed.stdout and "epoch 2/3" in resumed.stdout
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
@@ -77,20 +78,31 @@ def tree_digest(path):
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+# (overrides, text naming the bad value, text saying what is allowed or what to do). {placeholders} are paths
+# made by the `bad_paths` fixture: {earlier} is a finished run in the same output root.
 BAD = [
     (["model=foo"], "Could not find 'model/foo'", "mlp"),  # Hydra lists the choices
     (["optimizer=adamm"], "Could not find 'optimizer/adamm'", "adamw"),
+    (["dataset=cifar"], "Could not find 'dataset/cifar'", "fashion_mnist"),
+    (["loss=hinge"], "Could not find 'loss/hinge'", "multi_margin"),
+    (["scheduler=linear"], "Could not find 'scheduler/linear'", "onecycle"),
+    (["logger=wandb"], "Could not find 'logger/wandb'", "tensorboard"),
+    (["trainer=fast"], "Could not find 'trainer/fast'", "default"),
     (["trainer.max_epoch=3"], "trainer.max_epoch", "not in struct"),
     (["optimizer.lr=-0.1"], "lr=-0.1", "Invalid learning rate"),
+    (["optimizer.lr=0"], "optimizer.lr=0", "must be > 0"),
     (["optimizer.lr=abc"], "lr=abc", "optimizer"),
     (["dataset.batch_size=0"], "dataset.batch_size=0", ">= 1"),
     (["dataset.batch_size=ten"], "dataset.batch_size='ten'", "integer"),
+    (["dataset.val_size=100000"], "dataset.val_size=100000", "smaller than"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
     (["trainer.device=cuda"], "trainer.device='cuda'", "CUDA is not available"),
     (["trainer.device=tpu"], "trainer.device='tpu'", "cpu, cuda"),
     (["trainer.monitor=val/accuracy"], "trainer.monitor='val/accuracy'", "val/acc"),
     (["trainer.mode=up"], "trainer.mode='up'", "min or max"),
-    (["trainer.resume=/nonexistent/last.pt"], "/nonexistent/last.pt", "does not exist"),
+    (["trainer.nonfinite_loss=ignore"], "trainer.nonfinite_loss='ignore'", "error or skip"),
+    (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps=0", ">= 1"),
+    (["trainer.grad_clip_norm=-1"], "trainer.grad_clip_norm=-1", "> 0"),
     (["seed=-1"], "seed=-1", ">= 0"),
     (["trainer.precision=fp16"], "trainer.precision=fp16", "needs CUDA"),
     (["trainer.precision=fp8"], "trainer.precision='fp8'", "bf16"),
@@ -99,30 +111,74 @@ BAD = [
     (["trainer.max_epochs=1", "scheduler=onecycle", "trainer.limit_train_batches=3"], "scheduler=onecycle",
      "warm-up steps"),
     (["model.activation=Relu"], "'Relu'", "GELU"),
+    (["trainer.resume=/nonexistent/last.pt"], "/nonexistent/last.pt", "does not exist"),
+    (["trainer.resume={junk}"], "junk.pt", "not a readable checkpoint"),
+    (["trainer.resume={torn}"], "torn.pt", "truncated"),
+    (["model=logistic", "trainer.resume={earlier}/checkpoints/last.pt"], "model._target_", "cannot resume"),
+    (["scheduler=step", "trainer.max_epochs=3", "trainer.resume={earlier}/checkpoints/last.pt"],
+     "already trained 3 epochs", "raise trainer.max_epochs"),
     (["dataset.root=/nonexistent/data", "dataset.download=false"], "/nonexistent/data", "provision_data.py"),
+    (["dataset.root={empty}"], "MNIST not found", "provision_data.py"),  # every source fails (offline)
+    (["dataset.root={bad_magic}"], "train-images-idx3-ubyte: not an IDX file", "bad magic"),
+    (["dataset.root={truncated}"], "t10k-images-idx3-ubyte", "the header [200, 28, 28] needs"),
+    (["dataset.root={label_mismatch}"], "600 images but 599 labels", "train"),
+    (["hydra.run.dir={earlier}"], f"hydra.run.dir=", "already exists and is not empty"),
+    (["hydra.run.dir={a_file}/run"], "a_file/run", "cannot write there"),
 ]
+# Sources a missing dataset could come from, made unreachable: no proxy answers, no package index.
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": ""}
+
+
+@pytest.fixture(scope="module")
+def bad_paths(finished_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad_inputs")
+    (base / "junk.pt").write_text("not a checkpoint")
+    good = (finished_run[0] / "checkpoints" / "last.pt").read_bytes()
+    (base / "torn.pt").write_bytes(good[: len(good) // 2])
+    (base / "a_file").write_text("")
+    (base / "empty").mkdir()
+    roots = {}
+    for name, file, mutate in (("bad_magic", "train-images-idx3-ubyte", lambda b: b"\x08\x03" + b[2:]),
+                               ("truncated", "t10k-images-idx3-ubyte", lambda b: b[:-100]),
+                               ("label_mismatch", "train-labels-idx1-ubyte", None)):
+        roots[name] = make_tiny_dataset(base / name)
+        path = base / name / "MNIST" / "raw" / file
+        if mutate:
+            path.write_bytes(mutate(path.read_bytes()))
+        else:
+            write_idx(path, torch.zeros(599, dtype=torch.uint8))
+    return {"earlier": finished_run[0], "junk": base / "junk.pt", "torn": base / "torn.pt",
+            "a_file": base / "a_file", "empty": base / "empty", **roots}
 
 
 @pytest.mark.parametrize("overrides, names_value, says", BAD, ids=[" ".join(b[0]) for b in BAD])
-def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, tiny_root, tmp_path, overrides,
+def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_paths, tiny_root, tmp_path, overrides,
                                                             names_value, says):
     earlier, _ = finished_run
-    before = tree_digest(earlier)
-    result = run_train(*tiny(tiny_root, tmp_path / "bad", "model=mlp", *overrides))
+    before = tree_digest(earlier.parent)  # the whole output root the earlier run lives in
+    overrides = [o.format(**bad_paths) for o in overrides]
+    run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else [f"hydra.run.dir={tmp_path / 'bad'}"]
+    result = run_train(*TINY, f"dataset.root={tiny_root}", *run_dir, "model=mlp", *overrides, env=OFFLINE)
     assert result.returncode != 0
     assert names_value in result.stderr and says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    assert tree_digest(earlier) == before
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if lines[0].startswith("error: "):
+        assert len(lines) == 1, result.stderr  # ours: exactly one line
+    else:  # Hydra's own config errors: the first line names the value, then the choices (no traceback)
+        assert "Could not" in lines[0] and "HYDRA_FULL_ERROR" in lines[-1], result.stderr
+    assert tree_digest(earlier.parent) == before
 
 
-def test_resume_from_another_model_names_the_difference(finished_run, tiny_root, tmp_path):
-    earlier, _ = finished_run
-    result = run_train(*tiny(tiny_root, tmp_path / "bad", "model=logistic",
-                             f"trainer.resume={earlier}/checkpoints/last.pt"))
-    assert result.returncode != 0 and "cannot resume" in result.stderr and "model._target_" in result.stderr
+def test_at_least_25_bad_inputs():
+    assert len(BAD) >= 25
 
 
-def test_resume_from_a_non_checkpoint(tiny_root, tmp_path):
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    result = run_train(*tiny(tiny_root, tmp_path / "bad", f"trainer.resume={tmp_path}/junk.pt"))
-    assert result.returncode != 0 and "not a readable checkpoint" in result.stderr
+def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_path):
+    result = run_train(*tiny(tiny_root, tmp_path / "run", "model=mlp", "optimizer=sgd", "optimizer.lr=1e6",
+                             "scheduler=none"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "training loss is" in result.stderr and "at epoch 1, batch" in result.stderr, result.stderr
+    assert "trainer.nonfinite_loss=skip" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -8,7 +8,7 @@ import torch
 
 from trainer.data import MNIST
 from trainer import schedulers
-from trainer.trainer import Trainer
+from trainer.trainer import NonFiniteLossError, Trainer
 
 STEPS_PER_EPOCH, EPOCHS, LR = 4, 4, 0.1
 
@@ -24,21 +24,31 @@ class RecordingLogger:
     def log_text(self, tag, text, step=0):
         pass
 
+    def flush(self):
+        pass
+
     def close(self):
         pass
 
 
 OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_grad_batches=1, num_threads=None,
-               limit_train_batches=None)
+               limit_train_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error", log_every_n_steps=1,
+               loss_fn=torch.nn.CrossEntropyLoss())
 
 
 def linear():
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
 
 
-def fit(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", grad_clip_norm=None, batch_size=125,
-        make_model=linear, **options):
+def fit(*args, **kwargs):
     """Train EPOCHS x STEPS_PER_EPOCH steps; return the trainer and its recorded TensorBoard scalars."""
+    trainer, scalars = build(*args, **kwargs)
+    trainer.fit()
+    return trainer, scalars
+
+
+def build(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", grad_clip_norm=None, batch_size=125,
+          make_model=linear, **options):
     torch.manual_seed(0)
     data = MNIST(root=str(tiny_root), batch_size=batch_size, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
                  std=0.31, augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
@@ -46,12 +56,11 @@ def fit(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", 
     opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if grad_clip_norm is None else 0.0)
            if optimizer == "sgd" else torch.optim.Adagrad(model.parameters(), lr=LR))
     logs, options = [], {**OPTIONS, **options}
-    trainer = Trainer(model=model, loss_fn=torch.nn.CrossEntropyLoss(), optimizer=opt, scheduler=make_schedule, data=data,
+    trainer = Trainer(model=model, optimizer=opt, scheduler=make_schedule, data=data,
                       logger=lambda **kw: logs.append(RecordingLogger(**kw)) or logs[-1], run_dir=tmp_path,
                       config_yaml="{}", device=torch.device("cpu"), max_epochs=EPOCHS, grad_clip_norm=grad_clip_norm,
-                      log_every_n_steps=1, monitor=monitor, mode="max" if monitor != "val/loss" else "min",
+                      monitor=monitor, mode="max" if monitor != "val/loss" else "min",
                       checkpoint_dir="checkpoints", resume=None, deterministic=False, **options)
-    trainer.fit()
     return trainer, logs[0].scalars
 
 
@@ -178,15 +187,70 @@ def test_compiled_model_checkpoints_load_uncompiled(tiny_root, tmp_path):
         assert torch.allclose(fresh(x), trainer.net(x), atol=1e-4)
 
 
-def test_buffered_metric_updates_equal_per_batch_updates():
+def test_buffered_metrics_equal_per_batch_updates_and_survive_a_state_dict_roundtrip(tmp_path):
     from trainer.trainer import EpochMetrics
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand((), generator=g), torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
-               for n in (32, 32, 7)]
-    one, many = EpochMetrics(10, torch.device("cpu")), EpochMetrics(10, torch.device("cpu"))
+               for n in (32, 32, 7, 32)]
+    per_batch, buffered, resumed = (EpochMetrics(10, torch.device("cpu")) for _ in range(3))
     for loss, logits, targets in batches:
-        one.update(loss, logits, targets)
-    many.update_many([b[0] for b in batches], [b[1].argmax(1) for b in batches], [b[2] for b in batches])
-    a, b = one.compute("x"), many.compute("x")
-    assert a == pytest.approx(b)
-    assert a["x/loss"] == pytest.approx(sum(float(l) * len(t) for l, _, t in batches) / 71)  # weighted by samples
+        per_batch.add(loss, logits, targets)
+        per_batch.flush()
+        buffered.add(loss, logits, targets)
+    # stop after 3 batches (one flushed, two still buffered), save, load into fresh metrics, add the rest
+    stopped = EpochMetrics(10, torch.device("cpu"))
+    stopped.add(*batches[0])
+    stopped.flush()
+    for b in batches[1:3]:
+        stopped.add(*b)
+    torch.save(stopped.state_dict(), tmp_path / "m.pt")
+    resumed.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    resumed.add(*batches[3])
+    a, b, c = per_batch.compute("x"), buffered.compute("x"), resumed.compute("x")
+    assert a == pytest.approx(b) and a == pytest.approx(c)
+    assert a["x/loss"] == pytest.approx(sum(float(l) * len(t) for l, _, t in batches) / 103)  # weighted by samples
+
+
+class NaNOnBatch(torch.nn.Module):
+    """Cross-entropy, except that training batch number `at` (1-based, over the run) gets a NaN loss."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, logits, targets):
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        if torch.is_grad_enabled():  # training, not evaluation
+            self.calls += 1
+            if self.calls == self.at:
+                return loss * float("nan")
+        return loss
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_nonfinite_loss_stops_naming_the_batch_and_keeps_the_checkpoints(tiny_root, tmp_path, log_every):
+    trainer, _ = build(tiny_root, tmp_path, schedulers.none, loss_fn=NaNOnBatch(at=STEPS_PER_EPOCH + 2),
+                       log_every_n_steps=log_every)
+    with pytest.raises(NonFiniteLossError, match=r"nan at epoch 2, batch 2 \(optimizer step 6\)"):
+        trainer.fit()
+    for name in ("last.pt", "best.pt"):  # epoch 1's, untouched by the diverged model
+        assert torch.load(tmp_path / "checkpoints" / name, weights_only=True)["epoch"] == 1
+
+
+def test_nonfinite_loss_skip_drops_that_batch_only(tiny_root, tmp_path):
+    trainer, scalars = fit(tiny_root, tmp_path, schedulers.none, loss_fn=NaNOnBatch(at=STEPS_PER_EPOCH + 2),
+                           nonfinite_loss="skip")
+    assert trainer.skipped_batches == 1 and trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    assert [v for _, v in scalars["train/skipped_batches"]] == [0, 1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert math.isfinite(scalars["train/loss_epoch"][1][1]) and scalars["val/acc"][-1][1] > 0.5
+
+
+def test_nonfinite_weights_are_never_checkpointed(tiny_root, tmp_path):
+    trainer, _ = fit(tiny_root, tmp_path, schedulers.none)
+    before = (tmp_path / "checkpoints" / "best.pt").read_bytes()
+    with torch.no_grad():
+        trainer.model[1].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite \(1.weight\)"):
+        trainer.save_checkpoint("best.pt")
+    assert (tmp_path / "checkpoints" / "best.pt").read_bytes() == before

@@ -53,6 +53,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def find_unfinished_run(output_root: Path, overrides: list[str], checkpoint_dir: str) -> Path | None:
+    """`last.pt` of the newest unfinished run under `output_root` started with these command-line overrides.
+
+    A run is unfinished when it has a checkpoint but no `metrics.json` (written after the final test).
+    Overrides are compared as a set, ignoring `trainer.resume`, from each run's `.hydra/overrides.yaml`.
+    """
+    def key(items: list[str]) -> set[str]:
+        return {o for o in items if not o.startswith("trainer.resume=")}
+
+    want, found = key(overrides), []
+    for saved in output_root.rglob(".hydra/overrides.yaml"):
+        run = saved.parent.parent
+        last = run / checkpoint_dir / "last.pt"
+        if last.is_file() and not (run / "metrics.json").exists() and key(yaml.safe_load(saved.read_text()) or []) == want:
+            found.append(last)
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}

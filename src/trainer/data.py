@@ -86,7 +86,11 @@ class BatchLoader:
 
     @property
     def num_samples(self) -> int:
-        return min(len(self.labels), len(self) * self.batch_size)
+        return self.samples_between(0, len(self))
+
+    def samples_between(self, start_step: int, stop_step: int) -> int:
+        """How many samples batches `start_step` up to (not including) `stop_step` hold."""
+        return min(len(self.labels), stop_step * self.batch_size) - min(len(self.labels), start_step * self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
@@ -102,7 +106,8 @@ class BatchLoader:
                 x, y = self.images[sl], self.labels[sl]
             else:
                 idx = order[sl]
-                x, y = self.images[idx], self.labels[idx]
+                # index_select, not images[idx]: advanced indexing is ~8x slower on CPU
+                x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
             yield self.transform(x), y
 
 
@@ -151,7 +156,7 @@ class IDXImageDataset:
         stamp = [[f, os.stat(raw / f).st_size, os.stat(raw / f).st_mtime_ns] for f in provision.FILES]
         if cache.is_file():
             try:
-                cached = torch.load(cache, weights_only=True)
+                cached = torch.load(cache, weights_only=True, mmap=True)
                 if cached["stamp"] == stamp and (cached["verified"] or not verify):
                     return cached["train_x"], cached["train_y"], cached["test_x"], cached["test_y"]
             except Exception as e:  # a stale or torn cache is rebuilt, never trusted

@@ -26,5 +26,9 @@ class TensorBoardLogger:
         # Indented by four spaces, TensorBoard's markdown shows it verbatim (YAML keeps its layout).
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
+    def flush(self) -> None:
+        """Hand everything logged so far to the OS (it survives a kill of this process)."""
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()

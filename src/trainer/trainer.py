@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MONITORABLE = ("val/loss", "val/acc", "val/f1")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_POLICIES = ("error", "skip")
 
 
 def peak_rss_mib() -> float:
@@ -38,69 +42,119 @@ def peak_rss_mib() -> float:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss (or the weights) became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run; a checkpoint to resume from was written first."""
+
+    def __init__(self, signum: int, checkpoint: Path, epoch: int, global_step: int) -> None:
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1} at step {global_step}; "
+                         f"checkpoint saved to {checkpoint}")
 
 
 class EpochMetrics:
-    """Mean loss, accuracy and macro F1, accumulated on the device. `compute()` is the only host sync."""
+    """Mean loss, accuracy and macro F1 over an epoch, accumulated on the device.
+
+    `add` only buffers a batch's results on the device; they reach torchmetrics in one update per
+    `flush` (per-batch metric updates cost more than a small model's whole step). `compute()` is the
+    only host sync. `state_dict()` holds the buffer too, so a run resumed mid-epoch ends the epoch with
+    exactly the numbers of a run that never stopped.
+    """
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.device = device
         # nan_strategy/validate_args off: their checks read values back to the host on every update.
-        self.loss = MeanMetric(nan_strategy="disable").to(device)
-        self.acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False).to(device)
-        self.f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False).to(device)
+        self.metrics = {"loss": MeanMetric(nan_strategy="disable"),
+                        "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+                        "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False)}
+        for m in self.metrics.values():
+            m.persistent(True)  # metric states go into state_dict(), hence into checkpoints
+            m.to(device)
+        self._losses: list[torch.Tensor] = []  # per-batch mean losses, scalars
+        self._preds: list[torch.Tensor] = []  # (B_i,) predicted classes
+        self._targets: list[torch.Tensor] = []  # (B_i,)
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.update_many([loss.detach()], [logits.argmax(dim=1)], [targets])
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self._losses.append(loss.detach())
+        self._preds.append(logits.detach().argmax(dim=1))
+        self._targets.append(targets)
 
-    def update_many(self, losses: list[torch.Tensor], preds: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        """Add several batches at once: per-batch mean losses (scalars), predicted classes and targets (B_i,)."""
-        if not losses:
+    def pending_losses(self) -> torch.Tensor:
+        """The per-batch mean losses added since the last flush, (k,), consecutive batches in order."""
+        return torch.stack(self._losses) if self._losses else torch.empty(0, device=self.device)
+
+    def flush(self) -> None:
+        if not self._losses:
             return
-        sizes = [t.numel() for t in targets]
+        sizes = [t.numel() for t in self._targets]
         # Mean over samples, not batches. torchmetrics 1.9 drops `weight` under nan_strategy="disable", so each
         # batch's mean loss is repeated once per sample; output_size keeps that free of a CUDA host sync.
-        per_sample = torch.stack(losses).float().repeat_interleave(
-            torch.tensor(sizes, device=losses[0].device), output_size=sum(sizes))  # (sum B_i,)
-        self.loss.update(per_sample)
-        preds_, targets_ = torch.cat(preds), torch.cat(targets)
-        self.acc.update(preds_, targets_)
-        self.f1.update(preds_, targets_)
+        per_sample = torch.stack(self._losses).float().repeat_interleave(
+            torch.tensor(sizes, device=self.device), output_size=sum(sizes))  # (sum B_i,)
+        self.metrics["loss"].update(per_sample)
+        preds, targets = torch.cat(self._preds), torch.cat(self._targets)
+        self.metrics["acc"].update(preds, targets)
+        self.metrics["f1"].update(preds, targets)
+        self._losses, self._preds, self._targets = [], [], []
 
     def compute(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}/{name}": float(m.compute()) for name, m in
-               (("loss", self.loss), ("acc", self.acc), ("f1", self.f1))}
-        for m in (self.loss, self.acc, self.f1):
+        self.flush()
+        out = {f"{prefix}/{name}": float(m.compute()) for name, m in self.metrics.items()}
+        for m in self.metrics.values():
             m.reset()
         return out
 
+    def state_dict(self) -> dict:
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        return {"metrics": {name: dict(m.state_dict()) for name, m in self.metrics.items()},
+                "losses": self.pending_losses(), "sizes": [t.numel() for t in self._targets],
+                "preds": torch.cat(self._preds) if self._preds else empty,
+                "targets": torch.cat(self._targets) if self._targets else empty}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.metrics.items():
+            m.load_state_dict(state["metrics"][name])
+            m.to(self.device)
+        self._losses = list(state["losses"].to(self.device).unbind())
+        self._preds = list(state["preds"].to(self.device).split(state["sizes"]))
+        self._targets = list(state["targets"].to(self.device).split(state["sizes"]))
+
 
 class Trainer:
-    """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing every epoch.
+    """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing as it goes.
 
     Arguments come from `configs/trainer/*.yaml` plus the objects `train.py` builds. `model` must
     already be on `device`. `scheduler` is a callable `(optimizer, steps_per_epoch, max_epochs) -> Schedule`
     (a function from `trainer.schedulers`), because the run's length in optimizer steps depends on
     accumulation and batch limits. `logger` is a callable `(log_dir, purge_step) -> TensorBoardLogger`,
-    because where the run logs is only known once a resumed checkpoint is read. `config_yaml` is the resolved config, stored in checkpoints.
-    Checkpoints go to `<run_dir>/<checkpoint_dir>/{last,best}.pt`; resuming from a checkpoint that
-    lives in a run directory continues that run directory.
+    because where the run logs is only known once a resumed checkpoint is read. `config_yaml` is the
+    resolved config, stored in checkpoints.
+
+    Checkpoints go to `<run_dir>/<checkpoint_dir>/`: `last.pt` at every epoch end and every
+    `checkpoint_every_n_steps` optimizer steps, `best.pt` when the monitored metric improves. Resuming
+    (`resume=PATH`) restores everything down to the batch within the epoch and the RNG states, so the
+    run ends exactly as if it had never stopped; a checkpoint inside a run directory continues that
+    run directory. SIGINT/SIGTERM stop the run after the current optimizer step, with a checkpoint.
     """
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Callable[..., Schedule], data: IDXImageDataset, logger: Callable[..., TensorBoardLogger],
                  run_dir: str | Path, config_yaml: str, device: torch.device, max_epochs: int,
                  grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
-                 checkpoint_dir: str, resume: str | None, deterministic: bool, precision: str,
-                 compile: bool, channels_last: bool, accumulate_grad_batches: int, num_threads: int | None,
-                 limit_train_batches: int | None) -> None:
+                 checkpoint_dir: str, checkpoint_every_n_steps: int | None, resume: str | None,
+                 nonfinite_loss: str, deterministic: bool, precision: str, compile: bool, channels_last: bool,
+                 accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None) -> None:
         require_int("trainer.max_epochs", max_epochs, 1)
         require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
         require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)
-        if limit_train_batches is not None:
-            require_int("trainer.limit_train_batches", limit_train_batches, 1)
+        for key, value in (("limit_train_batches", limit_train_batches),
+                           ("checkpoint_every_n_steps", checkpoint_every_n_steps), ("num_threads", num_threads)):
+            if value is not None:
+                require_int(f"trainer.{key}", value, 1)
         if num_threads is not None:
-            torch.set_num_threads(require_int("trainer.num_threads", num_threads, 1))
+            torch.set_num_threads(num_threads)
         if precision not in PRECISIONS:
             raise UserError(f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}")
         if precision == "fp16" and device.type != "cuda":
@@ -110,13 +164,19 @@ class Trainer:
             raise UserError(f"trainer.monitor={monitor!r}: not a validation metric; use one of {', '.join(MONITORABLE)}")
         if mode not in ("min", "max"):
             raise UserError(f"trainer.mode={mode!r}: use min or max")
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise UserError(f"trainer.nonfinite_loss={nonfinite_loss!r}: use error or skip")
         if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
             raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
+        lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        if not all(lr > 0 for lr in lrs):  # torch accepts lr=0, a run that silently learns nothing
+            raise UserError(f"optimizer.lr={lrs[0] if len(set(lrs)) == 1 else lrs}: must be > 0")
         set_deterministic(deterministic)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.data, self.device, self.config_yaml = data, device, config_yaml
         self.max_epochs, self.grad_clip_norm, self.log_every = max_epochs, grad_clip_norm, log_every_n_steps
         self.monitor, self.mode = monitor, mode
+        self.checkpoint_every, self.skip_nonfinite = checkpoint_every_n_steps, nonfinite_loss == "skip"
         self.accumulate, self.limit_train_batches = accumulate_grad_batches, limit_train_batches
         self.channels_last = channels_last
         if channels_last:
@@ -130,10 +190,15 @@ class Trainer:
         self.autocast_dtype = PRECISIONS[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.epoch = self.global_step = 0  # epochs completed, optimizer steps taken
+        self.batch_in_epoch = 0  # batches of epoch `self.epoch` already trained (non-zero only mid-epoch)
+        self.skipped_batches = 0  # with nonfinite_loss=skip
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+        self.startup_s: float | None = None  # process start -> first training step, set by fit()
+        self._stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler during fit()
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device)
+        self.ckpt_dir_name = checkpoint_dir
         resumed = self._resume(Path(resume).expanduser(), Path(run_dir)) if resume else None
         self.run_dir = resumed or Path(run_dir)
         self.ckpt_dir = self.run_dir / checkpoint_dir
@@ -143,63 +208,72 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
-        for epoch in range(self.epoch, self.max_epochs):
-            start = time.perf_counter()
-            train = self.train_epoch(epoch)
-            val = self.evaluate(self.data.val, "val")
-            seconds = time.perf_counter() - start
-            self.epoch = epoch + 1
-            self.schedule.after_epoch(val[self.monitor])
-            improved = self.best_metric is None or (
-                val[self.monitor] > self.best_metric if self.mode == "max" else val[self.monitor] < self.best_metric)
-            if improved:
-                self.best_metric, self.best_epoch = val[self.monitor], self.epoch
-            samples = min(self.data.train.num_samples, self.batches_per_epoch * self.data.train.batch_size)
-            speed = {"epoch/time_s": seconds, "epoch/samples_per_s": samples / seconds}
-            self.logger.log_metrics({**train, **val, **speed, "epoch": self.epoch}, self.global_step)
-            log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s  [%.1fs since start]%s", self.epoch, self.max_epochs,
-                     "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()), seconds,
-                     speed["epoch/samples_per_s"], seconds_since_process_start(), "  (best)" if improved else "")
-            self.save_checkpoint("last.pt")
-            if improved:
-                self.save_checkpoint("best.pt")
+        self.startup_s = seconds_since_process_start()
+        log.info("first training step %.1fs after process start", self.startup_s)
+        with self._stop_on_signals():
+            for epoch in range(self.epoch, self.max_epochs):
+                start, first_batch = time.perf_counter(), self.batch_in_epoch
+                train = self.train_epoch(epoch)
+                val = self.evaluate(self.data.val, "val")
+                seconds = time.perf_counter() - start
+                self.epoch, self.batch_in_epoch = epoch + 1, 0
+                self.schedule.after_epoch(val[self.monitor])
+                improved = self._improves(val[self.monitor])
+                if improved:
+                    self.best_metric, self.best_epoch = val[self.monitor], self.epoch
+                samples = self.data.train.samples_between(first_batch, self.batches_per_epoch)
+                speed = {"epoch/time_s": seconds, "epoch/samples_per_s": samples / seconds}
+                self.logger.log_metrics({**train, **val, **speed, "epoch": self.epoch}, self.global_step)
+                log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s  [%.1fs since start]%s", self.epoch,
+                         self.max_epochs, "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()), seconds,
+                         speed["epoch/samples_per_s"], seconds_since_process_start(), "  (best)" if improved else "")
+                self.save_checkpoint("last.pt")
+                if improved:
+                    self.save_checkpoint("best.pt")
+                if self.epoch < self.max_epochs:  # a signal during the last epoch lets the run finish
+                    self._stop_if_signalled()
         return {f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training split. Reads values back from the device only every `log_every` steps."""
+        """One pass over the training split, or the rest of it when resumed mid-epoch.
+
+        Reads values back from the device only every `log_every` optimizer steps and at checkpoints.
+        """
         self.model.train()
         self.data.train.set_epoch(epoch)
-        batches = self.batches_per_epoch
-        # Per-batch results stay on the device in these lists and reach torchmetrics once per log interval:
-        # per-step metric updates cost more than a small model's whole step.
-        losses: list[torch.Tensor] = []
-        preds: list[torch.Tensor] = []
-        targets_seen: list[torch.Tensor] = []
-        bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
+        batches, start = self.batches_per_epoch, self.batch_in_epoch
+        bar = tqdm(total=batches, initial=start, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        for i, (images, targets) in zip(range(batches), self.data.train):
+        for i, (images, targets) in zip(range(start, batches), self.data.train.iter_from(start)):
             logits, loss = self._forward(images, targets)
-            self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
-            losses.append(loss.detach())
-            preds.append(logits.detach().argmax(dim=1))
-            targets_seen.append(targets)
+            if self.skip_nonfinite and not torch.isfinite(loss):  # a host sync per batch, only in skip mode
+                self.skipped_batches += 1
+                log.warning("epoch %d, batch %d: loss is %s; batch skipped", epoch + 1, i + 1, float(loss.detach()))
+            else:
+                self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
+                self.train_metrics.add(loss, logits, targets)
             bar.update()
             if (i + 1) % self.accumulate and i + 1 < batches:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
             lr = self._optimizer_step()
-            if self.global_step % self.log_every == 0:
-                mean_loss = float(torch.stack(losses).mean())  # the one host sync per log interval
-                self._check_finite(mean_loss, len(losses))
+            self.batch_in_epoch = i + 1
+            if self.global_step % self.log_every == 0 and self.train_metrics.pending_losses().numel():
+                mean_loss = self._check_finite(epoch)  # the one host sync per log interval
                 self.logger.log_metrics({"train/loss": mean_loss, "lr": lr}, self.global_step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-                self.train_metrics.update_many(losses, preds, targets_seen)
-                losses, preds, targets_seen = [], [], []
+                self.train_metrics.flush()
+            if i + 1 < batches:  # the epoch's end has its own checkpoint and signal check
+                if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
+                    self._check_finite(epoch)
+                    self.save_checkpoint("last.pt")
+                self._stop_if_signalled(epoch)
         bar.close()
-        self.train_metrics.update_many(losses, preds, targets_seen)
+        self._check_finite(epoch)
         metrics = self.train_metrics.compute("train")
         # train/loss is the per-interval curve; the epoch mean gets its own tag.
         metrics["train/loss_epoch"] = metrics.pop("train/loss")
-        self._check_finite(metrics["train/loss_epoch"], batches)
+        if self.skip_nonfinite:
+            metrics["train/skipped_batches"] = float(self.skipped_batches)
         return metrics
 
     @property
@@ -221,12 +295,13 @@ class Trainer:
     def _optimizer_step(self) -> float:
         """Clip, step (through the fp16 scaler when on), zero the grads and step per-batch schedules.
         Returns the LR this step used."""
-        if self.grad_clip_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if any(p.grad is not None for p in self.model.parameters()):  # none when every batch was skipped
+            if self.grad_clip_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.schedule.after_batch()
         self.global_step += 1
@@ -238,7 +313,7 @@ class Trainer:
         self.model.eval()
         for images, targets in loader:
             logits, loss = self._forward(images, targets)
-            self.eval_metrics.update(loss, logits, targets)
+            self.eval_metrics.add(loss, logits, targets)
         return self.eval_metrics.compute(prefix)
 
     def test(self) -> dict[str, float]:
@@ -250,7 +325,7 @@ class Trainer:
         self.logger.log_metrics(metrics, self.global_step)
         summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,
                    "epochs": self.epoch, "global_step": self.global_step, "peak_rss_mib": peak_rss_mib(),
-                   "seconds_since_start": seconds_since_process_start()}
+                   "startup_s": self.startup_s, "seconds_since_start": seconds_since_process_start()}
         if self.device.type == "cuda":
             summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         with atomic_write(self.run_dir / "metrics.json") as f:
@@ -261,38 +336,107 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, name: str) -> Path:
-        """Atomically write everything needed to continue this run to `<checkpoint_dir>/<name>`."""
+        """Atomically write everything needed to continue this run to `<checkpoint_dir>/<name>`.
+
+        Refuses non-finite weights, so no checkpoint (best.pt included) ever holds a diverged model.
+        """
+        params = [p.detach() for p in self.model.parameters()]
+        if not torch.stack([p.isfinite().all() for p in params]).all():  # one host sync per checkpoint
+            bad = next(n for n, p in self.model.named_parameters() if not p.isfinite().all())
+            raise NonFiniteLossError(f"weights became non-finite ({bad}) by step {self.global_step} of epoch "
+                                     f"{self.epoch + 1}; {name} not written, the last good checkpoint is kept")
         path = self.ckpt_dir / name
         save_checkpoint(path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+            "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
+            "train_metrics": self.train_metrics.state_dict(), "skipped_batches": self.skipped_batches,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
             "rng": rng_state(), "config": self.config_yaml})
+        # The checkpoint says "everything up to this step is done": make the logged scalars as durable, so a
+        # kill after it loses no TensorBoard steps before it (the resumed run purges the ones after).
+        self.logger.flush()
         return path
 
     def _resume(self, path: Path, new_run_dir: Path) -> Path:
-        """Restore model, optimizer, schedule, counters and RNGs from `path`; return the run dir to continue."""
+        """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`; return the run dir to continue."""
         state = load_checkpoint(path)
         for change in config_changes(state["config"], self.config_yaml):
             log.info("resume: config changed, %s", change)
         if state["epoch"] >= self.max_epochs:
             raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs; "
                             f"raise trainer.max_epochs (now {self.max_epochs}) to train on")
+        if state["batch_in_epoch"] > self.batches_per_epoch:
+            raise UserError(f"trainer.resume={str(path)!r} stopped after batch {state['batch_in_epoch']} of its "
+                            f"epoch, but an epoch now has {self.batches_per_epoch} batches")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
+        if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.global_step = state["epoch"], state["global_step"]
-        if state.get("monitor") == self.monitor:
+        self.epoch, self.batch_in_epoch, self.global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
+        self.train_metrics.load_state_dict(state["train_metrics"])
+        self.skipped_batches = state["skipped_batches"]
+        if state["monitor"] == self.monitor:
             self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         set_rng_state(state["rng"])
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
-        log.info("resumed %s at epoch %d (step %d); continuing in %s", path, self.epoch, self.global_step, run_dir)
+        for stale in (run_dir / self.ckpt_dir_name).glob(".*.tmp"):  # left by a kill during a checkpoint write
+            stale.unlink()
+        where = (f"epoch {self.epoch + 1}, after batch {self.batch_in_epoch}" if self.batch_in_epoch
+                 else f"the start of epoch {self.epoch + 1}")
+        log.info("resumed %s at %s (step %d); continuing in %s", path, where, self.global_step, run_dir)
         return run_dir
 
-    def _check_finite(self, loss: float, steps: int) -> None:
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"training loss is {loss} in the {steps} steps up to global step "
-                                     f"{self.global_step} (epoch {self.epoch + 1}); lower optimizer.lr or set "
-                                     "trainer.grad_clip_norm")
+    def _improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if self.mode == "max" else value < self.best_metric
+
+    def _check_finite(self, epoch: int) -> float:
+        """Mean of the training losses not yet flushed (a host sync); raise naming the first non-finite batch."""
+        losses = self.train_metrics.pending_losses()  # (k,) the batches up to batch_in_epoch, in order
+        if not losses.numel():
+            return math.nan
+        mean = float(losses.mean())
+        if not math.isfinite(mean):
+            first = int((~torch.isfinite(losses)).nonzero()[0])
+            batch = self.batch_in_epoch - losses.numel() + first  # 0-based, within the epoch
+            step = self.global_step - ((self.batch_in_epoch - 1) // self.accumulate - batch // self.accumulate)
+            raise NonFiniteLossError(f"training loss is {float(losses[first])} at epoch {epoch + 1}, batch "
+                                     f"{batch + 1} (optimizer step {step}); lower optimizer.lr, set "
+                                     "trainer.grad_clip_norm, or skip such batches with trainer.nonfinite_loss=skip")
+        return mean
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to stop after the current optimizer step, with a checkpoint.
+        A second signal stops at once (the atomic writes keep every checkpoint whole)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
+                        signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_if_signalled(self, epoch: int | None = None) -> None:
+        """After a stop signal: checkpoint mid-epoch (`epoch` given) or rely on the epoch's, then raise."""
+        if self._stop_signal is None:
+            return
+        if epoch is not None:
+            self._check_finite(epoch)
+            self.save_checkpoint("last.pt")
+        raise TrainingInterrupted(self._stop_signal, self.ckpt_dir / "last.pt", self.epoch, self.global_step)
