@@ -60,9 +60,10 @@ TINY = ("dataset.verify=false", "dataset.val_size=100", "dataset.batch_size=32",
         "trainer.log_every_n_steps=5", "trainer.device=cpu")
 
 
-def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python train.py OVERRIDES...` from the repo root, as a user would."""
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True,
+def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None = None,
+              script: str = "train.py") -> subprocess.CompletedProcess:
+    """Run `python train.py OVERRIDES...` (or another script) from the repo root, as a user would."""
+    return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -51,7 +51,7 @@ def test_random_shift_moves_content_and_fills_zero():
 
 def make(cls=MNIST, **kw):
     args = dict(batch_size=32, eval_batch_size=50, val_size=100, split_seed=0, mean=0.1307, std=0.3081,
-                augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
+                augment_shift=0, shuffle=True, drop_last=False, download=False, mirror=None, verify=False)
     return cls(**{**args, **kw})
 
 

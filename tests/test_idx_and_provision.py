@@ -63,7 +63,7 @@ def test_label_count_mismatch_is_named(tmp_path):
     write_idx(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", torch.zeros(599, dtype=torch.uint8))
     with pytest.raises(UserError, match="600 images but 599 labels"):
         MNIST(root=str(tmp_path), batch_size=8, eval_batch_size=8, val_size=10, split_seed=0, mean=0.1, std=0.3,
-              augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
+              augment_shift=0, shuffle=True, drop_last=False, download=False, mirror=None, verify=False)
 
 
 @pytest.mark.slow

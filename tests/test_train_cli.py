@@ -182,3 +182,20 @@ def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_p
     assert "training loss is" in result.stderr and "at epoch 1, batch" in result.stderr, result.stderr
     assert "trainer.nonfinite_loss=skip" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_debug_fast_dev_run_runs_a_few_batches_of_everything(tiny_root, tmp_path):
+    result = run_train(*tiny(tiny_root, tmp_path / "run", "debug=fast_dev_run"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["global_step"]) == (2, 16)  # 2 epochs x 8 of the 16 batches
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_debug_overfit_memorises_a_few_batches(tiny_root, tmp_path):
+    result = run_train(*tiny(tiny_root, tmp_path / "run", "model=mlp", "debug=overfit"))
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss_epoch")][-1] == 30 * 4
+    assert events.Scalars("train/acc")[-1].value == 1.0 and events.Scalars("train/loss_epoch")[-1].value < 0.01

@@ -32,7 +32,8 @@ class RecordingLogger:
 
 
 OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_grad_batches=1, num_threads=None,
-               limit_train_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error", log_every_n_steps=1,
+               limit_train_batches=None, limit_eval_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error",
+               early_stopping_patience=None, early_stopping_min_delta=0.0, log_every_n_steps=1,
                loss_fn=torch.nn.CrossEntropyLoss())
 
 
@@ -51,7 +52,7 @@ def build(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc"
           make_model=linear, **options):
     torch.manual_seed(0)
     data = MNIST(root=str(tiny_root), batch_size=batch_size, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
-                 std=0.31, augment_shift=0, drop_last=False, download=False, mirror=None, verify=False)
+                 std=0.31, augment_shift=0, shuffle=True, drop_last=False, download=False, mirror=None, verify=False)
     model = make_model()
     opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if grad_clip_norm is None else 0.0)
            if optimizer == "sgd" else torch.optim.Adagrad(model.parameters(), lr=LR))
@@ -254,3 +255,29 @@ def test_nonfinite_weights_are_never_checkpointed(tiny_root, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite \(1.weight\)"):
         trainer.save_checkpoint("best.pt")
     assert (tmp_path / "checkpoints" / "best.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("patience, min_delta, epochs_run, best_epoch", [
+    (2, 0.0, 4, 3),  # 0.4 is one epoch without improvement, 0.51 resets the count, 0.3 is one again
+    (1, 0.0, 2, 1),  # 0.4 exhausts a patience of 1
+    (2, 0.5, 3, 3),  # 0.51 is a new best (best.pt) but not by more than 0.5: two epochs without improvement
+])
+def test_early_stopping_counts_epochs_without_improvement(tiny_root, tmp_path, monkeypatch, patience, min_delta,
+                                                          epochs_run, best_epoch):
+    scripted = iter([{"val/loss": 1.0, "val/acc": a, "val/f1": a} for a in (0.5, 0.4, 0.51, 0.3)])
+    trainer, _ = build(tiny_root, tmp_path, schedulers.none, early_stopping_patience=patience,
+                       early_stopping_min_delta=min_delta)
+    monkeypatch.setattr(trainer, "evaluate", lambda loader, prefix: next(scripted))
+    trainer.fit()
+    assert (trainer.epoch, trainer.best_epoch) == (epochs_run, best_epoch)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epochs_without_improvement"] == trainer.epochs_without_improvement
+
+
+def test_limit_eval_batches(tiny_root, tmp_path):
+    trainer, _ = build(tiny_root, tmp_path, schedulers.none, limit_eval_batches=1)
+    seen = []
+    trainer.eval_metrics.add = lambda loss, logits, targets: seen.append(len(targets))
+    trainer.eval_metrics.compute = lambda prefix: {}
+    trainer.evaluate(trainer.data.test, "test")
+    assert seen == [100]  # one batch of eval_batch_size, not the 200 test images

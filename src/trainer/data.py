@@ -122,7 +122,7 @@ class IDXImageDataset:
     classes: ClassVar[tuple[str, ...]]
 
     def __init__(self, *, root: str, batch_size: int, eval_batch_size: int, val_size: int, split_seed: int,
-                 mean: float, std: float, augment_shift: int, drop_last: bool, download: bool,
+                 mean: float, std: float, augment_shift: int, shuffle: bool, drop_last: bool, download: bool,
                  mirror: str | None, verify: bool, device: torch.device | str = "cpu", seed: int = 0) -> None:
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("val_size", val_size, 0), ("augment_shift", augment_shift, 0)):
@@ -142,7 +142,7 @@ class IDXImageDataset:
         train_tf = BatchTransform(mean, std, augment_shift)
         eval_tf = BatchTransform(mean, std)
         self.train = BatchLoader(to(train_x[train_idx]), to(train_y[train_idx]), batch_size,
-                                 transform=train_tf, shuffle=True, seed=seed, drop_last=drop_last)
+                                 transform=train_tf, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.val = BatchLoader(to(train_x[val_idx]), to(train_y[val_idx]), eval_batch_size,
                                transform=eval_tf, shuffle=False)
         self.test = BatchLoader(to(test_x), to(test_y), eval_batch_size, transform=eval_tf, shuffle=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -12,12 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from tqdm import tqdm
 
 from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -63,8 +64,11 @@ class EpochMetrics:
     exactly the numbers of a run that never stopped.
     """
 
-    def __init__(self, num_classes: int, device: torch.device) -> None:
+    def __init__(self, num_classes: int, device: torch.device, confusion_matrix: bool = False) -> None:
         self.device = device
+        # rows: true class, columns: predicted class; set by compute() when asked for
+        self.confusion = MulticlassConfusionMatrix(num_classes, validate_args=False).to(device) if confusion_matrix else None
+        self.last_confusion: torch.Tensor | None = None
         # nan_strategy/validate_args off: their checks read values back to the host on every update.
         self.metrics = {"loss": MeanMetric(nan_strategy="disable"),
                         "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
@@ -97,6 +101,8 @@ class EpochMetrics:
         preds, targets = torch.cat(self._preds), torch.cat(self._targets)
         self.metrics["acc"].update(preds, targets)
         self.metrics["f1"].update(preds, targets)
+        if self.confusion is not None:
+            self.confusion.update(preds, targets)
         self._losses, self._preds, self._targets = [], [], []
 
     def compute(self, prefix: str) -> dict[str, float]:
@@ -104,6 +110,9 @@ class EpochMetrics:
         out = {f"{prefix}/{name}": float(m.compute()) for name, m in self.metrics.items()}
         for m in self.metrics.values():
             m.reset()
+        if self.confusion is not None:
+            self.last_confusion = self.confusion.compute()  # (classes, classes) counts
+            self.confusion.reset()
         return out
 
     def state_dict(self) -> dict:
@@ -120,6 +129,20 @@ class EpochMetrics:
         self._losses = list(state["losses"].to(self.device).unbind())
         self._preds = list(state["preds"].to(self.device).split(state["sizes"]))
         self._targets = list(state["targets"].to(self.device).split(state["sizes"]))
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (images, targets) -> logits, loss
+
+
+@torch.inference_mode()
+def evaluate(forward: Forward, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], metrics: EpochMetrics,
+             prefix: str, limit_batches: int | None = None) -> dict[str, float]:
+    """Loss, accuracy and macro F1 over `loader` (its first `limit_batches`), keyed `<prefix>/loss` etc.
+    The model must already be in eval mode."""
+    for images, targets in itertools.islice(loader, limit_batches):
+        logits, loss = forward(images, targets)
+        metrics.add(loss, logits, targets)
+    return metrics.compute(prefix)
 
 
 class Trainer:
@@ -144,13 +167,16 @@ class Trainer:
                  run_dir: str | Path, config_yaml: str, device: torch.device, max_epochs: int,
                  grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
                  checkpoint_dir: str, checkpoint_every_n_steps: int | None, resume: str | None,
-                 nonfinite_loss: str, deterministic: bool, precision: str, compile: bool, channels_last: bool,
-                 accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None) -> None:
+                 early_stopping_patience: int | None, early_stopping_min_delta: float, nonfinite_loss: str,
+                 deterministic: bool, precision: str, compile: bool, channels_last: bool,
+                 accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
+                 limit_eval_batches: int | None) -> None:
         require_int("trainer.max_epochs", max_epochs, 1)
         require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
         require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)
-        for key, value in (("limit_train_batches", limit_train_batches),
-                           ("checkpoint_every_n_steps", checkpoint_every_n_steps), ("num_threads", num_threads)):
+        for key, value in (("limit_train_batches", limit_train_batches), ("limit_eval_batches", limit_eval_batches),
+                           ("checkpoint_every_n_steps", checkpoint_every_n_steps), ("num_threads", num_threads),
+                           ("early_stopping_patience", early_stopping_patience)):
             if value is not None:
                 require_int(f"trainer.{key}", value, 1)
         if num_threads is not None:
@@ -166,6 +192,8 @@ class Trainer:
             raise UserError(f"trainer.mode={mode!r}: use min or max")
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise UserError(f"trainer.nonfinite_loss={nonfinite_loss!r}: use error or skip")
+        if not (isinstance(early_stopping_min_delta, (int, float)) and early_stopping_min_delta >= 0):
+            raise UserError(f"trainer.early_stopping_min_delta={early_stopping_min_delta!r}: must be a number >= 0")
         if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
             raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
         lrs = [float(group["lr"]) for group in optimizer.param_groups]
@@ -178,6 +206,8 @@ class Trainer:
         self.monitor, self.mode = monitor, mode
         self.checkpoint_every, self.skip_nonfinite = checkpoint_every_n_steps, nonfinite_loss == "skip"
         self.accumulate, self.limit_train_batches = accumulate_grad_batches, limit_train_batches
+        self.limit_eval_batches = limit_eval_batches
+        self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -194,6 +224,7 @@ class Trainer:
         self.skipped_batches = 0  # with nonfinite_loss=skip
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+        self.epochs_without_improvement = 0  # by more than early_stopping_min_delta
         self.startup_s: float | None = None  # process start -> first training step, set by fit()
         self._stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler during fit()
         self.train_metrics = EpochMetrics(data.num_classes, device)
@@ -212,6 +243,8 @@ class Trainer:
         log.info("first training step %.1fs after process start", self.startup_s)
         with self._stop_on_signals():
             for epoch in range(self.epoch, self.max_epochs):
+                if self._patience_exhausted():
+                    break
                 start, first_batch = time.perf_counter(), self.batch_in_epoch
                 train = self.train_epoch(epoch)
                 val = self.evaluate(self.data.val, "val")
@@ -219,6 +252,8 @@ class Trainer:
                 self.epoch, self.batch_in_epoch = epoch + 1, 0
                 self.schedule.after_epoch(val[self.monitor])
                 improved = self._improves(val[self.monitor])
+                significant = self._improves(val[self.monitor], margin=self.min_delta)
+                self.epochs_without_improvement = 0 if significant else self.epochs_without_improvement + 1
                 if improved:
                     self.best_metric, self.best_epoch = val[self.monitor], self.epoch
                 samples = self.data.train.samples_between(first_batch, self.batches_per_epoch)
@@ -307,14 +342,10 @@ class Trainer:
         self.global_step += 1
         return lr
 
-    @torch.inference_mode()
     def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
         """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc."""
         self.model.eval()
-        for images, targets in loader:
-            logits, loss = self._forward(images, targets)
-            self.eval_metrics.add(loss, logits, targets)
-        return self.eval_metrics.compute(prefix)
+        return evaluate(self._forward, loader, self.eval_metrics, prefix, self.limit_eval_batches)
 
     def test(self) -> dict[str, float]:
         """Evaluate the best checkpoint (else the current weights) on the test split; write metrics.json."""
@@ -352,6 +383,7 @@ class Trainer:
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             "train_metrics": self.train_metrics.state_dict(), "skipped_batches": self.skipped_batches,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
+            "epochs_without_improvement": self.epochs_without_improvement,
             "rng": rng_state(), "config": self.config_yaml})
         # The checkpoint says "everything up to this step is done": make the logged scalars as durable, so a
         # kill after it loses no TensorBoard steps before it (the resumed run purges the ones after).
@@ -379,6 +411,7 @@ class Trainer:
         self.skipped_batches = state["skipped_batches"]
         if state["monitor"] == self.monitor:
             self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+            self.epochs_without_improvement = state["epochs_without_improvement"]
         set_rng_state(state["rng"])
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
         for stale in (run_dir / self.ckpt_dir_name).glob(".*.tmp"):  # left by a kill during a checkpoint write
@@ -388,12 +421,21 @@ class Trainer:
         log.info("resumed %s at %s (step %d); continuing in %s", path, where, self.global_step, run_dir)
         return run_dir
 
-    def _improves(self, value: float) -> bool:
+    def _improves(self, value: float, margin: float = 0.0) -> bool:
+        """Whether `value` of the monitored metric beats the best so far by more than `margin`."""
         if not math.isfinite(value):
             return False
         if self.best_metric is None:
             return True
-        return value > self.best_metric if self.mode == "max" else value < self.best_metric
+        return value > self.best_metric + margin if self.mode == "max" else value < self.best_metric - margin
+
+    def _patience_exhausted(self) -> bool:
+        if self.patience is None or self.epochs_without_improvement < self.patience:
+            return False
+        log.info("early stopping after epoch %d: %s has not improved by more than %g for %d epochs (best %.4f at "
+                 "epoch %s)", self.epoch, self.monitor, self.min_delta, self.epochs_without_improvement,
+                 self.best_metric, self.best_epoch)
+        return True
 
     def _check_finite(self, epoch: int) -> float:
         """Mean of the training losses not yet flushed (a host sync); raise naming the first non-finite batch."""

@@ -1,0 +1,95 @@
+"""Evaluate a trained checkpoint: `python eval.py ckpt=outputs/<date>/<time>/checkpoints/best.pt`.
+
+The model, its loss and the dataset are rebuilt from the resolved config stored in the checkpoint, so
+nothing about them is repeated on the command line. `dataset=fashion_mnist` (any dataset option, with
+its keys) evaluates on another dataset of the same image shape and class count; `split=val` on the
+validation split held out in training. Prints the metrics, per-class accuracy and the confusion matrix,
+and writes them (metrics.json, confusion_matrix.csv) into this evaluation's own run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from train import build
+from trainer.checkpoint import load_checkpoint
+from trainer.errors import UserError
+from trainer.fsutil import atomic_write
+from trainer.runtime import resolve_device
+from trainer.trainer import EpochMetrics, evaluate
+
+log = logging.getLogger("eval")
+SPLITS = ("test", "val")
+
+
+def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
+                        out_dir: Path) -> dict:
+    """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results."""
+    if split not in SPLITS:
+        raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
+    state = load_checkpoint(ckpt)
+    trained = OmegaConf.create(state["config"])
+    device = resolve_device(device_name)
+    data = build(dataset if dataset is not None else trained.dataset, device=device, seed=trained.seed)
+    model = build(trained.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"dataset={data.name} ({data.num_classes} classes of {data.in_shape} images) does not fit "
+                        f"the model in {ckpt}, trained on {trained.dataset._target_.rsplit('.', 1)[-1]}") from None
+    model.eval()
+    loss_fn = build(trained.loss)
+
+    def forward(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)  # (B, classes)
+        return logits, loss_fn(logits, targets)
+
+    metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
+    results = evaluate(forward, getattr(data, split), metrics, split)
+    confusion = metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
+    per_class = (confusion.diag() / confusion.sum(dim=1).clamp(min=1)).tolist()
+    summary = {**results, "per_class_acc": dict(zip(data.classes, per_class)), "checkpoint": str(ckpt),
+               "checkpoint_epoch": state["epoch"], "dataset": data.name, "split": split,
+               "images": int(confusion.sum())}
+    with atomic_write(out_dir / "metrics.json") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *data.classes])
+        writer.writerows([name, *row] for name, row in zip(data.classes, confusion.tolist()))
+    log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, data.name,
+             summary["images"], state["epoch"])
+    log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    width = max(6, len(str(int(confusion.max()))) + 1)
+    log.info("confusion matrix (rows: true class, columns: predicted class):\n%s\n%s", " " * 16 + "".join(
+        f"{i:>{width}}" for i in range(data.num_classes)), "\n".join(
+        f"{i:>2} {name[:12]:<12} " + "".join(f"{n:>{width}}" for n in row) + f"   acc {acc:.2%}"
+        for i, (name, row, acc) in enumerate(zip(data.classes, confusion.tolist(), per_class))))
+    log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "confusion_matrix.csv")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except MissingMandatoryValue:
+        print("error: ckpt is required: python eval.py ckpt=outputs/<date>/<time>/checkpoints/best.pt", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""`python eval.py ckpt=...`: the model is rebuilt from the checkpoint's own config."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import TINY, run_train
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    result = run_train(*TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={run_dir}", "model=cnn",
+                       "model.channels=[8,16]", "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def run_eval(*overrides):
+    return run_train(*overrides, script="eval.py")
+
+
+def test_eval_rebuilds_the_model_from_the_checkpoint_and_matches_training(trained, tmp_path):
+    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 0, result.stderr
+    ours = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    theirs = json.loads((trained / "metrics.json").read_text())  # train.py's own test of best.pt
+    for k in ("test/loss", "test/acc", "test/f1"):
+        assert ours[k] == pytest.approx(theirs[k], abs=1e-6), k
+    assert ours["dataset"] == "MNIST" and ours["split"] == "test" and ours["images"] == 200
+    rows = list(csv.reader(open(tmp_path / "eval" / "confusion_matrix.csv")))
+    assert rows[0][1:] == [str(d) for d in range(10)]
+    counts = [[int(n) for n in row[1:]] for row in rows[1:]]
+    assert sum(map(sum, counts)) == 200 and sum(counts[i][i] for i in range(10)) == round(ours["test/acc"] * 200)
+    assert "confusion matrix" in result.stdout and "acc " in result.stdout
+
+
+def test_eval_on_another_dataset_and_on_the_validation_split(trained, tiny_root, tmp_path):
+    result = run_eval(f"ckpt={trained}/checkpoints/last.pt", "dataset=fashion_mnist", f"dataset.root={tiny_root}",
+                      "dataset.verify=false", "dataset.val_size=100", f"hydra.run.dir={tmp_path}/fashion")
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / "fashion" / "metrics.json").read_text())
+    assert out["dataset"] == "FashionMNIST" and "Ankle boot" in out["per_class_acc"]
+    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", "split=val", f"hydra.run.dir={tmp_path}/val")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "val" / "metrics.json").read_text())["images"] == 100
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ([], "ckpt is required"),
+    (["ckpt=/nonexistent.pt"], "does not exist"),
+    (["ckpt={trained}/checkpoints/best.pt", "split=train"], "split='train': use test or val"),
+    (["ckpt={trained}/train.log"], "not a readable checkpoint"),
+])
+def test_eval_bad_input(trained, tmp_path, overrides, says):
+    result = run_eval(*[o.format(trained=trained) for o in overrides], f"hydra.run.dir={tmp_path}/e")
+    assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
