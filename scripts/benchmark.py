@@ -69,14 +69,13 @@ class Row:
                             num_classes=self.data.num_classes).to(self.device)
         return model, train.build(self.cfg.loss), train.build(self.cfg.optimizer, params=model.parameters())
 
-    def floor(self) -> float:
+    def _bare_loop(self, batches) -> float:
+        """Time forward, loss, backward and step over `batches` with a fresh model; nothing else."""
         model, loss_fn, optimizer = self.fresh()
         model.train()
-        bs = self.batch_size
         sync(self.device)
         start = time.perf_counter()
-        for i in range(self.steps):
-            x, y = self.floor_x[i * bs:(i + 1) * bs], self.floor_y[i * bs:(i + 1) * bs]
+        for x, y in batches:
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -84,21 +83,16 @@ class Row:
         sync(self.device)
         return time.perf_counter() - start
 
+    def floor(self) -> float:
+        bs = self.batch_size
+        return self._bare_loop((self.floor_x[i * bs:(i + 1) * bs], self.floor_y[i * bs:(i + 1) * bs])
+                               for i in range(self.steps))
+
     def floor_data(self) -> float:
         """The floor, fed by the framework's input pipeline (shuffled gather + normalisation on the device):
         what any loop that shuffles its data pays on top of the floor."""
-        model, loss_fn, optimizer = self.fresh()
-        model.train()
         self.data.train.set_epoch(self.epoch)
-        sync(self.device)
-        start = time.perf_counter()
-        for _, (x, y) in zip(range(self.steps), self.data.train):
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        sync(self.device)
-        return time.perf_counter() - start
+        return self._bare_loop(batch for _, batch in zip(range(self.steps), self.data.train))
 
     def framework(self) -> float:
         trainer = train.setup(self.cfg, self.run_dir)  # exactly what train.py builds (data from its cache)
