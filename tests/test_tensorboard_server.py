@@ -19,8 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str):
-    with urllib.request.urlopen(url, timeout=5) as r:
+def get(url: str, post: dict | None = None):
+    data = json.dumps(post).encode() if post is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as r:
         return json.loads(r.read())
 
 
@@ -50,6 +52,20 @@ def test_tensorboard_serves_the_run(tiny_root, tmp_path):
         points = get(f"{base}/data/plugin/scalars/scalars?run=run&tag=val/acc")
         assert [step for _, step, _ in points] == [16, 32]
         assert all(0.0 <= value <= 1.0 for _, _, value in points)
+
+        # The HParams tab: the run's hyperparameters, and its real final metrics (not a placeholder)
+        experiment = get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        names = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"model", "optimizer", "optimizer.lr", "dataset.batch_size", "scheduler", "seed"} <= names
+        assert {m["name"]["tag"] for m in experiment["metricInfos"]} >= {"test/acc", "test/loss", "best/val/acc"}
+        groups = get(f"{base}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 10,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "test/acc"}}, {"hparam": "model"}]})["sessionGroups"]
+        assert len(groups) == 1 and groups[0]["hparams"]["model"] == "LogisticRegression"
+        test_acc = json.loads((run_dir / "metrics.json").read_text())["test/acc"]
+        (value,) = [m["value"] for m in groups[0]["metricValues"] if m["name"]["tag"] == "test/acc"]
+        assert value == pytest.approx(test_acc)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import TINY, make_tiny_dataset, run_train
 from trainer.idx import write_idx
@@ -46,6 +47,14 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert [e.step for e in events.Scalars("val/acc")] == [16, 32, 48]
     assert events.Scalars("test/acc")[0].value == pytest.approx(metrics["test/acc"])
     assert "config/text_summary" in events.Tags()["tensors"]
+
+    hparams = events.PluginTagToContent("hparams")  # TensorBoard's HParams tab reads these
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["model"].string_value == "MLP" and start.hparams["scheduler"].string_value == "step"
+    assert start.hparams["dataset.augment_shift"].number_value == 2 and "dataset.root" not in start.hparams
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"test/loss", "test/acc", "test/f1", "best/val/acc"}
+    assert events.Scalars("best/val/acc")[-1].value == pytest.approx(metrics["best/val/acc"])
 
 
 def test_resume_continues_at_the_right_epoch_with_the_same_state(tiny_root, tmp_path):

@@ -71,12 +71,13 @@ def find_unfinished_run(output_root: Path, overrides: list[str], checkpoint_dir:
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
+        out.update(flatten(v, f"{prefix}{k}."))
     return {k.rstrip("."): v for k, v in out.items()}
 
 
@@ -86,7 +87,7 @@ def config_changes(saved_yaml: str, current_yaml: str) -> list[str]:
     Raises UserError naming the keys that make resuming meaningless (architecture, data split,
     optimizer or scheduler type); returns `key: old -> new` lines for the harmless differences.
     """
-    old, new = _flatten(yaml.safe_load(saved_yaml)), _flatten(yaml.safe_load(current_yaml))
+    old, new = flatten(yaml.safe_load(saved_yaml)), flatten(yaml.safe_load(current_yaml))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
     fatal = [k for k in changed if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)]
     if fatal:

@@ -4,6 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from trainer.checkpoint import flatten
+
+# Config groups whose values are a run's hyperparameters, minus where files live.
+HPARAM_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler")
+NOT_HPARAMS = ("dataset.root", "dataset.mirror", "dataset.download", "dataset.verify")
+
+
+def hparams_of(config_yaml: str) -> dict[str, str | int | float | bool]:
+    """The flattened hyperparameters of a resolved config, as TensorBoard's HParams tab takes them:
+    `model` = "CNN" (the class), `model.channels` = "[32, 64]", `optimizer.lr` = 0.003, `seed`, ..."""
+    config = yaml.safe_load(config_yaml) or {}
+    found = {f"{group}.{k}" if k else group: v for group in HPARAM_GROUPS if group in config
+             for k, v in flatten(config[group]).items()}
+    found.update(seed=config.get("seed"), max_epochs=config.get("trainer", {}).get("max_epochs"))
+    out: dict[str, str | int | float | bool] = {}
+    for key, value in found.items():
+        if key in NOT_HPARAMS or value is None:
+            continue
+        if key.endswith("._target_"):  # "trainer.models.cnn.CNN" -> model = "CNN"
+            key, value = key.removesuffix("._target_"), str(value).rsplit(".", 1)[-1]
+        out[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
 
 class TensorBoardLogger:
     """Scalars and text into a TensorBoard event file under `log_dir`.
@@ -21,6 +46,15 @@ class TensorBoardLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
+
+    def log_hparams(self, hparams: dict[str, str | int | float | bool], metrics: dict[str, float], step: int) -> None:
+        """Fill TensorBoard's HParams tab with this run's hyperparameters and its final metrics. The metrics
+        are logged as scalars of this same run, which is where the tab reads their (real) values."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(hparams, metrics):  # experiment, session start, session end
+            self.writer.file_writer.add_summary(summary)
+        self.log_metrics(metrics, step)
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Indented by four spaces, TensorBoard's markdown shows it verbatim (YAML keeps its layout).

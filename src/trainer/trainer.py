@@ -25,7 +25,7 @@ from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_
 from trainer.data import BatchLoader, IDXImageDataset
 from trainer.errors import UserError, require_int
 from trainer.fsutil import atomic_write
-from trainer.logger import TensorBoardLogger
+from trainer.logger import TensorBoardLogger, hparams_of
 from trainer.runtime import seconds_since_process_start, set_deterministic
 from trainer.schedulers import Schedule
 
@@ -353,7 +353,8 @@ class Trainer:
         if best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model"])
         metrics = self.evaluate(self.data.test, "test")
-        self.logger.log_metrics(metrics, self.global_step)
+        final = {**metrics, **({f"best/{self.monitor}": self.best_metric} if self.best_metric is not None else {})}
+        self.logger.log_hparams(hparams_of(self.config_yaml), final, self.global_step)
         summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,
                    "epochs": self.epoch, "global_step": self.global_step, "peak_rss_mib": peak_rss_mib(),
                    "startup_s": self.startup_s, "seconds_since_start": seconds_since_process_start()}
