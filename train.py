@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -78,10 +79,10 @@ def main(cfg: DictConfig) -> float:
     try:
         return train(cfg, Path(HydraConfig.get().runtime.output_dir))["test/acc"]  # returned for Hydra sweepers that optimise it
     except (UserError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = f"error: {e}"
     except MissingMandatoryValue as e:
-        print(f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
-              f"{e.full_key}=...", file=sys.stderr)
+        message = (f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
+                   f"{e.full_key}=...")
     except TrainingInterrupted as e:
         again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
         again.append(f"trainer.resume={e.checkpoint}")
@@ -91,7 +92,15 @@ def main(cfg: DictConfig) -> float:
         print("error: interrupted at once (second signal); every checkpoint already written is intact",
               file=sys.stderr)
         sys.exit(130)
+    print(message, file=sys.stderr)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # An exception, not an exit: Hydra marks this job failed, runs the rest of the sweep, then reports it.
+        raise JobFailed(message.removeprefix("error: "))
     sys.exit(1)
+
+
+class JobFailed(Exception):
+    """One job of a sweep failed on a user error (already printed)."""
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""A sorted table of the runs under a directory: a sweep, a day, or all of outputs/.
+
+    python scripts/summarize.py outputs/multirun/2026-11-23/10-00-00-123456
+    python scripts/summarize.py outputs --sort best/val/acc --format markdown
+    python scripts/summarize.py outputs --format csv > runs.csv
+
+A run is any directory with `.hydra/overrides.yaml`. Its status is `finished` (it wrote metrics.json),
+`stopped` (it has a checkpoint to resume from, but no metrics.json) or `failed` (neither: it stopped
+before its first checkpoint, e.g. on a bad value; the sweep's console output says why). Finished runs
+come first, best first by `--sort`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+COLUMNS = ("run", "status", "test/acc", "test/loss", "test/f1", "best/val", "epochs", "seconds", "overrides")
+
+
+def runs(root: Path) -> list[dict]:
+    """One row per run directory under `root`."""
+    rows = []
+    for saved in sorted(root.rglob(".hydra/overrides.yaml")):
+        run = saved.parent.parent
+        overrides = yaml.safe_load(saved.read_text()) or []
+        parts = run.relative_to(root).parts
+        # A sweep job's directory is "<n>_<overrides>" (the overrides may even hold "/"): keep "<n>", the
+        # overrides get their own column.
+        job = next((i for i, p in enumerate(parts) if p.partition("_")[0].isdigit() and "_" in p), None)
+        name = "/".join(parts if job is None else (*parts[:job], parts[job].partition("_")[0])) or "."
+        row = {"run": name, "overrides": " ".join(overrides)}
+        metrics_file = run / "metrics.json"
+        if metrics_file.is_file():
+            metrics = json.loads(metrics_file.read_text())
+            best = next((v for k, v in metrics.items() if k.startswith("best/") and k != "best/epoch"), None)
+            row.update({"status": "finished", "test/acc": metrics.get("test/acc"),
+                        "test/loss": metrics.get("test/loss"), "test/f1": metrics.get("test/f1"), "best/val": best,
+                        "epochs": metrics.get("epochs"), "seconds": round(metrics.get("seconds_since_start") or 0, 1)})
+        else:
+            row["status"] = "stopped" if any(run.glob("*/last.pt")) else "failed"
+        rows.append(row)
+    return rows
+
+
+def sort_key(column: str):
+    lower_is_better = column.endswith("loss") or column == "seconds"
+
+    def key(row: dict):
+        value = row.get(column)
+        if value is None:
+            return (1, 0.0)
+        return (0, value if lower_is_better else -value)
+    return key
+
+
+def cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) and value < 10 else str(value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", nargs="?", default="outputs", help="directory to search (default: outputs)")
+    parser.add_argument("--sort", default="test/acc", choices=[c for c in COLUMNS if c not in ("run", "status",
+                                                                                               "overrides")])
+    parser.add_argument("--format", default="table", choices=("table", "markdown", "csv"))
+    args = parser.parse_args()
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return 1
+    rows = sorted(runs(root), key=sort_key(args.sort))
+    if not rows:
+        print(f"error: no runs under {root} (a run directory holds .hydra/overrides.yaml)", file=sys.stderr)
+        return 1
+    table = [[cell(row.get(c)) for c in COLUMNS] for row in rows]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(COLUMNS)
+        writer.writerows(table)
+    elif args.format == "markdown":
+        print("| " + " | ".join(COLUMNS) + " |")
+        print("|" + " --- |" * len(COLUMNS))
+        for line in table:
+            print("| " + " | ".join(v.replace("|", "\\|") for v in line) + " |")
+    else:
+        widths = [max(len(c), *(len(line[i]) for line in table)) for i, c in enumerate(COLUMNS)]
+        for line in [list(COLUMNS), *table]:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

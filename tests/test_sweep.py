@@ -1,0 +1,46 @@
+"""`python train.py -m ...`: every job in its own directory, a failing job does not stop the others, and
+`scripts/summarize.py` tabulates the sweep."""
+
+import csv
+import io
+import subprocess
+import sys
+
+from conftest import REPO, TINY, run_train
+
+
+def summarize(*args):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "summarize.py"), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, tmp_path):
+    out = tmp_path / "outputs"
+    result = run_train("-m", *TINY, f"dataset.root={tiny_root}", f"output_root={out}", "trainer.max_epochs=1",
+                       "scheduler=none", "model=mlp,logistic", "optimizer.lr=0,0.01")
+    assert result.returncode != 0  # the sweep says a job failed...
+    assert "error: optimizer.lr=0.0: must be > 0" in result.stderr
+    assert "Error executing job with overrides: [" in result.stderr
+    jobs = sorted(p.parent.parent for p in out.rglob(".hydra/overrides.yaml"))
+    assert len(jobs) == 4 and len({j.name for j in jobs}) == 4  # ...after running all four, each in its own dir
+    finished = sorted(j.name for j in jobs if (j / "metrics.json").is_file())
+    assert [f.split("_")[0] for f in finished] == ["1", "3"]
+    assert "model=logistic,optimizer.lr=0.01" in finished[1] and "root" not in finished[1]  # named by what, not where
+
+    table = summarize(str(out))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "status", "test/acc"]
+    assert [line.split()[1] for line in lines[1:]] == ["finished", "finished", "failed", "failed"]
+    rows = list(csv.DictReader(io.StringIO(summarize(str(out), "--format", "csv").stdout)))
+    accs = [float(r["test/acc"]) for r in rows if r["status"] == "finished"]
+    assert accs == sorted(accs, reverse=True) and all(0 < a <= 1 for a in accs)
+    failed = [set(r["overrides"].split()) for r in rows if r["status"] == "failed"]
+    assert all("optimizer.lr=0" in f for f in failed) and {"model=mlp", "model=logistic"} <= set.union(*failed)
+    markdown = summarize(str(out), "--format", "markdown", "--sort", "test/loss").stdout.splitlines()
+    assert markdown[0].startswith("| run | status |") and markdown[1].startswith("| --- |") and len(markdown) == 6
+
+
+def test_summarize_explains_an_empty_directory(tmp_path):
+    result = summarize(str(tmp_path))
+    assert result.returncode == 1 and "no runs under" in result.stderr
