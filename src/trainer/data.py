@@ -120,6 +120,7 @@ class IDXImageDataset:
 
     name: ClassVar[str]
     classes: ClassVar[tuple[str, ...]]
+    in_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)  # (C, H, W) of every image; checked on load
 
     def __init__(self, *, root: str, batch_size: int, eval_batch_size: int, val_size: int, split_seed: int,
                  mean: float, std: float, augment_shift: int, shuffle: bool, drop_last: bool, download: bool,
@@ -146,7 +147,10 @@ class IDXImageDataset:
         self.val = BatchLoader(to(train_x[val_idx]), to(train_y[val_idx]), eval_batch_size,
                                transform=eval_tf, shuffle=False)
         self.test = BatchLoader(to(test_x), to(test_y), eval_batch_size, transform=eval_tf, shuffle=False)
-        self.in_shape = tuple(train_x.shape[1:])  # (C, H, W)
+        for images in (train_x, test_x):
+            if tuple(images.shape[1:]) != self.in_shape:
+                raise UserError(f"{self.root / self.name}: images are {tuple(images.shape[1:])}, "
+                                f"{self.name} images are {self.in_shape} (C, H, W)")
         self.num_classes = len(self.classes)
 
     def _load(self, download: bool, mirror: Path | None, verify: bool) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Classify image files with a trained checkpoint.
+
+    python scripts/predict.py outputs/<date>/<time>/checkpoints/best.pt digit.png scan.jpg --top 3
+
+The model and the dataset's classes and normalisation come from the config stored in the checkpoint.
+Each image (PNG, JPEG or anything Pillow reads, any size, colour or grey) is converted the way the
+training images were made: grey levels, light content on a dark background (images whose border is
+light, such as dark ink on paper, are inverted), cropped to its content, scaled to fit a 20x20 box
+(MNIST's own size normalisation; 28x28 for datasets whose objects fill the frame) and placed with its
+centre of mass at the centre of the 28x28 frame. Prints, per file, the predicted class index, its name and its probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402  (its build() is how every object is made)
+from hydra.utils import get_class  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from trainer.checkpoint import load_checkpoint  # noqa: E402
+from trainer.data import BatchTransform  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+
+# Datasets whose objects fill the whole frame (no MNIST-style 20x20 box).
+FULL_FRAME = ("FashionMNIST",)
+
+
+def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> torch.Tensor:
+    """One image file as a (C, H, W) uint8 tensor made like the training images."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            grey = torch.from_numpy(np.array(img.convert("L"), dtype=np.uint8))  # (h, w)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    border = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).float()
+    if border.mean() > 127:  # light background: invert to the training images' light-on-dark
+        grey = 255 - grey
+    rows, cols = (grey > 32).nonzero(as_tuple=True)
+    if len(rows):  # crop to the content
+        grey = grey[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = grey.shape
+    scale = box / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    fitted = F.interpolate(grey[None, None].float(), size=size, mode="bilinear", antialias=True,
+                           align_corners=False)[0, 0]  # (h', w')
+    c, height, width = shape
+    # centre the content's centre of mass in the frame, as MNIST was made (kept inside the frame)
+    mass = fitted.sum().clamp(min=1e-6)
+    com_y = (fitted.sum(dim=1) * torch.arange(size[0])).sum() / mass
+    com_x = (fitted.sum(dim=0) * torch.arange(size[1])).sum() / mass
+    top = int((height / 2 - com_y).round().clamp(0, height - size[0]))
+    left = int((width / 2 - com_x).round().clamp(0, width - size[1]))
+    canvas = torch.zeros(height, width)
+    canvas[top:top + size[0], left:left + size[1]] = fitted
+    return canvas.round().clamp(0, 255).to(torch.uint8).expand(c, height, width)  # (C, H, W)
+
+
+def predict(ckpt: str, files: list[Path], top: int) -> list[list[tuple[int, str, float]]]:
+    """Per file, the `top` (class index, class name, probability) pairs, most likely first."""
+    state = load_checkpoint(ckpt)
+    trained = OmegaConf.create(state["config"])
+    dataset = get_class(trained.dataset._target_)
+    model = train.build(trained.model, in_shape=dataset.in_shape, num_classes=len(dataset.classes))
+    model.load_state_dict(state["model"])
+    model.eval()
+    box = dataset.in_shape[1] if dataset.name in FULL_FRAME else round(dataset.in_shape[1] * 20 / 28)
+    images = torch.stack([to_training_format(f, dataset.in_shape, box) for f in files])  # (N, C, H, W) uint8
+    with torch.inference_mode():
+        probs = model(BatchTransform(trained.dataset.mean, trained.dataset.std)(images)).softmax(dim=1)  # (N, K)
+    values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+    return [[(int(i), dataset.classes[int(i)], float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(values, indices)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", help="a checkpoint written by train.py")
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--top", type=int, default=1, help="how many classes to show per image")
+    args = parser.parse_args()
+    try:
+        if args.top < 1:
+            raise UserError(f"--top={args.top}: must be >= 1")
+        results = predict(args.ckpt, args.images, args.top)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path, ranked in zip(args.images, results):
+        print(f"{path}  " + "  ".join(f"{i} {name!r} {p:.1%}" for i, name, p in ranked))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
