@@ -26,7 +26,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write
 from trainer.runtime import resolve_device
-from trainer.trainer import EpochMetrics, evaluate
+from trainer.trainer import EpochMetrics, evaluate, per_class_accuracy
 
 log = logging.getLogger("eval")
 SPLITS = ("test", "val")
@@ -57,7 +57,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
     results = evaluate(forward, getattr(data, split), metrics, split)
     confusion = metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
-    per_class = (confusion.diag() / confusion.sum(dim=1).clamp(min=1)).tolist()
+    per_class = per_class_accuracy(confusion)
     summary = {**results, "per_class_acc": dict(zip(data.classes, per_class)), "checkpoint": str(ckpt),
                "checkpoint_epoch": state["epoch"], "dataset": data.name, "split": split,
                "images": int(confusion.sum())}

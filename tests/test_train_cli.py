@@ -47,6 +47,12 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert [e.step for e in events.Scalars("val/acc")] == [16, 32, 48]
     assert events.Scalars("test/acc")[0].value == pytest.approx(metrics["test/acc"])
     assert "config/text_summary" in events.Tags()["tensors"]
+    assert "test/confusion_matrix/text_summary" in events.Tags()["tensors"]
+    assert events.Tags()["images"] == ["inputs/train"]
+    assert [e.value for e in events.Scalars("momentum")] == pytest.approx([0.9] * 9)  # Adam's beta1
+    per_class = metrics["per_class_acc"]
+    assert list(per_class) == [str(d) for d in range(10)] and all(0 <= a <= 1 for a in per_class.values())
+    assert events.Scalars("test/acc_class/3")[0].value == pytest.approx(per_class["3"])
 
     hparams = events.PluginTagToContent("hparams")  # TensorBoard's HParams tab reads these
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info

@@ -24,6 +24,9 @@ class RecordingLogger:
     def log_text(self, tag, text, step=0):
         pass
 
+    def log_images(self, tag, images, step=0):
+        self.images = images
+
     def flush(self):
         pass
 
@@ -281,3 +284,15 @@ def test_limit_eval_batches(tiny_root, tmp_path):
     trainer.eval_metrics.compute = lambda prefix: {}
     trainer.evaluate(trainer.data.test, "test")
     assert seen == [100]  # one batch of eval_batch_size, not the 200 test images
+
+
+def test_momentum_is_logged_with_the_value_each_step_used(tiny_root, tmp_path):
+    # one-cycle cycles SGD's momentum against the LR: from max_momentum 0.95 down to 0.85 at the LR peak and back
+    trainer, scalars = fit(tiny_root, tmp_path, lambda opt, **kw: schedulers.onecycle(
+        opt, max_lr=LR, pct_start=0.25, div_factor=25.0, final_div_factor=1e4, anneal_strategy="cos",
+        cycle_momentum=True, **kw))
+    momentum = [m for _, m in scalars["momentum"]]
+    lr = [v for _, v in scalars["lr"]]
+    assert len(momentum) == EPOCHS * STEPS_PER_EPOCH
+    assert momentum[0] == pytest.approx(0.95) and momentum[lr.index(max(lr))] == pytest.approx(0.85)
+    assert trainer.logger.images.shape == (64, 1, 28, 28)  # the input grid: raw uint8 training images

@@ -56,6 +56,19 @@ class TensorBoardLogger:
             self.writer.file_writer.add_summary(summary)
         self.log_metrics(metrics, step)
 
+    def log_images(self, tag: str, images, step: int = 0) -> None:
+        """A grid of uint8 images (N, C, H, W), eight per row."""
+        from torchvision.utils import make_grid
+
+        self.writer.add_image(tag, make_grid(images, nrow=8, padding=2, pad_value=128), step)
+
+    def log_confusion_matrix(self, tag: str, confusion, classes: tuple[str, ...], step: int) -> None:
+        """A (classes, classes) count matrix, rows true and columns predicted, as a table in the Text tab."""
+        header = "| true \\ predicted | " + " | ".join(classes) + " |\n|" + " --- |" * (len(classes) + 1)
+        rows = [f"| **{name}** | " + " | ".join(str(int(n)) for n in row) + " |"
+                for name, row in zip(classes, confusion.tolist())]
+        self.writer.add_text(tag, "\n".join([header, *rows]), step)
+
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Indented by four spaces, TensorBoard's markdown shows it verbatim (YAML keeps its layout).
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)

@@ -131,6 +131,11 @@ class EpochMetrics:
         self._targets = list(state["targets"].to(self.device).split(state["sizes"]))
 
 
+def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
+    """Recall of each class from a (classes, classes) confusion matrix with true classes as rows."""
+    return (confusion.diag() / confusion.sum(dim=1).clamp(min=1)).tolist()
+
+
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (images, targets) -> logits, loss
 
 
@@ -228,7 +233,7 @@ class Trainer:
         self.startup_s: float | None = None  # process start -> first training step, set by fit()
         self._stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler during fit()
         self.train_metrics = EpochMetrics(data.num_classes, device)
-        self.eval_metrics = EpochMetrics(data.num_classes, device)
+        self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
         self.ckpt_dir_name = checkpoint_dir
         resumed = self._resume(Path(resume).expanduser(), Path(run_dir)) if resume else None
         self.run_dir = resumed or Path(run_dir)
@@ -236,6 +241,7 @@ class Trainer:
         self.logger = logger(log_dir=self.run_dir, purge_step=self.global_step + 1 if resumed else None)
         if not resumed:
             self.logger.log_text("config", config_yaml)
+            self.logger.log_images("inputs/train", data.train.images[:64])  # what the model sees, before normalising
 
     def fit(self) -> dict[str, float]:
         """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
@@ -290,11 +296,11 @@ class Trainer:
             bar.update()
             if (i + 1) % self.accumulate and i + 1 < batches:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
-            lr = self._optimizer_step()
+            used = self._optimizer_step()
             self.batch_in_epoch = i + 1
             if self.global_step % self.log_every == 0 and self.train_metrics.pending_losses().numel():
                 mean_loss = self._check_finite(epoch)  # the one host sync per log interval
-                self.logger.log_metrics({"train/loss": mean_loss, "lr": lr}, self.global_step)
+                self.logger.log_metrics({"train/loss": mean_loss, **used}, self.global_step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 self.train_metrics.flush()
             if i + 1 < batches:  # the epoch's end has its own checkpoint and signal check
@@ -327,9 +333,9 @@ class Trainer:
             logits = self.net(images)  # (B, classes)
             return logits, self.loss_fn(logits, targets)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> dict[str, float]:
         """Clip, step (through the fp16 scaler when on), zero the grads and step per-batch schedules.
-        Returns the LR this step used."""
+        Returns the `lr` (and `momentum`: SGD's momentum or Adam's beta1, if any) this step used."""
         if any(p.grad is not None for p in self.model.parameters()):  # none when every batch was skipped
             if self.grad_clip_norm is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -337,10 +343,14 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        used = {"lr": group["lr"]}
+        momentum = group.get("momentum", group.get("betas", (None,))[0])
+        if momentum is not None:
+            used["momentum"] = momentum
         self.schedule.after_batch()
         self.global_step += 1
-        return lr
+        return used
 
     def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
         """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc."""
@@ -353,11 +363,17 @@ class Trainer:
         if best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model"])
         metrics = self.evaluate(self.data.test, "test")
+        confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
+        per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
+        self.logger.log_metrics({f"test/acc_class/{name.replace('/', '-')}": acc for name, acc in per_class.items()},
+                                self.global_step)
+        self.logger.log_confusion_matrix("test/confusion_matrix", confusion, self.data.classes, self.global_step)
         final = {**metrics, **({f"best/{self.monitor}": self.best_metric} if self.best_metric is not None else {})}
         self.logger.log_hparams(hparams_of(self.config_yaml), final, self.global_step)
         summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,
                    "epochs": self.epoch, "global_step": self.global_step, "peak_rss_mib": peak_rss_mib(),
-                   "startup_s": self.startup_s, "seconds_since_start": seconds_since_process_start()}
+                   "startup_s": self.startup_s, "seconds_since_start": seconds_since_process_start(),
+                   "per_class_acc": per_class}
         if self.device.type == "cuda":
             summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         with atomic_write(self.run_dir / "metrics.json") as f:
