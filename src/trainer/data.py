@@ -133,6 +133,10 @@ class IDXImageDataset:
         self.root = Path(root).expanduser()
         train_x, train_y, test_x, test_y = self._load(download, Path(mirror).expanduser() if mirror else None,
                                                       verify)
+        for images in (train_x, test_x):
+            if tuple(images.shape[1:]) != self.in_shape:
+                raise UserError(f"{self.root / self.name}: images are {tuple(images.shape[1:])}, "
+                                f"{self.name} images are {self.in_shape} (C, H, W)")
         if val_size >= len(train_y):
             raise UserError(f"dataset.val_size={val_size}: must be smaller than the {len(train_y)} training images")
         # The split depends on split_seed only, so every run of a sweep validates on the same images.
@@ -147,10 +151,6 @@ class IDXImageDataset:
         self.val = BatchLoader(to(train_x[val_idx]), to(train_y[val_idx]), eval_batch_size,
                                transform=eval_tf, shuffle=False)
         self.test = BatchLoader(to(test_x), to(test_y), eval_batch_size, transform=eval_tf, shuffle=False)
-        for images in (train_x, test_x):
-            if tuple(images.shape[1:]) != self.in_shape:
-                raise UserError(f"{self.root / self.name}: images are {tuple(images.shape[1:])}, "
-                                f"{self.name} images are {self.in_shape} (C, H, W)")
         self.num_classes = len(self.classes)
 
     def _load(self, download: bool, mirror: Path | None, verify: bool) -> tuple[torch.Tensor, ...]:

@@ -85,6 +85,10 @@ class EpochMetrics:
         self._preds.append(logits.detach().argmax(dim=1))
         self._targets.append(targets)
 
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._losses)
+
     def pending_losses(self) -> torch.Tensor:
         """The per-batch mean losses added since the last flush, (k,), consecutive batches in order."""
         return torch.stack(self._losses) if self._losses else torch.empty(0, device=self.device)
@@ -234,8 +238,7 @@ class Trainer:
         self._stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler during fit()
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
-        self.ckpt_dir_name = checkpoint_dir
-        resumed = self._resume(Path(resume).expanduser(), Path(run_dir)) if resume else None
+        resumed = self._resume(Path(resume).expanduser(), Path(run_dir), checkpoint_dir) if resume else None
         self.run_dir = resumed or Path(run_dir)
         self.ckpt_dir = self.run_dir / checkpoint_dir
         self.logger = logger(log_dir=self.run_dir, purge_step=self.global_step + 1 if resumed else None)
@@ -298,7 +301,7 @@ class Trainer:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
             used = self._optimizer_step()
             self.batch_in_epoch = i + 1
-            if self.global_step % self.log_every == 0 and self.train_metrics.pending_losses().numel():
+            if self.global_step % self.log_every == 0 and self.train_metrics.has_pending:
                 mean_loss = self._check_finite(epoch)  # the one host sync per log interval
                 self.logger.log_metrics({"train/loss": mean_loss, **used}, self.global_step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -407,7 +410,7 @@ class Trainer:
         self.logger.flush()
         return path
 
-    def _resume(self, path: Path, new_run_dir: Path) -> Path:
+    def _resume(self, path: Path, new_run_dir: Path, checkpoint_dir: str) -> Path:
         """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`; return the run dir to continue."""
         state = load_checkpoint(path)
         for change in config_changes(state["config"], self.config_yaml):
@@ -431,7 +434,7 @@ class Trainer:
             self.epochs_without_improvement = state["epochs_without_improvement"]
         set_rng_state(state["rng"])
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
-        for stale in (run_dir / self.ckpt_dir_name).glob(".*.tmp"):  # left by a kill during a checkpoint write
+        for stale in (run_dir / checkpoint_dir).glob(".*.tmp"):  # left by a kill during a checkpoint write
             stale.unlink()
         where = (f"epoch {self.epoch + 1}, after batch {self.batch_in_epoch}" if self.batch_in_epoch
                  else f"the start of epoch {self.epoch + 1}")
