@@ -63,7 +63,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
-             len(data.val.labels), len(data.test.labels), trainer.run_dir)
+             data.val.num_items, data.test.num_items, trainer.run_dir)
     return trainer
 
 

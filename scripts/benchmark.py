@@ -59,8 +59,8 @@ class Row:
         self.data = train.build(self.cfg.dataset, device=device, seed=self.cfg.seed)
         self.run_dir = run_dir
         # floor: every training image normalised once, in the order the loop will slice it
-        self.floor_x = self.data.train.transform(self.data.train.images)  # (N, 1, 28, 28) float32
-        self.floor_y = self.data.train.labels
+        images, self.floor_y = self.data.train.raw()
+        self.floor_x = self.data.train.transform(images)  # (N, 1, 28, 28) float32
         self.epoch = 0
 
     def fresh(self):

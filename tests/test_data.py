@@ -58,12 +58,15 @@ def make(cls=MNIST, **kw):
 def test_dataset_splits_and_cache(tiny_root):
     data = make(root=str(tiny_root))
     assert (data.in_shape, data.num_classes) == ((1, 28, 28), 10)
-    assert (data.train.num_samples, len(data.val.labels), len(data.test.labels)) == (500, 100, 200)
+    assert (data.train.num_samples, data.val.num_items, data.test.num_items) == (500, 100, 200)
+    # train and val are disjoint views of the one training tensor, together all 600 images
+    assert torch.equal(torch.cat([data.train.indices, data.val.indices]).sort().values, torch.arange(600))
+    assert torch.equal(data.val.raw()[0], data.train.images[data.val.indices])
     assert (tiny_root / "MNIST" / "tensors.pt").is_file()  # parsed once, cached for the next run
     again = make(root=str(tiny_root))
-    assert torch.equal(again.val.images, data.val.images)
+    assert torch.equal(again.val.raw()[0], data.val.raw()[0])
     other = make(root=str(tiny_root), split_seed=1)
-    assert not torch.equal(other.val.labels, data.val.labels)
+    assert not torch.equal(other.val.raw()[1], data.val.raw()[1])
     assert make(FashionMNIST, root=str(tiny_root)).classes[0] == "T-shirt/top"
 
 

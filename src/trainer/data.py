@@ -64,14 +64,17 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
 class BatchLoader:
     """Iterates `(images, labels)` batches over tensors that already live on the device.
 
+    `indices` picks the samples (a split of a larger tensor, without copying it); None means all of them.
     With `shuffle`, epoch `e` visits the samples in the order `randperm` gives for `epoch_seed(seed, e)`;
     call `set_epoch(e)` before iterating. `start_step` skips that many batches of the epoch, so a
     run resumed mid-epoch sees exactly the batches it has not yet seen.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 transform: BatchTransform, shuffle: bool, seed: int = 0, drop_last: bool = False) -> None:
-        self.images, self.labels = images, labels
+                 transform: BatchTransform, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 indices: torch.Tensor | None = None) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
+        self.num_items = len(labels) if indices is None else len(indices)
         self.batch_size = batch_size
         self.transform = transform
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
@@ -81,7 +84,7 @@ class BatchLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self.num_items
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     @property
@@ -90,16 +93,24 @@ class BatchLoader:
 
     def samples_between(self, start_step: int, stop_step: int) -> int:
         """How many samples batches `start_step` up to (not including) `stop_step` hold."""
-        return min(len(self.labels), stop_step * self.batch_size) - min(len(self.labels), start_step * self.batch_size)
+        return min(self.num_items, stop_step * self.batch_size) - min(self.num_items, start_step * self.batch_size)
+
+    def raw(self, which: slice | torch.Tensor = slice(None)) -> Batch:
+        """Samples untransformed, by position in stored (unshuffled) order: (n, C, H, W) uint8, (n,)."""
+        if self.indices is None:
+            return self.images[which], self.labels[which]
+        idx = self.indices[which]
+        return self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
     def iter_from(self, start_step: int) -> Iterator[Batch]:
-        order = None
+        order = self.indices  # (n,) positions in images/labels, or None: all of them, in stored order
         if self.shuffle:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            order = torch.randperm(len(self.labels), generator=g).to(self.labels.device)
+            perm = torch.randperm(self.num_items, generator=g).to(self.labels.device)  # (n,)
+            order = perm if order is None else order.index_select(0, perm)
         for step in range(start_step, len(self)):
             sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
             if order is None:
@@ -143,14 +154,16 @@ class IDXImageDataset:
         perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(split_seed))
         val_idx, train_idx = perm[:val_size], perm[val_size:]
         device = torch.device(device)
-        to = lambda t: t.to(device)  # noqa: E731
+        # train and val index into one copy of the training images: a copy per split would cost 47 MB more.
+        train_x, train_y = train_x.to(device), train_y.to(device)
         train_tf = BatchTransform(mean, std, augment_shift)
         eval_tf = BatchTransform(mean, std)
-        self.train = BatchLoader(to(train_x[train_idx]), to(train_y[train_idx]), batch_size,
-                                 transform=train_tf, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.val = BatchLoader(to(train_x[val_idx]), to(train_y[val_idx]), eval_batch_size,
-                               transform=eval_tf, shuffle=False)
-        self.test = BatchLoader(to(test_x), to(test_y), eval_batch_size, transform=eval_tf, shuffle=False)
+        self.train = BatchLoader(train_x, train_y, batch_size, transform=train_tf, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last, indices=train_idx.to(device))
+        self.val = BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
+                               indices=val_idx.to(device))
+        self.test = BatchLoader(test_x.to(device), test_y.to(device), eval_batch_size, transform=eval_tf,
+                                shuffle=False)
         self.num_classes = len(self.classes)
 
     def _load(self, download: bool, mirror: Path | None, verify: bool) -> tuple[torch.Tensor, ...]:
