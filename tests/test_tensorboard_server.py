@@ -1,5 +1,6 @@
 """TensorBoard's own server reads a finished run's scalars over its HTTP data API."""
 
+import io
 import json
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import TINY, run_train
 
@@ -19,11 +21,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, post: dict | None = None):
+def get(url: str, post: dict | None = None, raw: bool = False):
     data = json.dumps(post).encode() if post is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=5) as r:
-        return json.loads(r.read())
+        return r.read() if raw else json.loads(r.read())
 
 
 @pytest.mark.slow
@@ -66,6 +68,21 @@ def test_tensorboard_serves_the_run(tiny_root, tmp_path):
         test_acc = json.loads((run_dir / "metrics.json").read_text())["test/acc"]
         (value,) = [m["value"] for m in groups[0]["metricValues"] if m["name"]["tag"] == "test/acc"]
         assert value == pytest.approx(test_acc)
+
+        # Images: the input grid once, the confusion matrix each epoch and at the test, as real PNGs
+        images = get(f"{base}/data/plugin/images/tags")["run"]
+        assert {"inputs/train", "val/confusion_matrix", "test/confusion_matrix"} <= set(images)
+        entries = get(f"{base}/data/plugin/images/images?run=run&tag=val/confusion_matrix&sample=0")
+        assert [e["step"] for e in entries] == [16, 32]
+        png = get(f"{base}/data/plugin/images/individualImage?{entries[-1]['query']}", raw=True)
+        with Image.open(io.BytesIO(png)) as picture:
+            assert picture.format == "PNG" and picture.width > 200 and picture.height > 200
+        # Histograms of weights and gradients each epoch, and the model graph
+        histograms = get(f"{base}/data/plugin/histograms/tags")["run"]
+        assert {"weights/linear.weight", "grads/linear.weight"} <= set(histograms)
+        series = get(f"{base}/data/plugin/histograms/histograms?run=run&tag=grads/linear.weight")
+        assert [step for _, step, _ in series] == [16, 32]
+        assert "run" in get(f"{base}/data/plugin/graphs/info")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -38,7 +38,7 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 3
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
 
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0, "histograms": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "lr", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/f1", "test/loss", "test/acc", "test/f1",
@@ -47,8 +47,13 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert [e.step for e in events.Scalars("val/acc")] == [16, 32, 48]
     assert events.Scalars("test/acc")[0].value == pytest.approx(metrics["test/acc"])
     assert "config/text_summary" in events.Tags()["tensors"]
-    assert "test/confusion_matrix/text_summary" in events.Tags()["tensors"]
-    assert events.Tags()["images"] == ["inputs/train"]
+    assert "test/confusion_matrix_counts/text_summary" in events.Tags()["tensors"]
+    assert {"inputs/train", "val/confusion_matrix", "test/confusion_matrix"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("val/confusion_matrix")] == [16, 32, 48]
+    histograms = events.Tags()["histograms"]  # every epoch by default: weights and the last batch's gradients
+    assert {"weights/net.1.weight", "grads/net.1.weight"} <= set(histograms)
+    assert [e.step for e in events.Histograms("grads/net.1.weight")] == [16, 32, 48]
+    assert events.Tags()["graph"]  # the model graph, for the Graphs tab
     assert [e.value for e in events.Scalars("momentum")] == pytest.approx([0.9] * 9)  # Adam's beta1
     per_class = metrics["per_class_acc"]
     assert list(per_class) == [str(d) for d in range(10)] and all(0 <= a <= 1 for a in per_class.values())

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import trainer.trainer as trainer_module
 from trainer.data import MNIST
 from trainer import schedulers
 from trainer.trainer import NonFiniteLossError, Trainer
@@ -16,6 +17,8 @@ STEPS_PER_EPOCH, EPOCHS, LR = 4, 4, 0.1
 class RecordingLogger:
     def __init__(self, log_dir, purge_step=None):
         self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.pictures: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self.histogram_steps: list[int] = []
 
     def log_metrics(self, metrics, step):
         for k, v in metrics.items():
@@ -27,6 +30,13 @@ class RecordingLogger:
     def log_images(self, tag, images, step=0):
         self.images = images
 
+    def log_image(self, tag, image, step):
+        self.pictures.setdefault(tag, []).append((step, image))
+
+    def log_histograms(self, model, step, grad_scale=1.0):
+        assert all(p.grad is not None for p in model.parameters())  # the epoch's last gradients, not cleared yet
+        self.histogram_steps.append(step)
+
     def flush(self):
         pass
 
@@ -37,6 +47,7 @@ class RecordingLogger:
 OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_grad_batches=1, num_threads=None,
                limit_train_batches=None, limit_eval_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error",
                early_stopping_patience=None, early_stopping_min_delta=0.0, log_every_n_steps=1,
+               misclassified_images=0, histogram_every_n_epochs=None, log_graph=False,
                loss_fn=torch.nn.CrossEntropyLoss())
 
 
@@ -186,7 +197,7 @@ def test_compiled_model_checkpoints_load_uncompiled(tiny_root, tmp_path):
     fresh.load_state_dict(state)  # strict: every key matches an uncompiled model
     fresh.eval()
     trainer.net.eval()
-    x = trainer.data.test.transform(trainer.data.test.images[:8])
+    x = trainer.data.test.transform(trainer.data.test.raw(slice(8))[0])
     with torch.no_grad():
         assert torch.allclose(fresh(x), trainer.net(x), atol=1e-4)
 
@@ -279,9 +290,8 @@ def test_early_stopping_counts_epochs_without_improvement(tiny_root, tmp_path, m
 
 def test_limit_eval_batches(tiny_root, tmp_path):
     trainer, _ = build(tiny_root, tmp_path, schedulers.none, limit_eval_batches=1)
-    seen = []
-    trainer.eval_metrics.add = lambda loss, logits, targets: seen.append(len(targets))
-    trainer.eval_metrics.compute = lambda prefix: {}
+    seen, add = [], trainer.eval_metrics.add
+    trainer.eval_metrics.add = lambda loss, logits, targets: seen.append(len(targets)) or add(loss, logits, targets)
     trainer.evaluate(trainer.data.test, "test")
     assert seen == [100]  # one batch of eval_batch_size, not the 200 test images
 
@@ -296,3 +306,37 @@ def test_momentum_is_logged_with_the_value_each_step_used(tiny_root, tmp_path):
     assert len(momentum) == EPOCHS * STEPS_PER_EPOCH
     assert momentum[0] == pytest.approx(0.95) and momentum[lr.index(max(lr))] == pytest.approx(0.85)
     assert trainer.logger.images.shape == (64, 1, 28, 28)  # the input grid: raw uint8 training images
+
+
+def test_each_validation_logs_its_confusion_matrix_and_first_misclassified_images(tiny_root, tmp_path, monkeypatch):
+    grids = []  # (images, captions) of each misclassified grid, in the order logged
+    draw = trainer_module.labelled_grid
+    monkeypatch.setattr(trainer_module, "labelled_grid", lambda images, captions: grids.append((images, captions))
+                        or draw(images, captions))
+    trainer, _ = build(tiny_root, tmp_path, schedulers.none, misclassified_images=5)
+    # The tiny dataset is learnt perfectly, so mislabel some validation images: the model will "miss" them.
+    labels = trainer.data.val.labels  # shared with train; val.indices are never trained on
+    mislabelled = trainer.data.val.indices[[3, 7, 20, 21, 50, 60, 90]]
+    labels[mislabelled] = (labels[mislabelled] + 1) % 10
+    trainer.fit()
+    pictures = trainer.logger.pictures
+    assert [step for step, _ in pictures["val/confusion_matrix"]] == [4, 8, 12, 16]
+    assert all(image.dtype == torch.uint8 and image.shape[0] == 3 for _, image in pictures["val/confusion_matrix"])
+    assert [step for step, _ in pictures["val/misclassified"]] == [4, 8, 12, 16]
+
+    # the last grid holds exactly the first 5 validation images the final model gets wrong, captioned correctly
+    images, labels = trainer.data.val.raw()
+    trainer.model.eval()
+    with torch.no_grad():
+        predicted = trainer.model(trainer.data.val.transform(images)).argmax(1)
+    wrong = (predicted != labels).nonzero().squeeze(1)[:5]
+    assert wrong.tolist() == [3, 7, 20, 21, 50] and len(grids) == 4
+    shown, captions = grids[-1]
+    assert torch.equal(shown, images[wrong])
+    assert captions == [(f"pred {p}", f"true {t}") for p, t in zip(predicted[wrong].tolist(), labels[wrong].tolist())]
+
+
+@pytest.mark.parametrize("every, steps", [(None, []), (1, [4, 8, 12, 16]), (2, [8, 16])])
+def test_histograms_every_n_epochs_with_the_epochs_last_gradients(tiny_root, tmp_path, every, steps):
+    trainer, _ = fit(tiny_root, tmp_path, schedulers.none, histogram_every_n_epochs=every)
+    assert trainer.logger.histogram_steps == steps  # RecordingLogger checks the gradients were still there

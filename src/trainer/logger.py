@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
+import torch
 import yaml
 
 from trainer.checkpoint import flatten
+
+log = logging.getLogger(__name__)
 
 # Config groups whose values are a run's hyperparameters, minus where files live.
 HPARAM_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler")
@@ -31,7 +36,7 @@ def hparams_of(config_yaml: str) -> dict[str, str | int | float | bool]:
 
 
 class TensorBoardLogger:
-    """Scalars and text into a TensorBoard event file under `log_dir`.
+    """Scalars, text, images, histograms and the model graph into a TensorBoard event file under `log_dir`.
 
     `purge_step`: on resume, TensorBoard hides events from this step on that the interrupted run
     wrote after its checkpoint, so curves have neither duplicated nor missing steps.
@@ -61,6 +66,31 @@ class TensorBoardLogger:
         from torchvision.utils import make_grid
 
         self.writer.add_image(tag, make_grid(images, nrow=8, padding=2, pad_value=128), step)
+
+    def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """One picture, (3, H, W) uint8."""
+        self.writer.add_image(tag, image, step)
+
+    def log_histograms(self, model: torch.nn.Module, step: int, grad_scale: float = 1.0) -> None:
+        """`weights/<name>` and, where a gradient is held, `grads/<name>` (divided by `grad_scale`)."""
+        for name, p in model.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", p.detach(), step)
+            if p.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", p.grad.detach() / grad_scale, step)
+
+    def log_graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        """The model's graph, traced on `example` in eval mode. A model that cannot be traced is logged as a
+        warning: a picture is not worth failing a finished run for."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice: add_graph has no other way
+                self.writer.add_graph(model, example)
+        except Exception as e:  # noqa: BLE001 (tracing fails in many model-specific ways)
+            log.warning("model graph not logged: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        finally:
+            model.train(was_training)
 
     def log_confusion_matrix(self, tag: str, confusion, classes: tuple[str, ...], step: int) -> None:
         """A (classes, classes) count matrix, rows true and columns predicted, as a table in the Text tab."""

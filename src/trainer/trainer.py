@@ -24,6 +24,7 @@ from tqdm import tqdm
 from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.data import BatchLoader, IDXImageDataset
 from trainer.errors import UserError, require_int
+from trainer.figures import confusion_matrix_image, labelled_grid
 from trainer.fsutil import atomic_write
 from trainer.logger import TensorBoardLogger, hparams_of
 from trainer.runtime import seconds_since_process_start, set_deterministic
@@ -66,9 +67,13 @@ class EpochMetrics:
 
     def __init__(self, num_classes: int, device: torch.device, confusion_matrix: bool = False) -> None:
         self.device = device
-        # rows: true class, columns: predicted class; set by compute() when asked for
+        # With confusion_matrix, compute() also sets last_confusion (rows: true class, columns: predicted) and
+        # last_predictions/last_targets, (N,) each, in the order the samples were added.
         self.confusion = MulticlassConfusionMatrix(num_classes, validate_args=False).to(device) if confusion_matrix else None
         self.last_confusion: torch.Tensor | None = None
+        self.last_predictions: torch.Tensor | None = None
+        self.last_targets: torch.Tensor | None = None
+        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # flushed (preds, targets), with confusion_matrix
         # nan_strategy/validate_args off: their checks read values back to the host on every update.
         self.metrics = {"loss": MeanMetric(nan_strategy="disable"),
                         "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
@@ -107,6 +112,7 @@ class EpochMetrics:
         self.metrics["f1"].update(preds, targets)
         if self.confusion is not None:
             self.confusion.update(preds, targets)
+            self._seen.append((preds, targets))
         self._losses, self._preds, self._targets = [], [], []
 
     def compute(self, prefix: str) -> dict[str, float]:
@@ -117,6 +123,10 @@ class EpochMetrics:
         if self.confusion is not None:
             self.last_confusion = self.confusion.compute()  # (classes, classes) counts
             self.confusion.reset()
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
+            preds, targets = zip(*self._seen) if self._seen else ([empty], [empty])
+            self.last_predictions, self.last_targets = torch.cat(preds), torch.cat(targets)
+            self._seen = []
         return out
 
     def state_dict(self) -> dict:
@@ -179,13 +189,16 @@ class Trainer:
                  early_stopping_patience: int | None, early_stopping_min_delta: float, nonfinite_loss: str,
                  deterministic: bool, precision: str, compile: bool, channels_last: bool,
                  accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
-                 limit_eval_batches: int | None) -> None:
+                 limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
+                 log_graph: bool) -> None:
         require_int("trainer.max_epochs", max_epochs, 1)
         require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
         require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)
+        require_int("trainer.misclassified_images", misclassified_images, 0)
         for key, value in (("limit_train_batches", limit_train_batches), ("limit_eval_batches", limit_eval_batches),
                            ("checkpoint_every_n_steps", checkpoint_every_n_steps), ("num_threads", num_threads),
-                           ("early_stopping_patience", early_stopping_patience)):
+                           ("early_stopping_patience", early_stopping_patience),
+                           ("histogram_every_n_epochs", histogram_every_n_epochs)):
             if value is not None:
                 require_int(f"trainer.{key}", value, 1)
         if num_threads is not None:
@@ -218,6 +231,8 @@ class Trainer:
         self.limit_eval_batches = limit_eval_batches
         self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
         self.channels_last = channels_last
+        self.misclassified_images, self.histogram_every, self.log_graph = (
+            misclassified_images, histogram_every_n_epochs, log_graph)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         # Checkpoints save self.model (no "_orig_mod." keys); training and evaluation call the compiled one.
@@ -244,7 +259,7 @@ class Trainer:
         self.logger = logger(log_dir=self.run_dir, purge_step=self.global_step + 1 if resumed else None)
         if not resumed:
             self.logger.log_text("config", config_yaml)
-            self.logger.log_images("inputs/train", data.train.images[:64])  # what the model sees, before normalising
+            self.logger.log_images("inputs/train", data.train.raw(slice(64))[0])  # what the model sees, before normalising
 
     def fit(self) -> dict[str, float]:
         """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
@@ -299,6 +314,9 @@ class Trainer:
             bar.update()
             if (i + 1) % self.accumulate and i + 1 < batches:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
+            if i + 1 == batches and self.histogram_every and (epoch + 1) % self.histogram_every == 0:
+                # the epoch's last gradients, before the step applies and clears them; unscaled under fp16
+                self.logger.log_histograms(self.model, self.global_step + 1, self.scaler.get_scale())
             used = self._optimizer_step()
             self.batch_in_epoch = i + 1
             if self.global_step % self.log_every == 0 and self.train_metrics.has_pending:
@@ -356,9 +374,28 @@ class Trainer:
         return used
 
     def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
-        """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc."""
+        """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc.
+
+        Also logs the confusion matrix as a picture and, for validation, a grid of misclassified images.
+        """
         self.model.eval()
-        return evaluate(self._forward, loader, self.eval_metrics, prefix, self.limit_eval_batches)
+        metrics = evaluate(self._forward, loader, self.eval_metrics, prefix, self.limit_eval_batches)
+        confusion = confusion_matrix_image(self.eval_metrics.last_confusion, self.data.classes)
+        self.logger.log_image(f"{prefix}/confusion_matrix", confusion, self.global_step)
+        if prefix == "val" and self.misclassified_images:
+            self._log_misclassified(loader, prefix)
+        return metrics
+
+    def _log_misclassified(self, loader: BatchLoader, prefix: str) -> None:
+        """The first `misclassified_images` wrong predictions of the last evaluation, captioned."""
+        predicted = self.eval_metrics.last_predictions  # (N,) in the loader's stored order
+        wrong = (predicted != self.eval_metrics.last_targets).nonzero().squeeze(1)[:self.misclassified_images]
+        if not wrong.numel():
+            return
+        images, labels = loader.raw(wrong)  # (n, C, H, W) uint8, (n,)
+        names = self.data.classes
+        captions = [(f"pred {names[p]}", f"true {names[t]}") for p, t in zip(predicted[wrong].tolist(), labels.tolist())]
+        self.logger.log_image(f"{prefix}/misclassified", labelled_grid(images, captions), self.global_step)
 
     def test(self) -> dict[str, float]:
         """Evaluate the best checkpoint (else the current weights) on the test split; write metrics.json."""
@@ -370,7 +407,12 @@ class Trainer:
         per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
         self.logger.log_metrics({f"test/acc_class/{name.replace('/', '-')}": acc for name, acc in per_class.items()},
                                 self.global_step)
-        self.logger.log_confusion_matrix("test/confusion_matrix", confusion, self.data.classes, self.global_step)
+        self.logger.log_confusion_matrix("test/confusion_matrix_counts", confusion, self.data.classes, self.global_step)
+        if self.log_graph:
+            images, _ = self.data.test.raw(slice(2))
+            example = self.data.test.transform(images)  # (2, C, H, W) float, as the model gets it
+            self.logger.log_graph(self.model, example.contiguous(memory_format=torch.channels_last)
+                                  if self.channels_last else example)
         final = {**metrics, **({f"best/{self.monitor}": self.best_metric} if self.best_metric is not None else {})}
         self.logger.log_hparams(hparams_of(self.config_yaml), final, self.global_step)
         summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,

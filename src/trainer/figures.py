@@ -1,0 +1,95 @@
+"""Pictures for TensorBoard's Images tab, drawn with Pillow (which torchvision already needs).
+
+Each function returns a (3, H, W) uint8 tensor, the layout `SummaryWriter.add_image` takes. No
+matplotlib: one more heavy dependency for two simple drawings is not worth it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+FONT_SIZE = 11
+PAD = 4
+INK, PAPER, FAINT = (20, 20, 20), (255, 255, 255), (150, 150, 150)
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=FONT_SIZE)  # Pillow's bundled scalable font: no system fonts needed
+
+
+def _text_width(draw, text: str, font) -> int:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    return int(right - left)
+
+
+def _to_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def confusion_matrix_image(confusion: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
+    """A (K, K) count matrix (rows true, columns predicted) as a heat map with the counts written in.
+
+    Each cell is shaded by its share of its row (the true class), so a class's errors stand out however
+    many images it has; the diagonal is blue, errors red.
+    """
+    from PIL import Image, ImageDraw
+
+    counts = confusion.cpu().to(torch.int64)  # (K, K)
+    k = counts.shape[0]
+    share = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).tolist()  # (K, K), rows sum to 1
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [f"{i} {name}" for i, name in enumerate(classes)]
+    label_w = max(_text_width(probe, s, font) for s in labels) + 2 * PAD
+    cell = max(_text_width(probe, str(int(counts.max())), font) + 2 * PAD, 2 * FONT_SIZE + PAD)
+    line = FONT_SIZE + PAD
+    top = 2 * line + PAD  # title, then the column indices
+    width, height = label_w + k * cell + PAD, top + k * cell + PAD
+    image = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(image)
+    draw.text((PAD, PAD), "rows: true class, columns: predicted", fill=INK, font=font)
+    for j in range(k):
+        draw.text((label_w + j * cell + PAD, PAD + line), str(j), fill=INK, font=font)
+    for i in range(k):
+        y = top + i * cell
+        draw.text((PAD, y + PAD), labels[i], fill=INK, font=font)
+        for j in range(k):
+            x, s = label_w + j * cell, share[i][j]
+            fade = int(255 * (1 - s))  # white at 0, full colour at 1
+            colour = (fade, fade, 255) if i == j else (255, fade, fade)
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour, outline=(220, 220, 220))
+            n = int(counts[i, j])
+            if n:
+                draw.text((x + PAD, y + PAD), str(n), fill=PAPER if s > 0.6 else INK, font=font)
+    return _to_tensor(image)
+
+
+def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], columns: int = 8,
+                  scale: int = 3) -> torch.Tensor:
+    """uint8 images (N, C, h, w), each enlarged `scale` times, with its caption lines underneath."""
+    from PIL import Image, ImageDraw
+
+    images = images.cpu()
+    n, _, h, w = images.shape
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = max((len(c) for c in captions), default=0)
+    cell_w = max([w * scale] + [_text_width(probe, s, font) for c in captions for s in c]) + 2 * PAD
+    cell_h = h * scale + lines * (FONT_SIZE + 2) + 2 * PAD
+    rows = -(-n // columns)
+    sheet = Image.new("RGB", (min(n, columns) * cell_w, rows * cell_h), PAPER)
+    draw = ImageDraw.Draw(sheet)
+    for idx in range(n):
+        x, y = (idx % columns) * cell_w, (idx // columns) * cell_h
+        pixels = images[idx].permute(1, 2, 0).numpy()  # (h, w, C)
+        tile = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+        sheet.paste(tile.resize((w * scale, h * scale), Image.NEAREST).convert("RGB"), (x + PAD, y + PAD))
+        for li, text in enumerate(captions[idx]):
+            colour = INK if li == 0 else FAINT
+            draw.text((x + PAD, y + PAD + h * scale + li * (FONT_SIZE + 2)), text, fill=colour, font=font)
+    return _to_tensor(sheet)

@@ -1,0 +1,28 @@
+"""The pictures logged to TensorBoard: right size, right colours, one cell per class pair."""
+
+import torch
+
+from trainer.figures import confusion_matrix_image, labelled_grid
+
+
+def test_confusion_matrix_image_shades_each_cell_by_its_share_of_the_row():
+    confusion = torch.tensor([[90, 10, 0], [0, 50, 50], [0, 0, 7]])
+    image = confusion_matrix_image(confusion, ("zero", "one", "two"))  # (3, H, W) uint8
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    colours = {tuple(c) for c in image.reshape(3, -1).T.tolist()}
+    assert (0, 0, 255) in colours  # a diagonal cell with all of its row: full blue
+    assert (255, 127, 127) in colours and (127, 127, 255) in colours  # half of a row: half red / half blue
+    assert (255, 229, 229) in colours  # 10% of a row, an error: light red
+    assert (255, 0, 0) not in colours  # no error cell holds a whole row
+
+
+def test_labelled_grid_enlarges_each_image_and_wraps_rows():
+    images = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
+    images[3] = 255
+    grid = labelled_grid(images, [("pred 1", "true 2")] * 10, columns=8, scale=3)  # (3, H, W)
+    assert grid.shape[0] == 3 and grid.shape[2] % 8 == 0  # 8 cells a row
+    cell_w, cell_h, pad = grid.shape[2] // 8, grid.shape[1] // 2, 4  # 2 rows
+    tile = lambda i: grid[:, (i // 8) * cell_h + pad:(i // 8) * cell_h + pad + 84,  # noqa: E731
+                          (i % 8) * cell_w + pad:(i % 8) * cell_w + pad + 84]
+    assert (tile(3) == 255).all() and (tile(2) == 0).all() and (tile(9) == 0).all()  # each image 84x84, in order
+    assert labelled_grid(images[:2], [("a",), ("b",)], columns=8).shape[2] < grid.shape[2]  # 2 columns only
