@@ -18,11 +18,10 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from train import build
-from trainer.checkpoint import load_checkpoint
+from train import build, model_from_checkpoint
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write
 from trainer.runtime import resolve_device
@@ -37,17 +36,10 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results."""
     if split not in SPLITS:
         raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
-    state = load_checkpoint(ckpt)
-    trained = OmegaConf.create(state["config"])
     device = resolve_device(device_name)
+    restored = model_from_checkpoint(ckpt, device, dataset)
+    model, trained = restored.model, restored.config
     data = build(dataset if dataset is not None else trained.dataset, device=device, seed=trained.seed)
-    model = build(trained.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        raise UserError(f"dataset={data.name} ({data.num_classes} classes of {data.in_shape} images) does not fit "
-                        f"the model in {ckpt}, trained on {trained.dataset._target_.rsplit('.', 1)[-1]}") from None
-    model.eval()
     loss_fn = build(trained.loss)
 
     def forward(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +51,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     confusion = metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
     per_class = per_class_accuracy(confusion)
     summary = {**results, "per_class_acc": dict(zip(data.classes, per_class)), "checkpoint": str(ckpt),
-               "checkpoint_epoch": state["epoch"], "dataset": data.name, "split": split,
+               "checkpoint_epoch": restored.epoch, "dataset": data.name, "split": split,
                "images": int(confusion.sum())}
     with atomic_write(out_dir / "metrics.json") as f:
         f.write(json.dumps(summary, indent=2).encode())
@@ -68,7 +60,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
         writer.writerow(["true \\ predicted", *data.classes])
         writer.writerows([name, *row] for name, row in zip(data.classes, confusion.tolist()))
     log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, data.name,
-             summary["images"], state["epoch"])
+             summary["images"], restored.epoch)
     log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     width = max(6, len(str(int(confusion.max()))) + 1)
     log.info("confusion matrix (rows: true class, columns: predicted class):\n%s\n%s", " " * 16 + "".join(

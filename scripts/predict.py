@@ -24,11 +24,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402  (its build() is how every object is made)
-from hydra.utils import get_class  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from trainer.checkpoint import load_checkpoint  # noqa: E402
+import train  # noqa: E402  (its model_from_checkpoint() rebuilds the model as trained)
 from trainer.data import BatchTransform  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -70,16 +66,12 @@ def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> tor
 
 def predict(ckpt: str, files: list[Path], top: int) -> list[list[tuple[int, str, float]]]:
     """Per file, the `top` (class index, class name, probability) pairs, most likely first."""
-    state = load_checkpoint(ckpt)
-    trained = OmegaConf.create(state["config"])
-    dataset = get_class(trained.dataset._target_)
-    model = train.build(trained.model, in_shape=dataset.in_shape, num_classes=len(dataset.classes))
-    model.load_state_dict(state["model"])
-    model.eval()
+    restored = train.model_from_checkpoint(ckpt)
+    dataset, normalise = restored.dataset, BatchTransform(restored.config.dataset.mean, restored.config.dataset.std)
     box = dataset.in_shape[1] if dataset.name in FULL_FRAME else round(dataset.in_shape[1] * 20 / 28)
     images = torch.stack([to_training_format(f, dataset.in_shape, box) for f in files])  # (N, C, H, W) uint8
     with torch.inference_mode():
-        probs = model(BatchTransform(trained.dataset.mean, trained.dataset.std)(images)).softmax(dim=1)  # (N, K)
+        probs = restored.model(normalise(images)).softmax(dim=1)  # (N, K)
     values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
     return [[(int(i), dataset.classes[int(i)], float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(values, indices)]
 
