@@ -102,16 +102,23 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Fit, then return the test metrics of the best checkpoint."""
+    """Fit, then return the test metrics of the best checkpoint and `best/<monitor>`, the best validation value."""
     trainer = setup(cfg, run_dir)
-    trainer.fit()
-    return trainer.test()
+    if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
+        # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
+        raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of {', '.join(trainer.result_keys)} "
+                        f"(best/ follows trainer.monitor={trainer.monitor})")
+    best = trainer.fit()
+    results = {**trainer.test(), **best}
+    return {key: results[key] for key in trainer.result_keys}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the result named by `optimized_metric` (for a sweeper such as Optuna's), else None."""
     try:
-        return train(cfg, Path(HydraConfig.get().runtime.output_dir))["test/acc"]  # returned for Hydra sweepers that optimise it
+        results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return None if cfg.optimized_metric is None else results[cfg.optimized_metric]
     except (UserError, NonFiniteLossError) as e:
         message = f"error: {e}"
     except MissingMandatoryValue as e:

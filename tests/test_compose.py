@@ -82,6 +82,6 @@ def test_assembled_combination_equals_composed(combo_root):
 def test_every_combination_trains_a_few_steps(combo_root, tmp_path, model, loss, optimizer, scheduler):
     cfg = combination(combo_root, model=model, loss=loss, optimizer=optimizer, scheduler=scheduler)
     metrics = train.train(cfg, tmp_path)  # 2 epochs x 4 steps, validation, checkpoints, test
-    assert set(metrics) == {"test/loss", "test/acc", "test/f1"}
+    assert set(metrics) == {"test/loss", "test/acc", "test/f1", "best/val/acc"}
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert (tmp_path / "checkpoints" / "last.pt").is_file()

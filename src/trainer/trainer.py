@@ -428,6 +428,11 @@ class Trainer:
         self.logger.close()
         return metrics
 
+    @property
+    def result_keys(self) -> tuple[str, ...]:
+        """What a finished run reports: `test()`'s metrics, then `best/<monitor>` from `fit()`."""
+        return (*(f"test/{name}" for name in self.eval_metrics.metrics), f"best/{self.monitor}")
+
     def save_checkpoint(self, name: str) -> Path:
         """Atomically write everything needed to continue this run to `<checkpoint_dir>/<name>`.
 
