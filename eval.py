@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from train import build, model_from_checkpoint
+from trainer.config import build, model_from_checkpoint
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write
 from trainer.runtime import resolve_device

@@ -32,7 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402  (registers the config resolvers; its build() is what train.py uses)
+import train  # noqa: E402,F401  (registers the root_dir resolver the configs use)
+from trainer.config import build  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from trainer.runtime import seed_everything  # noqa: E402
@@ -56,7 +57,7 @@ class Row:
         self.cfg = config(f"model={model}", f"dataset.batch_size={batch_size}", f"dataset.root={root}",
                           f"trainer.limit_train_batches={steps}", "trainer.max_epochs=1000000",
                           f"trainer.device={device}")
-        self.data = train.build(self.cfg.dataset, device=device, seed=self.cfg.seed)
+        self.data = build(self.cfg.dataset, device=device, seed=self.cfg.seed)
         self.run_dir = run_dir
         # floor: every training image normalised once, in the order the loop will slice it
         images, self.floor_y = self.data.train.raw()
@@ -65,9 +66,9 @@ class Row:
 
     def fresh(self):
         seed_everything(self.cfg.seed)  # the initialisation train.setup() gives the framework's model
-        model = train.build(self.cfg.model, in_shape=self.data.in_shape,
+        model = build(self.cfg.model, in_shape=self.data.in_shape,
                             num_classes=self.data.num_classes).to(self.device)
-        return model, train.build(self.cfg.loss), train.build(self.cfg.optimizer, params=model.parameters())
+        return model, build(self.cfg.loss), train.build(self.cfg.optimizer, params=model.parameters())
 
     def _bare_loop(self, batches) -> float:
         """Time forward, loss, backward and step over `batches` with a fresh model; nothing else."""

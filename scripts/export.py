@@ -29,13 +29,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import train  # noqa: E402  (its model_from_checkpoint() rebuilds the model as trained)
-from trainer.data import BatchLoader, BatchTransform  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
-from trainer.fsutil import atomic_write  # noqa: E402
+from trainer.config import build, model_from_checkpoint
+from trainer.data import BatchLoader, BatchTransform
+from trainer.errors import UserError
+from trainer.fsutil import atomic_write
 
 ATOL = RTOL = 1e-4
 INPUT = ("uint8 images (batch, C, H, W), grey levels 0-255 as the dataset stores them (light content on a "
@@ -187,10 +184,10 @@ def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int) ->
         raise UserError(f"--batches={batches}: must be >= 1")
     if "onnx" in formats:
         onnx_packages()  # fail before the slow part
-    restored = train.model_from_checkpoint(ckpt)
+    restored = model_from_checkpoint(ckpt)
     trained, dataset = restored.config, restored.dataset
     model = Normalised(restored.model, trained.dataset.mean, trained.dataset.std).eval()
-    data = train.build(trained.dataset, device="cpu", seed=trained.seed)
+    data = build(trained.dataset, device="cpu", seed=trained.seed)
     out_dir = out_dir or default_out_dir(Path(ckpt).expanduser(), trained.trainer.checkpoint_dir)
     meta = {"dataset": dataset.name, "classes": list(dataset.classes), "input": INPUT, "output": OUTPUT,
             "checkpoint": str(ckpt), "epoch": restored.epoch}

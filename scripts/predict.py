@@ -21,12 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import train  # noqa: E402  (its model_from_checkpoint() rebuilds the model as trained)
-from trainer.data import BatchTransform  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
+from trainer.config import model_from_checkpoint
+from trainer.data import BatchTransform
+from trainer.errors import UserError
 
 # Datasets whose objects fill the whole frame (no MNIST-style 20x20 box).
 FULL_FRAME = ("FashionMNIST",)
@@ -66,7 +63,7 @@ def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> tor
 
 def predict(ckpt: str, files: list[Path], top: int) -> list[list[tuple[int, str, float]]]:
     """Per file, the `top` (class index, class name, probability) pairs, most likely first."""
-    restored = train.model_from_checkpoint(ckpt)
+    restored = model_from_checkpoint(ckpt)
     dataset, normalise = restored.dataset, BatchTransform(restored.config.dataset.mean, restored.config.dataset.std)
     box = dataset.in_shape[1] if dataset.name in FULL_FRAME else round(dataset.in_shape[1] * 20 / 28)
     images = torch.stack([to_training_format(f, dataset.in_shape, box) for f in files])  # (N, C, H, W) uint8

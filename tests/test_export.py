@@ -14,7 +14,7 @@ from conftest import REPO, TINY, run_train
 
 sys.path.insert(0, str(REPO / "scripts"))
 import export  # noqa: E402
-import train  # noqa: E402
+from trainer.config import build, model_from_checkpoint  # noqa: E402
 from trainer.data import BatchTransform  # noqa: E402
 
 MODELS = ("logistic", "mlp", "cnn")
@@ -48,7 +48,7 @@ def test_exports_load_take_uint8_images_of_any_batch_size_and_match(runs, name, 
     assert [line.split(":")[0] for line in printed] == ["torchscript", "onnx"]
     assert all("201 test images" in line and "same prediction for 201/201" in line for line in printed), printed
 
-    restored = train.model_from_checkpoint(ckpt)
+    restored = model_from_checkpoint(ckpt)
     normalise = BatchTransform(restored.config.dataset.mean, restored.config.dataset.std)
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)  # not test images, and a new batch size
     with torch.inference_mode():
@@ -77,8 +77,8 @@ def test_exports_load_take_uint8_images_of_any_batch_size_and_match(runs, name, 
 
 def test_verification_catches_an_export_of_a_different_model(runs, tmp_path, monkeypatch, capsys):
     ckpt = runs["cnn"] / "checkpoints" / "best.pt"
-    restored = train.model_from_checkpoint(ckpt)
-    data = train.build(restored.config.dataset, device="cpu", seed=restored.config.seed)
+    restored = model_from_checkpoint(ckpt)
+    data = build(restored.config.dataset, device="cpu", seed=restored.config.seed)
     model = export.Normalised(restored.model, restored.config.dataset.mean, restored.config.dataset.std)
     run = export.load_torchscript(export.to_torchscript(model, data.test.images[:2], meta={}))
     assert export.verify(run, restored.model, data.test, batches=2).ok

@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import TINY, make_tiny_dataset, run_train
+from conftest import REPO, TINY, make_tiny_dataset, run_train
 from trainer.idx import write_idx
 
 
@@ -142,7 +142,7 @@ BAD = [
     (["dataset.root={bad_magic}"], "train-images-idx3-ubyte: not an IDX file", "bad magic"),
     (["dataset.root={truncated}"], "t10k-images-idx3-ubyte", "the header [200, 28, 28] needs"),
     (["dataset.root={label_mismatch}"], "600 images but 599 labels", "train"),
-    (["hydra.run.dir={earlier}"], f"hydra.run.dir=", "already exists and is not empty"),
+    (["hydra.run.dir={earlier}"], "hydra.run.dir=", "already exists and is not empty"),
     (["hydra.run.dir={a_file}/run"], "a_file/run", "cannot write there"),
 ]
 # Sources a missing dataset could come from, made unreachable: no proxy answers, no package index.
@@ -210,6 +210,16 @@ def test_debug_fast_dev_run_runs_a_few_batches_of_everything(tiny_root, tmp_path
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["epochs"], metrics["global_step"]) == (2, 16)  # 2 epochs x 8 of the 16 batches
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_every_experiment_preset_runs_end_to_end(tiny_root, tmp_path):
+    presets = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+    assert {"mnist_fast", "mnist_cnn", "fashion_cnn", "mnist_mlp", "fashion_logistic"} <= set(presets)
+    result = run_train("-m", *TINY, f"dataset.root={tiny_root}", f"output_root={tmp_path}", "debug=fast_dev_run",
+                       f"experiment={','.join(presets)}")
+    assert result.returncode == 0, result.stderr
+    finished = {json.loads(m.read_text())["epochs"] for m in tmp_path.rglob("metrics.json")}
+    assert len(list(tmp_path.rglob("metrics.json"))) == len(presets) and finished == {2}
 
 
 def test_debug_overfit_memorises_a_few_batches(tiny_root, tmp_path):

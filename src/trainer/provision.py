@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 import pickle
 import shutil
 import subprocess
