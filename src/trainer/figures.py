@@ -13,7 +13,7 @@ import torch
 
 FONT_SIZE = 11
 PAD = 4
-INK, PAPER, FAINT = (20, 20, 20), (255, 255, 255), (150, 150, 150)
+INK, PAPER, FAINT = (20, 20, 20), (255, 255, 255), (90, 90, 90)
 
 
 def _font():
@@ -44,7 +44,7 @@ def confusion_matrix_image(confusion: torch.Tensor, classes: Sequence[str]) -> t
     share = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).tolist()  # (K, K), rows sum to 1
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    labels = [f"{i} {name}" for i, name in enumerate(classes)]
+    labels = [name if name == str(i) else f"{i} {name}" for i, name in enumerate(classes)]  # MNIST: "3", not "3 3"
     label_w = max(_text_width(probe, s, font) for s in labels) + 2 * PAD
     cell = max(_text_width(probe, str(int(counts.max())), font) + 2 * PAD, 2 * FONT_SIZE + PAD)
     line = FONT_SIZE + PAD
