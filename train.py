@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from trainer.checkpoint import find_unfinished_run
 from trainer.config import build
-from trainer.distributed import worker_hydra_overrides
+from trainer.distributed import lost_peer_message, worker_hydra_overrides
 from trainer.errors import UserError
 from trainer.logger import NullLogger
 from trainer.runtime import resolve_device, seed_everything
@@ -92,6 +92,11 @@ def main(cfg: DictConfig) -> float | None:
         again.append(f"trainer.resume={e.checkpoint}")
         print(f"{e}\nresume with: python train.py {shlex.join(again)}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
+    except RuntimeError as e:
+        lost = lost_peer_message(e, cfg.distributed.timeout_s)  # another rank died: no traceback of our own
+        if lost is None:
+            raise
+        message = f"error: {lost}"
     except KeyboardInterrupt:
         print("error: interrupted at once (second signal); every checkpoint already written is intact",
               file=sys.stderr)

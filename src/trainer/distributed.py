@@ -70,6 +70,21 @@ class Dist:
             td.destroy_process_group()
 
 
+def lost_peer_message(e: BaseException, timeout_s: float) -> str | None:
+    """A one-line explanation if `e` is a collective that failed because another rank died or stopped
+    answering (the backends raise plain RuntimeErrors for that), else None."""
+    if not (td.is_available() and td.is_initialized() and isinstance(e, RuntimeError)):
+        return None
+    text = str(e).strip()
+    if not any(s in text for s in ("gloo", "NCCL", "nccl", "Timed out", "timed out", "Connection", "connection")):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    first = first.split("] ", 1)[-1] if first.startswith("[") else first  # drop gloo's [source.cc:line] prefix
+    return (f"rank {td.get_rank()} of {td.get_world_size()}: lost another process of the job ({first}); its "
+            f"own output says why. A process that stops answering is given up on after "
+            f"distributed.timeout_s={timeout_s:g}s")
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
