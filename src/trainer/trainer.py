@@ -382,7 +382,7 @@ class Trainer:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as NHWC
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = (net or self.net)(images)  # (B, classes)
+            logits = (self.net if net is None else net)(images)  # (B, classes)
             return logits, self.loss_fn(logits, targets)
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -411,6 +411,8 @@ class Trainer:
         """
         self.model.eval()
         metrics = evaluate(self._forward, loader, self.eval_metrics, prefix, self.limit_eval_batches)
+        if not self.dist.is_main:  # the pictures go to TensorBoard, which only rank 0 writes
+            return metrics
         confusion = confusion_matrix_image(self.eval_metrics.last_confusion, self.data.classes)
         self.logger.log_image(f"{prefix}/confusion_matrix", confusion, self.global_step)
         if prefix == "val" and self.misclassified_images:
