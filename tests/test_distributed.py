@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, make_tiny_dataset, run_train
+from conftest import _STOPPING_TRAIN, REPO, TINY, make_tiny_dataset, run_train
 
 pytestmark = pytest.mark.slow  # each torchrun start costs ~10 s of imports per process
 
@@ -99,6 +99,34 @@ def test_metrics_are_over_the_full_split_not_one_shard(ddp, split, tmp_path):
         assert trained["best/val/acc"] == pytest.approx(alone["val/acc"], abs=1e-6)
 
 
+def test_a_ddp_run_stopped_mid_epoch_resumes_exactly(ddp, faint_root, tmp_path):
+    wrapper = tmp_path / "stopping.py"
+    wrapper.write_text(_STOPPING_TRAIN)
+    out = tmp_path / "out"
+    # Both ranks get SIGINT after step 20 (epoch 2 of 15-step epochs), as from a Ctrl-C in the terminal.
+    stopped = torchrun(*COMMON, DDP, f"dataset.root={faint_root}", f"output_root={out}", wrapper=(str(wrapper),),
+                       env={"STOP_AT_STEP": "20", "STOP_SIGNAL": "2"})
+    assert stopped.returncode != 0 and "stopped by SIGINT in epoch 2 at step 20" in stopped.stderr
+    (run,) = runs_under(out)
+    last = run / "checkpoints" / "last.pt"
+    assert torch.load(last, weights_only=True)["batch_in_epoch"] == 5
+    refused = run_train(*COMMON, "dataset.batch_size=32", f"dataset.root={faint_root}", f"trainer.resume={last}")
+    assert refused.returncode == 1 and "stopped mid-epoch in a run of 2 process(es); resume it with 2, not 1" in \
+        refused.stderr
+    resumed = torchrun(*COMMON, DDP, f"dataset.root={faint_root}", f"trainer.resume={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert runs_under(out) == [run]
+    (straight,) = runs_under(ddp[0])
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 45
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
+    for k in ("test/loss", "test/acc", "test/f1", "best/val/acc", "best/epoch"):
+        assert ma[k] == mb[k], k
+
+
 # Last: it continues both runs (their metrics.json is rewritten).
 def test_ddp_checkpoint_resumes_in_one_process_and_back(ddp, single, faint_root):
     (run,) = runs_under(ddp[0])
@@ -147,3 +175,16 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(faint_root, 
     assert result.returncode != 0 and time.monotonic() - start < 100
     assert "error: rank 0 of 2: lost another process of the job (Timed out" in result.stdout + result.stderr
     assert "distributed.timeout_s=3s" in result.stderr
+
+
+def test_two_processes_on_real_mnist_reach_the_single_process_accuracy(real_root, tmp_path):
+    # The README's one-epoch MLP (97.19%, floor 0.97), with its batch of 128 split over two processes.
+    common = ("model=mlp", "trainer.max_epochs=1", "trainer.device=cpu", f"dataset.root={real_root}")
+    result = torchrun(*common, "dataset.batch_size=64", f"output_root={tmp_path}/ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_train(*common, f"hydra.run.dir={tmp_path}/single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    (run,) = runs_under(tmp_path / "ddp")
+    ddp_acc, one_acc = (json.loads((d / "metrics.json").read_text())["test/acc"] for d in (run, tmp_path / "single"))
+    print(f"MNIST MLP, 1 epoch: test/acc {ddp_acc:.4f} with 2 processes, {one_acc:.4f} with one")
+    assert ddp_acc >= 0.97 and ddp_acc == pytest.approx(one_acc, abs=0.005)
