@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from trainer.checkpoint import find_unfinished_run
 from trainer.config import build
-from trainer.distributed import lost_peer_message, worker_hydra_overrides
+from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
 from trainer.errors import UserError
 from trainer.logger import NullLogger
 from trainer.runtime import resolve_device, seed_everything
@@ -90,7 +90,10 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingInterrupted as e:
         again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
         again.append(f"trainer.resume={e.checkpoint}")
-        print(f"{e}\nresume with: python train.py {shlex.join(again)}", file=sys.stderr)
+        world = world_size_from_env()
+        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"  # (per node, on several nodes)
+        if rank_from_env() == 0:
+            print(f"{e}\nresume with: {launcher} train.py {shlex.join(again)}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
     except RuntimeError as e:
         lost = lost_peer_message(e, cfg.distributed.timeout_s)  # another rank died: no traceback of our own

@@ -103,10 +103,12 @@ def test_a_ddp_run_stopped_mid_epoch_resumes_exactly(ddp, faint_root, tmp_path):
     wrapper = tmp_path / "stopping.py"
     wrapper.write_text(_STOPPING_TRAIN)
     out = tmp_path / "out"
-    # Both ranks get SIGINT after step 20 (epoch 2 of 15-step epochs), as from a Ctrl-C in the terminal.
+    # Rank 1 alone gets SIGTERM after step 18 (epoch 2 of 15-step epochs); the ranks agree to stop at the
+    # next log point (every 5 steps in TINY), step 20, and checkpoint there.
     stopped = torchrun(*COMMON, DDP, f"dataset.root={faint_root}", f"output_root={out}", wrapper=(str(wrapper),),
-                       env={"STOP_AT_STEP": "20", "STOP_SIGNAL": "2"})
-    assert stopped.returncode != 0 and "stopped by SIGINT in epoch 2 at step 20" in stopped.stderr
+                       env={"STOP_AT_STEP": "18", "STOP_SIGNAL": "15", "STOP_RANK": "1"})
+    assert stopped.returncode != 0 and "stopped by SIGTERM in epoch 2 at step 20" in stopped.stderr
+    assert "resume with: torchrun --nproc_per_node=2 train.py" in stopped.stderr
     (run,) = runs_under(out)
     last = run / "checkpoints" / "last.pt"
     assert torch.load(last, weights_only=True)["batch_in_epoch"] == 5

@@ -57,6 +57,14 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's `value`."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], device=self.device if self.backend == "nccl" else "cpu")
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return int(t)
+
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Overwrite every rank's parameters and buffers with rank 0's (in place)."""
         if not self.active:

@@ -276,6 +276,7 @@ class Trainer:
         self.epochs_without_improvement = 0  # by more than early_stopping_min_delta
         self.startup_s: float | None = None  # process start -> first training step, set by fit()
         self._stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler during fit()
+        self._stop_signal_at = 0.0  # time.monotonic() of that signal
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
         resumed = self._resume(Path(resume).expanduser(), Path(run_dir), checkpoint_dir) if resume else None
@@ -578,8 +579,12 @@ class Trainer:
 
         def handler(signum: int, frame: object) -> None:
             if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
+                # torchrun relays the terminal's Ctrl-C to its workers, which got it from the terminal too:
+                # the same request twice within moments, not a second one.
+                if not (self.dist.active and time.monotonic() - self._stop_signal_at < 5):
+                    raise KeyboardInterrupt
+                return
+            self._stop_signal, self._stop_signal_at = signum, time.monotonic()
             log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
                         signal.Signals(signum).name)
 
@@ -592,6 +597,12 @@ class Trainer:
 
     def _stop_if_signalled(self, epoch: int | None = None) -> None:
         """After a stop signal: checkpoint mid-epoch (`epoch` given) or rely on the epoch's, then raise."""
+        if self.dist.active:
+            # A signal can reach the ranks at different steps; they must all stop at the same one. Agreeing
+            # costs a collective (and a host sync on CUDA), so they do it at log points and epoch ends only.
+            if epoch is not None and self.global_step % self.log_every:
+                return
+            self._stop_signal = self.dist.max_int(self._stop_signal or 0) or None
         if self._stop_signal is None:
             return
         if epoch is not None:
