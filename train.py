@@ -2,11 +2,13 @@
 
 The composition root: every object is built here from its config group, in the order a reader
 expects, and handed to the Trainer. Nothing else in the project reads the config.
+`torchrun --nproc_per_node=N train.py ...` trains with N processes (README: "Multiple processes").
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -90,8 +92,8 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingInterrupted as e:
         again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
         again.append(f"trainer.resume={e.checkpoint}")
-        world = world_size_from_env()
-        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"  # (per node, on several nodes)
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
+        launcher = f"torchrun --nproc_per_node={per_node}" if world_size_from_env() > 1 else "python"
         if rank_from_env() == 0:
             print(f"{e}\nresume with: {launcher} train.py {shlex.join(again)}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"

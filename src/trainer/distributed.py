@@ -7,6 +7,7 @@ special case for "not distributed".
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -143,7 +144,5 @@ def worker_hydra_overrides() -> list[str]:
     if world_size_from_env() <= 1 or rank_from_env() == 0:
         return []
     scratch = tempfile.mkdtemp(prefix=f"train-rank{rank_from_env()}-")
-    import atexit
-
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
