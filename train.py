@@ -60,9 +60,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
     if dist.active:
-        log.info("%d processes (%s): each trains on batches of %d, an optimizer step sees %d; the learning rate "
-                 "is not scaled for that (set optimizer.lr yourself)", dist.world_size, dist.backend,
-                 data.train.batch_size, data.train.global_batch_size)
+        log.info("%d processes (%s): each trains on batches of %d, %d together; the learning rate is not scaled "
+                 "for that (set optimizer.lr yourself)", dist.world_size, dist.backend, data.train.batch_size,
+                 data.train.global_batch_size)
     return trainer
 
 
