@@ -2,16 +2,19 @@
 
 The composition root: every object is built here from its config group, in the order a reader
 expects, and handed to the Trainer. Nothing else in the project reads the config.
+`torchrun --nproc_per_node=N train.py ...` trains with N processes (README: "Multiple processes").
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import hydra
+import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +22,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from trainer.checkpoint import find_unfinished_run
 from trainer.config import build
+from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
 from trainer.errors import UserError
+from trainer.logger import NullLogger
 from trainer.runtime import resolve_device, seed_everything
 from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
@@ -31,24 +36,33 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     """Build everything from `cfg`, in order, and hand it to the Trainer."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
+    dist = build(cfg.distributed, device=device)  # under torchrun: joins the job; on CUDA picks cuda:LOCAL_RANK
+    device = dist.device
     data = build(cfg.dataset, device=device, seed=cfg.seed)
+    data.shard(dist.rank, dist.world_size)
     model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
-    logger = build(cfg.logger)
+    logger = build(cfg.logger) if dist.is_main else NullLogger  # one event file per run
     resume = cfg.trainer.resume
-    if resume == "auto":
+    if resume == "auto" and dist.is_main:
         resume = find_unfinished_run(Path(cfg.output_root), list(HydraConfig.get().overrides.task),
                                      cfg.trainer.checkpoint_dir)
         log.info("trainer.resume=auto: %s", f"continuing {resume}" if resume else "no unfinished run with these "
                  f"overrides under {cfg.output_root}; starting a new run")
+    # Hydra made a run directory in rank 0 only (see worker_hydra_overrides); every rank continues rank 0's run.
+    run_dir, resume = dist.broadcast_object((run_dir, resume))
     trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
                     logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
-                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist)
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
+    if dist.active:
+        log.info("%d processes (%s): each trains on batches of %d, %d together; the learning rate is not scaled "
+                 "for that (set optimizer.lr yourself)", dist.world_size, dist.backend, data.train.batch_size,
+                 data.train.global_batch_size)
     return trainer
 
 
@@ -78,12 +92,23 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingInterrupted as e:
         again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
         again.append(f"trainer.resume={e.checkpoint}")
-        print(f"{e}\nresume with: python train.py {shlex.join(again)}", file=sys.stderr)
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
+        launcher = f"torchrun --nproc_per_node={per_node}" if world_size_from_env() > 1 else "python"
+        if rank_from_env() == 0:
+            print(f"{e}\nresume with: {launcher} train.py {shlex.join(again)}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
+    except RuntimeError as e:
+        lost = lost_peer_message(e, cfg.distributed.timeout_s)  # another rank died: no traceback of our own
+        if lost is None:
+            raise
+        message = f"error: {lost}"
     except KeyboardInterrupt:
         print("error: interrupted at once (second signal); every checkpoint already written is intact",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(message, file=sys.stderr)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # An exception, not an exit: Hydra marks this job failed, runs the rest of the sweep, then reports it.
@@ -96,4 +121,5 @@ class JobFailed(Exception):
 
 
 if __name__ == "__main__":
+    sys.argv += worker_hydra_overrides()  # under torchrun, ranks other than 0 make no run directory
     main()

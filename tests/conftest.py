@@ -71,7 +71,8 @@ def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None 
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-# train.py, except that the process sends itself a signal right after optimizer step STOP_AT_STEP, or is
+# train.py, except that the process (under torchrun: only rank STOP_RANK, if set) sends itself a signal right
+# after optimizer step STOP_AT_STEP, or is
 # SIGKILLed halfway through writing its CHECKPOINT_WRITE-th checkpoint file (a torn temporary file is left).
 _STOPPING_TRAIN = """
 import io, os, runpy, signal, sys
@@ -83,7 +84,7 @@ if "STOP_AT_STEP" in os.environ:
     at, sig, step = int(os.environ["STOP_AT_STEP"]), int(os.environ["STOP_SIGNAL"]), Trainer._optimizer_step
     def stepping(self):
         lr = step(self)
-        if self.global_step == at:
+        if self.global_step == at and os.environ.get("STOP_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
             os.kill(os.getpid(), sig)
         return lr
     Trainer._optimizer_step = stepping

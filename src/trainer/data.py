@@ -68,6 +68,10 @@ class BatchLoader:
     With `shuffle`, epoch `e` visits the samples in the order `randperm` gives for `epoch_seed(seed, e)`;
     call `set_epoch(e)` before iterating. `start_step` skips that many batches of the epoch, so a
     run resumed mid-epoch sees exactly the batches it has not yet seen.
+
+    After `shard(rank, world_size)` a step is a global batch of `world_size * batch_size` samples of the
+    same permutation, of which this rank takes the `rank`-th `batch_size` slice: the ranks see disjoint
+    samples in an order that depends on (seed, epoch) only, so a resume stays exact.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
@@ -79,21 +83,44 @@ class BatchLoader:
         self.transform = transform
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Take only rank `rank`'s part of every batch. A shuffled (training) loader drops the last
+        incomplete global batch, as every rank must take the same number of optimizer steps."""
+        self.rank, self.world_size = rank, world_size
+        if self.shuffle and world_size > 1:
+            self.drop_last = True
+            if len(self) == 0:
+                raise UserError(f"{self.num_items} training samples do not fill one batch of {self.batch_size} for "
+                                f"each of {world_size} processes; use fewer processes or a smaller dataset.batch_size")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = self.num_items
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, b = self.num_items, self.global_batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
 
     @property
     def num_samples(self) -> int:
         return self.samples_between(0, len(self))
 
     def samples_between(self, start_step: int, stop_step: int) -> int:
-        """How many samples batches `start_step` up to (not including) `stop_step` hold."""
-        return min(self.num_items, stop_step * self.batch_size) - min(self.num_items, start_step * self.batch_size)
+        """How many samples batches `start_step` up to (not including) `stop_step` hold, on all ranks together."""
+        b = self.global_batch_size
+        return min(self.num_items, stop_step * b) - min(self.num_items, start_step * b)
+
+    def positions(self, limit_steps: int | None = None) -> torch.Tensor:
+        """The stored-order positions of the samples this rank visits in an unshuffled pass, (n,) int64."""
+        steps = range(len(self) if limit_steps is None else min(len(self), limit_steps))
+        starts = [s * self.global_batch_size + self.rank * self.batch_size for s in steps]
+        return torch.cat([torch.arange(a, min(a + self.batch_size, self.num_items)) for a in starts if
+                          a < self.num_items] or [torch.empty(0, dtype=torch.int64)])
 
     def raw(self, which: slice | torch.Tensor = slice(None)) -> Batch:
         """Samples untransformed, by position in stored (unshuffled) order: (n, C, H, W) uint8, (n,)."""
@@ -112,7 +139,10 @@ class BatchLoader:
             perm = torch.randperm(self.num_items, generator=g).to(self.labels.device)  # (n,)
             order = perm if order is None else order.index_select(0, perm)
         for step in range(start_step, len(self)):
-            sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            first = step * self.global_batch_size + self.rank * self.batch_size
+            if first >= self.num_items:  # this rank's share of an evaluation set's last batch is empty
+                return
+            sl = slice(first, first + self.batch_size)
             if order is None:
                 x, y = self.images[sl], self.labels[sl]
             else:
@@ -165,6 +195,11 @@ class IDXImageDataset:
         self.test = BatchLoader(test_x.to(device), test_y.to(device), eval_batch_size, transform=eval_tf,
                                 shuffle=False)
         self.num_classes = len(self.classes)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Give this process (`rank` of `world_size`) its disjoint part of every split (see BatchLoader.shard)."""
+        for loader in (self.train, self.val, self.test):
+            loader.shard(rank, world_size)
 
     def _load(self, download: bool, mirror: Path | None, verify: bool) -> tuple[torch.Tensor, ...]:
         """Provision, check and parse the raw files; cache the parsed tensors for the next run."""

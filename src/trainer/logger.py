@@ -109,3 +109,16 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NullLogger:
+    """Takes every TensorBoardLogger call and writes nothing: the logger of ranks other than 0 under torchrun,
+    so one run has one event file."""
+
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
+        self.log_dir = Path(log_dir)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or not callable(getattr(TensorBoardLogger, name, None)):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None

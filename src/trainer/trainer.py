@@ -17,12 +17,14 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from tqdm import tqdm
 
 from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.data import BatchLoader, IDXImageDataset
+from trainer.distributed import Dist
 from trainer.errors import UserError, require_int
 from trainer.figures import confusion_matrix_image, labelled_grid
 from trainer.fsutil import atomic_write
@@ -145,6 +147,17 @@ class EpochMetrics:
         self._targets = list(state["targets"].to(self.device).split(state["sizes"]))
 
 
+def _to_cpu(obj: object) -> object:
+    """`obj` with every tensor in it (through dicts and lists) moved to the CPU, to pickle between ranks."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
     """Recall of each class from a (classes, classes) confusion matrix with true classes as rows."""
     return (confusion.diag() / confusion.sum(dim=1).clamp(min=1)).tolist()
@@ -179,6 +192,11 @@ class Trainer:
     (`resume=PATH`) restores everything down to the batch within the epoch and the RNG states, so the
     run ends exactly as if it had never stopped; a checkpoint inside a run directory continues that
     run directory. SIGINT/SIGTERM stop the run after the current optimizer step, with a checkpoint.
+
+    Under torchrun (`dist.world_size > 1`) every rank runs this loop on its shard of `data` (see
+    `IDXImageDataset.shard`), training through DistributedDataParallel; epoch metrics are computed over
+    all ranks' samples; only rank 0 writes checkpoints, metrics.json and (through its logger) TensorBoard.
+    `self.model` stays the plain module, so checkpoints have no "module." keys.
     """
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -190,7 +208,7 @@ class Trainer:
                  deterministic: bool, precision: str, compile: bool, channels_last: bool,
                  accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
                  limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
-                 log_graph: bool) -> None:
+                 log_graph: bool, dist: Dist = Dist()) -> None:
         require_int("trainer.max_epochs", max_epochs, 1)
         require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
         require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)
@@ -214,6 +232,8 @@ class Trainer:
             raise UserError(f"trainer.mode={mode!r}: use min or max")
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise UserError(f"trainer.nonfinite_loss={nonfinite_loss!r}: use error or skip")
+        if nonfinite_loss == "skip" and dist.active:  # a rank skipping a backward would leave the others waiting
+            raise UserError("trainer.nonfinite_loss=skip does not work with several processes (torchrun); use error")
         if not (isinstance(early_stopping_min_delta, (int, float)) and early_stopping_min_delta >= 0):
             raise UserError(f"trainer.early_stopping_min_delta={early_stopping_min_delta!r}: must be a number >= 0")
         if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
@@ -237,6 +257,11 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         # Checkpoints save self.model (no "_orig_mod." keys); training and evaluation call the compiled one.
         self.net = torch.compile(model) if compile else model
+        self.dist = dist
+        # Training goes through DDP, which averages gradients across ranks in backward; evaluation calls
+        # self.net directly (no collectives per batch, so ranks with fewer evaluation batches do not wait).
+        self.train_net = (DistributedDataParallel(self.net, device_ids=[device] if device.type == "cuda" else None)
+                          if dist.active else self.net)
         try:  # per-step schedules need the run's length in optimizer steps, which only the Trainer knows
             self.schedule = scheduler(optimizer, steps_per_epoch=self.steps_per_epoch, max_epochs=max_epochs)
         except (ValueError, TypeError) as e:
@@ -251,6 +276,7 @@ class Trainer:
         self.epochs_without_improvement = 0  # by more than early_stopping_min_delta
         self.startup_s: float | None = None  # process start -> first training step, set by fit()
         self._stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler during fit()
+        self._stop_signal_at = 0.0  # time.monotonic() of that signal
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
         resumed = self._resume(Path(resume).expanduser(), Path(run_dir), checkpoint_dir) if resume else None
@@ -304,15 +330,20 @@ class Trainer:
         bar = tqdm(total=batches, initial=start, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         for i, (images, targets) in zip(range(start, batches), self.data.train.iter_from(start)):
-            logits, loss = self._forward(images, targets)
-            if self.skip_nonfinite and not torch.isfinite(loss):  # a host sync per batch, only in skip mode
-                self.skipped_batches += 1
-                log.warning("epoch %d, batch %d: loss is %s; batch skipped", epoch + 1, i + 1, float(loss.detach()))
-            else:
-                self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
-                self.train_metrics.add(loss, logits, targets)
+            stepping = not (i + 1) % self.accumulate or i + 1 == batches
+            # DDP all-reduces gradients in every backward; accumulating batches only need the last one's.
+            sync = (contextlib.nullcontext() if stepping or not self.dist.active else self.train_net.no_sync())
+            with sync:
+                logits, loss = self._forward(images, targets, self.train_net)
+                if self.skip_nonfinite and not torch.isfinite(loss):  # a host sync per batch, only in skip mode
+                    self.skipped_batches += 1
+                    log.warning("epoch %d, batch %d: loss is %s; batch skipped", epoch + 1, i + 1,
+                                float(loss.detach()))
+                else:
+                    self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
+                    self.train_metrics.add(loss, logits, targets)
             bar.update()
-            if (i + 1) % self.accumulate and i + 1 < batches:
+            if not stepping:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
             if i + 1 == batches and self.histogram_every and (epoch + 1) % self.histogram_every == 0:
                 # the epoch's last gradients, before the step applies and clears them; unscaled under fp16
@@ -347,11 +378,12 @@ class Trainer:
         """Optimizer steps per epoch (what per-step schedules count)."""
         return math.ceil(self.batches_per_epoch / self.accumulate)
 
-    def _forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, images: torch.Tensor, targets: torch.Tensor,
+                 net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as NHWC
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.net(images)  # (B, classes)
+            logits = (self.net if net is None else net)(images)  # (B, classes)
             return logits, self.loss_fn(logits, targets)
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -380,6 +412,8 @@ class Trainer:
         """
         self.model.eval()
         metrics = evaluate(self._forward, loader, self.eval_metrics, prefix, self.limit_eval_batches)
+        if not self.dist.is_main:  # the pictures go to TensorBoard, which only rank 0 writes
+            return metrics
         confusion = confusion_matrix_image(self.eval_metrics.last_confusion, self.data.classes)
         self.logger.log_image(f"{prefix}/confusion_matrix", confusion, self.global_step)
         if prefix == "val" and self.misclassified_images:
@@ -388,11 +422,12 @@ class Trainer:
 
     def _log_misclassified(self, loader: BatchLoader, prefix: str) -> None:
         """The first `misclassified_images` wrong predictions of the last evaluation, captioned."""
-        predicted = self.eval_metrics.last_predictions  # (N,) in the loader's stored order
+        predicted = self.eval_metrics.last_predictions  # (N,) this rank's samples, in the loader's stored order
         wrong = (predicted != self.eval_metrics.last_targets).nonzero().squeeze(1)[:self.misclassified_images]
         if not wrong.numel():
             return
-        images, labels = loader.raw(wrong)  # (n, C, H, W) uint8, (n,)
+        positions = loader.positions(self.limit_eval_batches).to(wrong.device)  # (N,) where they are stored
+        images, labels = loader.raw(positions[wrong])  # (n, C, H, W) uint8, (n,)
         names = self.data.classes
         captions = [(f"pred {names[p]}", f"true {names[t]}") for p, t in zip(predicted[wrong].tolist(), labels.tolist())]
         self.logger.log_image(f"{prefix}/misclassified", labelled_grid(images, captions), self.global_step)
@@ -400,8 +435,9 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Evaluate the best checkpoint (else the current weights) on the test split; write metrics.json."""
         best = self.ckpt_dir / "best.pt"
-        if best.is_file():
+        if self.dist.is_main and best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model"])
+        self.dist.broadcast_module(self.model)  # rank 0 wrote best.pt; other nodes may not see its file
         metrics = self.evaluate(self.data.test, "test")
         confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
         per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
@@ -421,8 +457,10 @@ class Trainer:
                    "per_class_acc": per_class}
         if self.device.type == "cuda":
             summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        with atomic_write(self.run_dir / "metrics.json") as f:
-            f.write(json.dumps(summary, indent=2).encode())
+        if self.dist.is_main:
+            summary["world_size"] = self.dist.world_size
+            with atomic_write(self.run_dir / "metrics.json") as f:
+                f.write(json.dumps(summary, indent=2).encode())
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
                  metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
         self.logger.close()
@@ -437,6 +475,8 @@ class Trainer:
         """Atomically write everything needed to continue this run to `<checkpoint_dir>/<name>`.
 
         Refuses non-finite weights, so no checkpoint (best.pt included) ever holds a diverged model.
+        With several processes every rank must call it (it gathers their unfinished epoch metrics); rank 0
+        writes the file. The RNG states are rank 0's: all ranks share the seed and draw alike, so they are equal.
         """
         params = [p.detach() for p in self.model.parameters()]
         if not torch.stack([p.isfinite().all() for p in params]).all():  # one host sync per checkpoint
@@ -444,11 +484,15 @@ class Trainer:
             raise NonFiniteLossError(f"weights became non-finite ({bad}) by step {self.global_step} of epoch "
                                      f"{self.epoch + 1}; {name} not written, the last good checkpoint is kept")
         path = self.ckpt_dir / name
+        train_metrics = self.dist.all_gather_object(_to_cpu(self.train_metrics.state_dict()))  # one per rank
+        if not self.dist.is_main:
+            return path
         save_checkpoint(path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
-            "train_metrics": self.train_metrics.state_dict(), "skipped_batches": self.skipped_batches,
+            "world_size": self.dist.world_size, "train_metrics_of_ranks": train_metrics,
+            "train_metrics": train_metrics[0], "skipped_batches": self.skipped_batches,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
             "epochs_without_improvement": self.epochs_without_improvement,
             "rng": rng_state(), "config": self.config_yaml})
@@ -465,6 +509,11 @@ class Trainer:
         if state["epoch"] >= self.max_epochs:
             raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs; "
                             f"raise trainer.max_epochs (now {self.max_epochs}) to train on")
+        saved_world = state.get("world_size", 1)  # checkpoints before DDP support: single-process
+        if state["batch_in_epoch"] and saved_world != self.dist.world_size:
+            raise UserError(f"trainer.resume={str(path)!r} stopped mid-epoch in a run of {saved_world} process(es); "
+                            f"resume it with {saved_world}, not {self.dist.world_size} (an epoch-end checkpoint, "
+                            "e.g. best.pt, resumes with any number)")
         if state["batch_in_epoch"] > self.batches_per_epoch:
             raise UserError(f"trainer.resume={str(path)!r} stopped after batch {state['batch_in_epoch']} of its "
                             f"epoch, but an epoch now has {self.batches_per_epoch} batches")
@@ -474,15 +523,16 @@ class Trainer:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-        self.train_metrics.load_state_dict(state["train_metrics"])
+        self.train_metrics.load_state_dict(state["train_metrics_of_ranks"][self.dist.rank] if saved_world > 1
+                                           else state["train_metrics"])
         self.skipped_batches = state["skipped_batches"]
         if state["monitor"] == self.monitor:
             self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
             self.epochs_without_improvement = state["epochs_without_improvement"]
         set_rng_state(state["rng"])
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
-        for stale in (run_dir / checkpoint_dir).glob(".*.tmp"):  # left by a kill during a checkpoint write
-            stale.unlink()
+        for stale in (run_dir / checkpoint_dir).glob(".*.tmp") if self.dist.is_main else ():
+            stale.unlink()  # left by a kill during a checkpoint write
         where = (f"epoch {self.epoch + 1}, after batch {self.batch_in_epoch}" if self.batch_in_epoch
                  else f"the start of epoch {self.epoch + 1}")
         log.info("resumed %s at %s (step %d); continuing in %s", path, where, self.global_step, run_dir)
@@ -529,8 +579,12 @@ class Trainer:
 
         def handler(signum: int, frame: object) -> None:
             if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
+                # torchrun relays the terminal's Ctrl-C to its workers, which got it from the terminal too:
+                # the same request twice within moments, not a second one.
+                if not (self.dist.active and time.monotonic() - self._stop_signal_at < 5):
+                    raise KeyboardInterrupt
+                return
+            self._stop_signal, self._stop_signal_at = signum, time.monotonic()
             log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
                         signal.Signals(signum).name)
 
@@ -543,6 +597,12 @@ class Trainer:
 
     def _stop_if_signalled(self, epoch: int | None = None) -> None:
         """After a stop signal: checkpoint mid-epoch (`epoch` given) or rely on the epoch's, then raise."""
+        if self.dist.active:
+            # A signal can reach the ranks at different steps; they must all stop at the same one. Agreeing
+            # costs a collective (and a host sync on CUDA), so they do it at log points and epoch ends only.
+            if epoch is not None and self.global_step % self.log_every:
+                return
+            self._stop_signal = self.dist.max_int(self._stop_signal or 0) or None
         if self._stop_signal is None:
             return
         if epoch is not None:
