@@ -67,6 +67,28 @@ def test_one_run_directory_written_by_rank_0_only(ddp):
     assert "2 processes (gloo)" in result.stdout and "not scaled" in result.stdout
 
 
+def test_a_submitit_job_of_two_tasks_is_the_same_ddp_job(ddp, faint_root, tmp_path):
+    # Hydra's submitit launcher, through submitit's local executor (what hydra/launcher=slurm does on a
+    # cluster): one job of two tasks, each a DDP rank, must train exactly as torchrun's two processes did.
+    result = run_train("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                       "hydra.launcher.timeout_min=10", *COMMON, DDP, f"dataset.root={faint_root}",
+                       f"output_root={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = runs_under(tmp_path)  # one job directory for the two tasks
+    assert len(list(job.glob("events.out.tfevents.*"))) == 1
+    assert json.loads((job / "metrics.json").read_text())["world_size"] == 2
+    (torchrun_run,) = runs_under(ddp[0])
+    a = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(torchrun_run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+
+
+def test_the_slurm_launcher_config_composes():
+    result = run_train("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
+    assert result.returncode == 0, result.stderr
+    assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
+
+
 def test_checkpoint_has_plain_keys_and_the_single_process_result(ddp, single):
     (run,) = runs_under(ddp[0])
     a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

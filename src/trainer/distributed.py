@@ -1,13 +1,15 @@
-"""Several processes training one model (DistributedDataParallel), started by torchrun.
+"""Several processes training one model (DistributedDataParallel), started by torchrun or submitit.
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process's environment; without them (a plain
-`python train.py`) everything here is the single-process no-op, so the rest of the code needs no
-special case for "not distributed".
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process's environment. Under Hydra's submitit
+launcher (SLURM, or its local executor) each of a job's tasks is one process, and submitit's own helper
+exports the same variables. Without either (a plain `python train.py`) everything here is the
+single-process no-op, so the rest of the code needs no special case for "not distributed".
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -113,6 +115,7 @@ def init_from_env(*, backend: str, timeout_s: float, device: torch.device) -> Di
         raise UserError(f"distributed.backend={backend!r}: use one of {', '.join(BACKENDS)}")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise UserError(f"distributed.timeout_s={timeout_s!r}: must be a number > 0")
+    export_submitit_env()
     world = world_size_from_env()
     if world <= 1:
         return Dist(device=device)
@@ -131,7 +134,22 @@ def init_from_env(*, backend: str, timeout_s: float, device: torch.device) -> Di
         raise UserError(f"distributed.backend=nccl needs CUDA devices (trainer.device is {device}); use gloo")
     td.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
                           device_id=device if device.type == "cuda" else None)
+    if rank != 0:  # under submitit the tasks share the job's run directory and log file: rank 0 speaks for all
+        logging.getLogger().setLevel(logging.WARNING)
     return Dist(rank=rank, world_size=td.get_world_size(), device=device, backend=backend)
+
+
+def export_submitit_env() -> None:
+    """Inside a submitit job of several tasks (Hydra's submitit launcher with `tasks_per_node` > 1 or
+    `nodes` > 1), export the variables torchrun would set: MASTER_ADDR/PORT (the job's first node, a
+    port derived from the job id), RANK, WORLD_SIZE, LOCAL_RANK. Does nothing elsewhere."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        env.export(set_cuda_visible_devices=False)  # each rank picks cuda:LOCAL_RANK itself
 
 
 def worker_hydra_overrides() -> list[str]:
