@@ -4,9 +4,11 @@ batch, checkpoints that move between DDP and single-process runs, and clean erro
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +201,39 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(faint_root, 
     assert result.returncode != 0 and time.monotonic() - start < 100
     assert "error: rank 0 of 2: lost another process of the job (Timed out" in result.stdout + result.stderr
     assert "distributed.timeout_s=3s" in result.stderr
+
+
+def test_a_killed_rank_ends_the_job_at_once_and_keeps_the_checkpoints(faint_root, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+           *COMMON, DDP, "trainer.max_epochs=1000", f"dataset.root={faint_root}", f"output_root={out}"]
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.rglob("last.pt")):  # training is under way, a checkpoint written
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        rank_1 = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and rank_of(p) == "1"
+                      and str(out) in (p / "cmdline").read_text(errors="replace"))
+        os.kill(rank_1, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode != 0 and time.monotonic() - killed < 30  # the other rank did not wait for the timeout
+    assert "exitcode  : -9" in stderr  # torchrun names the killed rank as the root cause
+    (run,) = runs_under(out)
+    # the last epoch's, whole (a write cut short leaves only a temporary file, which a resume deletes)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] >= 1
+
+
+def rank_of(proc: Path) -> str | None:
+    try:
+        env = (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
 
 
 def test_two_processes_on_real_mnist_reach_the_single_process_accuracy(real_root, tmp_path):
