@@ -9,7 +9,12 @@ and writes them (metrics.json, confusion_matrix.csv) into this evaluation's own 
 
 from __future__ import annotations
 
-import csv
+from trainer.allocator import preload_mimalloc
+
+if __name__ == "__main__":
+    preload_mimalloc()  # before torch is imported, as in train.py
+
+import csv  # noqa: E402
 import json
 import logging
 import sys

@@ -7,7 +7,12 @@ expects, and handed to the Trainer. Nothing else in the project reads the config
 
 from __future__ import annotations
 
-import logging
+from trainer.allocator import preload_mimalloc
+
+if __name__ == "__main__":
+    preload_mimalloc()  # before torch is imported: re-executes this process once (README "Memory and start-up")
+
+import logging  # noqa: E402  (every import below runs after the re-exec)
 import os
 import shlex
 import sys

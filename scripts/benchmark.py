@@ -19,7 +19,12 @@ ratio closer to 1.00 than that is within this machine's timing noise.
 
 from __future__ import annotations
 
-import argparse
+from trainer.allocator import allocator_in_use, preload_mimalloc
+
+if __name__ == "__main__":
+    preload_mimalloc()  # the allocator train.py runs with, for every loop timed here
+
+import argparse  # noqa: E402
 import resource
 import statistics
 import sys
@@ -145,7 +150,7 @@ def main() -> int:
     args = parser.parse_args()
 
     methods = ("floor", "floor_data", "framework", "tutorial")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc: {allocator_in_use()}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     header = (f"{'device':6} {'model':8} {'batch':>5} {'steps':>5} | {'floor':>8} {'+data':>8} {'framework':>9} "
               f"{'tutorial':>8} samples/s | {'fw/floor':>8} {'fw/+data':>8} {'tut/fw':>6} | {'noise':>5} | {'cuda MiB':>8}")

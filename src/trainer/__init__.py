@@ -1,5 +1,12 @@
 """Hydra-driven PyTorch training framework: in-memory data, a short Trainer, safe checkpoints."""
 
-from trainer.trainer import Trainer
-
 __all__ = ["Trainer"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `trainer.allocator` can be imported (and re-execute the process) before torch is.
+    if name == "Trainer":
+        from trainer.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -22,6 +22,7 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from tqdm import tqdm
 
+from trainer.allocator import allocator_in_use
 from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.data import BatchLoader, IDXImageDataset
 from trainer.distributed import Dist
@@ -290,7 +291,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
         self.startup_s = seconds_since_process_start()
-        log.info("first training step %.1fs after process start", self.startup_s)
+        log.info("first training step %.1fs after process start (malloc: %s)", self.startup_s, allocator_in_use())
         with self._stop_on_signals():
             for epoch in range(self.epoch, self.max_epochs):
                 if self._patience_exhausted():
@@ -453,6 +454,7 @@ class Trainer:
         self.logger.log_hparams(hparams_of(self.config_yaml), final, self.global_step)
         summary = {**metrics, f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch,
                    "epochs": self.epoch, "global_step": self.global_step, "peak_rss_mib": peak_rss_mib(),
+                   "allocator": allocator_in_use(),
                    "startup_s": self.startup_s, "seconds_since_start": seconds_since_process_start(),
                    "per_class_acc": per_class}
         if self.device.type == "cuda":
