@@ -39,11 +39,17 @@ class BatchTransform:
         self.scale = 1.0 / (255.0 * std)
         self.bias = -mean / std
         self.max_shift = max_shift
+        self._bias_on: dict[torch.device, torch.Tensor] = {}  # the bias as a 0-dim float32 tensor, per device
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) uint8 -> float32
         if self.max_shift:
             images = random_shift(images, self.max_shift)
-        return torch.add(self.bias, images.float(), alpha=self.scale)  # one fused op: bias + scale * x
+        bias = self._bias_on.get(images.device)
+        if bias is None:  # made once per device: a tensor made per batch would copy to the GPU every step
+            bias = self._bias_on[images.device] = torch.tensor(self.bias, dtype=torch.float32, device=images.device)
+        # bias + scale * x in one pass: a float32 0-dim tensor makes the result float32, and the kernel converts
+        # each uint8 as it reads it (images.float() first would be a second pass over the batch, and a copy).
+        return torch.add(bias, images, alpha=self.scale)
 
 
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
