@@ -1,9 +1,9 @@
 """mimalloc for the training process instead of glibc's malloc, preloaded by re-executing once at start-up.
 
 Why: glibc's malloc serves PyTorch's CPU tensors badly. Training and evaluation batches of different sizes
-fragment its heap, so a one-epoch MNIST CNN run peaked anywhere from 1060 to 1390 MiB from run to run, and
+fragment its heap, so a one-epoch MNIST CNN run peaked anywhere from 1100 to 1390 MiB from run to run, and
 memory it hands back to the kernel is faulted in again a few steps later. mimalloc keeps and reuses its
-pages: the same run peaks at 960-975 MiB every time and its epoch is about 18% faster (README "Memory and
+pages: the same run peaks at 965-974 MiB every time and its epoch is about 18% faster (README "Memory and
 start-up"). malloc can only be replaced before a process starts (LD_PRELOAD), hence the re-exec. It happens
 before torch is imported and keeps the process id, so it costs a few tens of milliseconds and nothing else.
 
