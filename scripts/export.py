@@ -48,13 +48,10 @@ class Normalised(nn.Module):
     def __init__(self, model: nn.Module, mean: float, std: float) -> None:
         super().__init__()
         self.model = model
-        normalise = BatchTransform(mean, std)  # the training pipeline's constants
-        self.scale, self.bias = normalise.scale, normalise.bias
+        self.normalise = BatchTransform(mean, std)  # the training pipeline's own arithmetic, bit for bit
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) uint8 -> (B, classes)
-        # BatchTransform's arithmetic, bit for bit (tests/test_data.py), as two plain ops the exporters trace:
-        # its single mixed-dtype op takes a 0-dim tensor that tracing would bake in as an unregistered constant.
-        return self.model(torch.add(self.bias, images.float(), alpha=self.scale))
+        return self.model(self.normalise.unshifted_two_ops(images))
 
 
 @contextlib.contextmanager

@@ -93,10 +93,11 @@ def test_random_shift_keeps_channels_and_layout():
 
 
 def test_normalisation_is_one_pass_and_equals_the_two_pass_formula():
-    # export.py writes the two-pass form into exported models; both must give the same bits.
+    # export.py traces the two-op form into exported models; both must give the same bits.
     transform = BatchTransform(0.1307, 0.3081)
     images = torch.arange(256, dtype=torch.uint8).repeat(8, 1, 1, 1)  # (8, 1, 1, 256): every grey level
     out = transform(images)
     assert out.dtype == torch.float32 and out.shape == images.shape
+    assert torch.equal(out, transform.unshifted_two_ops(images))
     assert torch.equal(out, torch.add(transform.bias, images.float(), alpha=transform.scale))
     assert torch.allclose(out, (images.float() / 255 - 0.1307) / 0.3081, atol=1e-5)

@@ -51,6 +51,11 @@ class BatchTransform:
         # each uint8 as it reads it (images.float() first would be a second pass over the batch, and a copy).
         return torch.add(bias, images, alpha=self.scale)
 
+    def unshifted_two_ops(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) uint8 -> float32
+        """The same normalisation, bit for bit, as two plain ops (convert, then add) and without augmentation:
+        the form exporters trace (the one-op form's 0-dim tensor would be baked in as an unregistered constant)."""
+        return torch.add(self.bias, images.float(), alpha=self.scale)
+
 
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], filling with 0."""
