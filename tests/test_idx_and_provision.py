@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_dataset
+from trainer import provision as provision_module
 from trainer.data import MNIST
 from trainer.errors import UserError
 from trainer.idx import check_idx, write_idx
@@ -49,6 +50,57 @@ def test_provision_from_gz_mirror_verifies_md5(tmp_path):
         provision("MNIST", tmp_path / "root", download=False, mirror=mirror)
     for f in FILES:  # ...but they were copied and decompressed
         assert check_idx(tmp_path / "root" / "MNIST" / "raw" / f, ndim=3 if "images" in f else 1)
+
+
+def _gzip_in_place(raw, files):
+    """Replace each of `files` in `raw` by its .gz, as the official downloads come; return the original bytes."""
+    original = {f: (raw / f).read_bytes() for f in FILES}
+    for f in files:
+        with gzip.open(raw / f"{f}.gz", "wb") as o:
+            o.write(original[f])
+        (raw / f).unlink()
+    return original
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if provision() reaches for torchvision's download or an offline registry source."""
+    def tried(*args):
+        pytest.fail(f"a network source was tried: {args}")
+
+    monkeypatch.setattr(provision_module, "_torchvision_download", tried)
+    monkeypatch.setattr(provision_module, "OFFLINE", {n: tried for n in provision_module.OFFLINE})
+
+
+@pytest.mark.parametrize("gzipped", [FILES, FILES[::2]], ids=["all-gz", "two-gz-two-plain"])
+def test_gz_files_in_raw_are_decompressed_in_place(tmp_path, gzipped, no_network):
+    """A raw/ holding the official .gz files (torchvision accepts them) is used as it is, even offline."""
+    raw = make_tiny_dataset(tmp_path) / "MNIST" / "raw"
+    original = _gzip_in_place(raw, gzipped)
+    for download in (False, True):  # neither re-fetches nor says "not found"
+        assert provision("MNIST", tmp_path, download=download) == raw
+        assert {f: (raw / f).read_bytes() for f in FILES} == original
+
+
+def test_corrupt_gz_in_raw_is_named(tmp_path, no_network):
+    raw = make_tiny_dataset(tmp_path) / "MNIST" / "raw"
+    _gzip_in_place(raw, FILES)
+    (raw / f"{FILES[1]}.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="not a valid gzip file") as e:
+        provision("MNIST", tmp_path, download=True)
+    assert str(raw / f"{FILES[1]}.gz") in str(e.value) and "\n" not in str(e.value)
+    assert not (raw / FILES[1]).exists() and not list(raw.glob(".*.tmp"))  # nothing half-written
+
+
+@pytest.mark.parametrize("below", ["", "data"], ids=["root-is-file", "root-under-file"])
+def test_root_that_is_a_file_is_named_up_front(tmp_path, below, no_network):
+    blocker = tmp_path / "somefile"
+    blocker.write_bytes(b"precious")
+    root = blocker / below if below else blocker
+    with pytest.raises(UserError, match="is a file, not a directory; point dataset.root at a directory") as e:
+        provision("MNIST", root, download=True, mirror=tmp_path / "nowhere")
+    assert f"dataset.root={root}" in str(e.value) and str(blocker) in str(e.value) and "\n" not in str(e.value)
+    assert blocker.read_bytes() == b"precious" and sorted(tmp_path.iterdir()) == [blocker]
 
 
 def test_no_source_says_what_was_tried_and_what_to_run(tmp_path):

