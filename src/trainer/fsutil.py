@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
 
 # mkstemp creates files 0600; give the final file the mode a plain open() would (0666 minus umask).
 _UMASK = os.umask(0)
@@ -40,3 +43,23 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def discard_refused_run(run_dir: Path, output_root: Path) -> None:
+    """Remove the directory Hydra made for a run that was refused before training (a bad value, a missing
+    file), and the dated folders above it that this leaves empty, so refused runs do not pile up beside
+    real ones. Only a directory holding nothing but Hydra's own `.hydra/`, log files and TensorBoard event
+    files (the config text) is removed: a run that wrote anything else (a checkpoint, metrics) is left alone.
+    """
+    run_dir = Path(run_dir)
+    ours = (lambda p: p.name in (".hydra", CLAIM_MARKER) or p.suffix == ".log" or p.name.startswith("events.out.tfevents."))
+    if not run_dir.is_dir() or not all(ours(p) for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root, parent = Path(output_root).resolve(), run_dir.resolve().parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()  # only if empty: another run may share the date folder
+        except OSError:
+            return
+        parent = parent.parent

@@ -1,0 +1,129 @@
+"""Two runs given the same hydra.run.dir (or hydra.sweep.dir): exactly one claims it, the other stops at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import REPO, TINY
+from trainer.hydra_callbacks import CLAIM_MARKER, RefuseExistingRunDir
+
+RACERS = 8
+ROUNDS = 5  # fresh directories raced for in turn: the old check-then-create code lets two through in some round
+
+
+def hydra_config(path: Path, output_subdir: str | None = ".hydra"):
+    """The part of Hydra's config the callback reads, with `path` as both run and sweep directory."""
+    return OmegaConf.create({"hydra": {"run": {"dir": str(path)}, "sweep": {"dir": str(path)},
+                                       "output_subdir": output_subdir}})
+
+
+def claim(path: Path, mode: str) -> None:
+    """What the callback does for one run (`run`, `run_no_subdir`) or sweep (`sweep`) in `path`."""
+    callback = RefuseExistingRunDir()
+    if mode == "sweep":
+        callback.on_multirun_start(hydra_config(path))
+    else:
+        callback.on_run_start(hydra_config(path, None if mode == "run_no_subdir" else ".hydra"))
+
+
+def racer(barrier, path: Path, mode: str, stderr_file: Path) -> None:
+    sys.stderr = open(stderr_file, "w", buffering=1)  # noqa: SIM115  (the process ends with it)
+    barrier.wait()
+    claim(path, mode)  # exits 1 when it loses; returning means exit code 0
+
+
+@pytest.mark.parametrize(("mode", "claimed"), [("run", ".hydra"), ("run_no_subdir", CLAIM_MARKER),
+                                              ("sweep", "multirun.yaml")])
+def test_of_racing_processes_exactly_one_claims_the_dir(tmp_path, mode, claimed):
+    key = "hydra.sweep.dir" if mode == "sweep" else "hydra.run.dir"
+    ctx = multiprocessing.get_context("fork")  # fast start, so the racers meet at the barrier together
+    for round_ in range(ROUNDS):
+        path = tmp_path / f"round{round_}" / "run"
+        barrier = ctx.Barrier(RACERS)
+        logs = [tmp_path / f"round{round_}-{i}.err" for i in range(RACERS)]
+        procs = [ctx.Process(target=racer, args=(barrier, path, mode, log)) for log in logs]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        codes = [p.exitcode for p in procs]
+        assert sorted(codes) == [0] + [1] * (RACERS - 1), f"round {round_}: exit codes {codes}"
+        for code, log in zip(codes, logs):
+            lines = log.read_text().splitlines()
+            if code == 0:
+                assert lines == []
+            else:
+                assert len(lines) == 1 and lines[0].startswith(f"error: {key}={path}"), lines
+        assert [p.name for p in path.iterdir()] == [claimed]  # the losers wrote nothing
+
+
+def refused(path: Path, capsys, mode: str = "run") -> str:
+    with pytest.raises(SystemExit) as exit_:
+        claim(path, mode)
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_non_empty_dir_is_refused_and_left_alone(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text("{}")
+    assert "already exists and is not empty" in refused(tmp_path, capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_dir_claimed_by_another_run_is_refused(tmp_path, capsys):
+    claim(tmp_path / "run", "run")
+    assert f"hydra.run.dir={tmp_path / 'run'}" in refused(tmp_path / "run", capsys)
+    claim(tmp_path / "sweep", "sweep")
+    assert f"hydra.sweep.dir={tmp_path / 'sweep'}" in refused(tmp_path / "sweep", capsys, "sweep")
+
+
+@pytest.mark.parametrize(("mode", "claimed"), [("run", ".hydra"), ("run_no_subdir", CLAIM_MARKER),
+                                              ("sweep", "multirun.yaml")])
+def test_empty_pre_existing_dir_is_accepted(tmp_path, mode, claimed):
+    claim(tmp_path, mode)  # tmp_path exists and is empty, as a directory a user made
+    assert [p.name for p in tmp_path.iterdir()] == [claimed]
+
+
+def test_sweep_claim_holds_the_sweep_config(tmp_path):
+    claim(tmp_path / "sweep", "sweep")  # what Hydra's basic sweeper writes there too; Optuna's writes none
+    assert yaml.safe_load((tmp_path / "sweep" / "multirun.yaml").read_text())["hydra"]["sweep"]["dir"] == \
+        str(tmp_path / "sweep")
+
+
+def test_nested_output_subdir_is_claimed(tmp_path):
+    OmegaConf.update(config := hydra_config(tmp_path / "run"), "hydra.output_subdir", "meta/.hydra")
+    RefuseExistingRunDir().on_run_start(config)
+    assert (tmp_path / "run" / "meta" / ".hydra").is_dir()
+
+
+def test_unwritable_location_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert "cannot write there" in refused(tmp_path / "a_file" / "run", capsys)
+
+
+def test_two_train_runs_in_one_dir_one_trains_the_other_stops(tiny_root, tmp_path):
+    run_dir = tmp_path / "same"
+    procs = {}
+    for seed in (1, 2):  # both started before either is waited for
+        with open(tmp_path / f"seed{seed}.out", "w") as out, open(tmp_path / f"seed{seed}.err", "w") as err:
+            procs[seed] = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY,
+                                            f"dataset.root={tiny_root}", f"hydra.run.dir={run_dir}",
+                                            "model=logistic", "trainer.max_epochs=1", f"seed={seed}"],
+                                           cwd=REPO, stdout=out, stderr=err)  # the child keeps its own copies
+    results = {seed: (p.wait(600), (tmp_path / f"seed{seed}.err").read_text()) for seed, p in procs.items()}
+    (winner,) = [seed for seed, (code, _) in results.items() if code == 0]
+    (loser,) = [seed for seed, (code, _) in results.items() if code != 0]
+    code, stderr = results[loser]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "hydra.run.dir" in lines[0] and "Traceback" not in stderr, stderr
+    assert len(list(run_dir.rglob("events.out.tfevents*"))) == 1
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["seed"] == winner
