@@ -23,12 +23,14 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/eval.yaml uses)
 from trainer.config import build, model_from_checkpoint
 from trainer.errors import UserError
-from trainer.fsutil import atomic_write
+from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device
 from trainer.trainer import EpochMetrics, evaluate, per_class_accuracy
 
@@ -37,12 +39,13 @@ SPLITS = ("test", "val")
 
 
 def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
-                        out_dir: Path) -> dict:
-    """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results."""
+                        out_dir: Path, trust: bool = False, data_root: str | None = None) -> dict:
+    """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
+    `trust`, `data_root` (where its dataset's files are): see trainer.config.rebuildable_config."""
     if split not in SPLITS:
         raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
     device = resolve_device(device_name)
-    restored = model_from_checkpoint(ckpt, device, dataset)
+    restored = model_from_checkpoint(ckpt, device, dataset, trust, data_root)
     model, trained = restored.model, restored.config
     data = build(dataset if dataset is not None else trained.dataset, device=device, seed=trained.seed)
     loss_fn = build(trained.loss)
@@ -78,14 +81,19 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, Path(HydraConfig.get().runtime.output_dir))
+        evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, out_dir, cfg.trust_checkpoint,
+                            cfg.data_root)
+        return
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        message = f"error: {e}"
     except MissingMandatoryValue:
-        print("error: ckpt is required: python eval.py ckpt=outputs/<date>/<time>/checkpoints/best.pt", file=sys.stderr)
-        sys.exit(1)
+        message = "error: ckpt is required: python eval.py ckpt=outputs/<date>/<time>/checkpoints/best.pt"
+    if HydraConfig.get().mode == RunMode.RUN:
+        discard_refused_run(out_dir, Path(cfg.output_root))  # a refused evaluation leaves nothing behind
+    print(message, file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

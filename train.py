@@ -25,16 +25,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.checkpoint import find_unfinished_run
+import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
+from trainer.checkpoint import GROUPS, PRESET_GROUPS, find_unfinished_run
 from trainer.config import build
 from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
 from trainer.errors import UserError
+from trainer.fsutil import discard_refused_run
 from trainer.logger import NullLogger
 from trainer.runtime import resolve_device, seed_everything
 from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 log = logging.getLogger("train")
-OmegaConf.register_new_resolver("root_dir", lambda: str(Path(__file__).resolve().parent), replace=True)
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
@@ -60,7 +61,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     run_dir, resume = dist.broadcast_object((run_dir, resume))
     trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
                     logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
-                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist)
+                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
+                    config_choices={g: HydraConfig.get().runtime.choices.get(g) for g in GROUPS + PRESET_GROUPS})
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
@@ -71,13 +73,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     return trainer
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def train(trainer: Trainer) -> dict[str, float]:
     """Fit, then return the test metrics of the best checkpoint and `best/<monitor>`, the best validation value."""
-    trainer = setup(cfg, run_dir)
-    if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
-        # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
-        raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of {', '.join(trainer.result_keys)} "
-                        f"(best/ follows trainer.monitor={trainer.monitor})")
     best = trainer.fit()
     results = {**trainer.test(), **best}
     return {key: results[key] for key in trainer.result_keys}
@@ -86,8 +83,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the result named by `optimized_metric` (for a sweeper such as Optuna's), else None."""
+    run_dir, trainer = Path(HydraConfig.get().runtime.output_dir), None
     try:
-        results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        trainer = setup(cfg, run_dir)
+        if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
+            # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
+            raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of "
+                            f"{', '.join(trainer.result_keys)} (best/ follows trainer.monitor={trainer.monitor})")
+        results = train(trainer)
         return None if cfg.optimized_metric is None else results[cfg.optimized_metric]
     except (UserError, NonFiniteLossError) as e:
         message = f"error: {e}"
@@ -95,30 +98,38 @@ def main(cfg: DictConfig) -> float | None:
         message = (f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
                    f"{e.full_key}=...")
     except TrainingInterrupted as e:
-        again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
-        again.append(f"trainer.resume={e.checkpoint}")
-        per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
-        launcher = f"torchrun --nproc_per_node={per_node}" if world_size_from_env() > 1 else "python"
         if rank_from_env() == 0:
-            print(f"{e}\nresume with: {launcher} train.py {shlex.join(again)}", file=sys.stderr)
+            print(f"{e}\n{resume_hint(e.checkpoint)}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
     except RuntimeError as e:
         lost = lost_peer_message(e, cfg.distributed.timeout_s)  # another rank died: no traceback of our own
         if lost is None:
             raise
         message = f"error: {lost}"
-    except KeyboardInterrupt:
-        print("error: interrupted at once (second signal); every checkpoint already written is intact",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # before the Trainer handles signals: while building, or before the first step
+        message = "error: interrupted before training started; nothing of this run was kept"
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if (trainer is None or trainer.startup_s is None) and HydraConfig.get().mode == RunMode.RUN and \
+                rank_from_env() == 0:
+            discard_refused_run(run_dir, Path(cfg.output_root))  # refused before training: leave nothing behind
     print(message, file=sys.stderr)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # An exception, not an exit: Hydra marks this job failed, runs the rest of the sweep, then reports it.
         raise JobFailed(message.removeprefix("error: "))
     sys.exit(1)
+
+
+def resume_hint(checkpoint: Path | None) -> str:
+    """The command that continues this run from `checkpoint`, as the user started it."""
+    if checkpoint is None:
+        return "nothing to resume: run the same command again to start over"
+    again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
+    again.append(f"trainer.resume={checkpoint}")
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
+    launcher = f"torchrun --nproc_per_node={per_node}" if world_size_from_env() > 1 else "python"
+    return f"resume with: {launcher} train.py {shlex.join(again)}"
 
 
 class JobFailed(Exception):

@@ -33,6 +33,7 @@ from trainer.config import build, model_from_checkpoint
 from trainer.data import BatchLoader, BatchTransform
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write
+from trainer.paths import REPO_ROOT
 
 ATOL = RTOL = 1e-4
 INPUT = ("uint8 images (batch, C, H, W), grey levels 0-255 as the dataset stores them (light content on a "
@@ -172,8 +173,10 @@ def default_out_dir(ckpt: Path, checkpoint_dir: str) -> Path:
     return folder / "exports"
 
 
-def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int) -> list[tuple[str, Path, Agreement]]:
+def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int, trust: bool = False,
+           data_root: Path | None = None) -> list[tuple[str, Path, Agreement]]:
     """Export `ckpt` in each of `formats`, verify each and write it; stop at the first that fails to verify.
+    `trust`, `data_root` (where the test images are read): see trainer.config.rebuildable_config.
 
     Raises UserError for a bad argument or checkpoint, Mismatch for an export that does not match.
     """
@@ -184,7 +187,7 @@ def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int) ->
         raise UserError(f"--batches={batches}: must be >= 1")
     if "onnx" in formats:
         onnx_packages()  # fail before the slow part
-    restored = model_from_checkpoint(ckpt)
+    restored = model_from_checkpoint(ckpt, trust=trust, data_root=data_root)
     trained, dataset = restored.config, restored.dataset
     model = Normalised(restored.model, trained.dataset.mean, trained.dataset.std).eval()
     data = build(trained.dataset, device="cpu", seed=trained.seed)
@@ -215,9 +218,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"any of {', '.join(FORMATS)} (default: all)")
     parser.add_argument("--out", type=Path, help="output directory (default: exports/ in the run directory)")
     parser.add_argument("--batches", type=int, default=10, help="test batches to verify on (default: 10)")
+    parser.add_argument("--data-root", type=Path, default=REPO_ROOT / "data",
+                        help="where the checkpoint's dataset is read, to verify on (default: data/ in this checkout)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="rebuild the model from the checkpoint's own config, classes included (only for files "
+                             "you trust: a model from your own module)")
     args = parser.parse_args(argv)
     try:
-        export(args.ckpt, list(dict.fromkeys(args.format)), args.out, args.batches)
+        export(args.ckpt, list(dict.fromkeys(args.format)), args.out, args.batches, args.trust_checkpoint,
+               args.data_root)
     except (UserError, Mismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -61,9 +61,10 @@ def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> tor
     return canvas.round().clamp(0, 255).to(torch.uint8).expand(c, height, width)  # (C, H, W)
 
 
-def predict(ckpt: str, files: list[Path], top: int) -> list[list[tuple[int, str, float]]]:
-    """Per file, the `top` (class index, class name, probability) pairs, most likely first."""
-    restored = model_from_checkpoint(ckpt)
+def predict(ckpt: str, files: list[Path], top: int, trust: bool = False) -> list[list[tuple[int, str, float]]]:
+    """Per file, the `top` (class index, class name, probability) pairs, most likely first.
+    `trust`: rebuild the model from the checkpoint's own config (see trainer.config.rebuildable_config)."""
+    restored = model_from_checkpoint(ckpt, trust=trust)
     dataset, normalise = restored.dataset, BatchTransform(restored.config.dataset.mean, restored.config.dataset.std)
     box = dataset.in_shape[1] if dataset.name in FULL_FRAME else round(dataset.in_shape[1] * 20 / 28)
     images = torch.stack([to_training_format(f, dataset.in_shape, box) for f in files])  # (N, C, H, W) uint8
@@ -78,11 +79,14 @@ def main() -> int:
     parser.add_argument("ckpt", help="a checkpoint written by train.py")
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--top", type=int, default=1, help="how many classes to show per image")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="rebuild the model from the checkpoint's own config, classes included (only for files "
+                             "you trust: a model from your own module)")
     args = parser.parse_args()
     try:
         if args.top < 1:
             raise UserError(f"--top={args.top}: must be >= 1")
-        results = predict(args.ckpt, args.images, args.top)
+        results = predict(args.ckpt, args.images, args.top, args.trust_checkpoint)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

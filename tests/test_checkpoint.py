@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.errors import UserError
@@ -43,7 +44,9 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     (lambda p: p.write_text("hello"), "not a readable checkpoint"),
     (lambda p: (save_checkpoint(p, STATE), p.write_bytes(p.read_bytes()[:200])), "not a readable checkpoint"),
     (lambda p: torch.save({"w": torch.ones(1)}, p), "not a checkpoint of this framework"),
-    (lambda p: torch.save({"format": "hydra-torch-trainer", "model": {}}, p), "missing optimizer"),
+    (lambda p: torch.save({"format": "hydra-torch-trainer", "version": 2, "model": {}}, p), "missing optimizer"),
+    (lambda p: torch.save({**STATE, "format": "hydra-torch-trainer", "version": 2, "epoch": -1}, p), "epoch=-1 is not a count"),
+    (lambda p: torch.save({**STATE, "format": "hydra-torch-trainer", "version": 2, "config": "a: [1"}, p), "is not valid YAML"),
 ])
 def test_unusable_checkpoints_are_explained(tmp_path, make, message):
     make(tmp_path / "c.pt")
@@ -75,8 +78,9 @@ def test_rng_state_roundtrips_through_a_checkpoint(tmp_path):
 
 def test_config_changes_harmless_vs_fatal():
     old = "model:\n  _target_: M\n  hidden: 8\ntrainer:\n  max_epochs: 1\ndataset:\n  _target_: D\n  batch_size: 8\n"
-    assert config_changes(old, old.replace("max_epochs: 1", "max_epochs: 5")) == ["trainer.max_epochs: 1 -> 5"]
+    saved = yaml.safe_load(old)
+    assert config_changes(saved, old.replace("max_epochs: 1", "max_epochs: 5")) == ["trainer.max_epochs: 1 -> 5"]
     with pytest.raises(UserError, match="model.hidden: 8 in the checkpoint, 16 now"):
-        config_changes(old, old.replace("hidden: 8", "hidden: 16"))
+        config_changes(saved, old.replace("hidden: 8", "hidden: 16"))
     with pytest.raises(UserError, match="dataset._target_"):
-        config_changes(old, old.replace("_target_: D", "_target_: F"))
+        config_changes(saved, old.replace("_target_: D", "_target_: F"))

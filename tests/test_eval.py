@@ -21,8 +21,9 @@ def run_eval(*overrides):
     return run_train(*overrides, script="eval.py")
 
 
-def test_eval_rebuilds_the_model_from_the_checkpoint_and_matches_training(trained, tmp_path):
-    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"hydra.run.dir={tmp_path}/eval")
+def test_eval_rebuilds_the_model_from_the_checkpoint_and_matches_training(trained, tiny_root, tmp_path):
+    # data_root: the checkpoint names where it was trained on, but never chooses where files are read or written
+    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={tiny_root}", f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 0, result.stderr
     ours = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     theirs = json.loads((trained / "metrics.json").read_text())  # train.py's own test of best.pt
@@ -42,7 +43,8 @@ def test_eval_on_another_dataset_and_on_the_validation_split(trained, tiny_root,
     assert result.returncode == 0, result.stderr
     out = json.loads((tmp_path / "fashion" / "metrics.json").read_text())
     assert out["dataset"] == "FashionMNIST" and "Ankle boot" in out["per_class_acc"]
-    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", "split=val", f"hydra.run.dir={tmp_path}/val")
+    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", "split=val", f"data_root={tiny_root}",
+                      f"hydra.run.dir={tmp_path}/val")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "val" / "metrics.json").read_text())["images"] == 100
 

@@ -41,9 +41,9 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_exports_load_take_uint8_images_of_any_batch_size_and_match(runs, name, capsys):
+def test_exports_load_take_uint8_images_of_any_batch_size_and_match(runs, tiny_root, name, capsys):
     ckpt = runs[name] / "checkpoints" / "best.pt"
-    assert export.main([str(ckpt)]) == 0
+    assert export.main([str(ckpt), "--data-root", str(tiny_root)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in printed] == ["torchscript", "onnx"]
     assert all("201 test images" in line and "same prediction for 201/201" in line for line in printed), printed
@@ -75,9 +75,9 @@ def test_exports_load_take_uint8_images_of_any_batch_size_and_match(runs, name, 
         torch.testing.assert_close(torch.from_numpy(logits), want[:len(batch)], atol=export.ATOL, rtol=export.RTOL)
 
 
-def test_verification_catches_an_export_of_a_different_model(runs, tmp_path, monkeypatch, capsys):
+def test_verification_catches_an_export_of_a_different_model(runs, tiny_root, tmp_path, monkeypatch, capsys):
     ckpt = runs["cnn"] / "checkpoints" / "best.pt"
-    restored = model_from_checkpoint(ckpt)
+    restored = model_from_checkpoint(ckpt, data_root=tiny_root)
     data = build(restored.config.dataset, device="cpu", seed=restored.config.seed)
     model = export.Normalised(restored.model, restored.config.dataset.mean, restored.config.dataset.std)
     run = export.load_torchscript(export.to_torchscript(model, data.test.images[:2], meta={}))
@@ -89,7 +89,7 @@ def test_verification_catches_an_export_of_a_different_model(runs, tmp_path, mon
         return export.to_onnx(perturbed(model), example, meta)
 
     monkeypatch.setitem(export.FORMATS, "onnx", (exporting_a_perturbed_copy, export.load_onnx, ".onnx"))
-    assert export.main([str(ckpt), "--format", "onnx", "--out", str(tmp_path / "out")]) == 1
+    assert export.main([str(ckpt), "--format", "onnx", "--out", str(tmp_path / "out"), "--data-root", str(tiny_root)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: the onnx export of {ckpt} does not match the PyTorch model on 201 test images")
     assert "nothing written" in err and len(err.strip().splitlines()) == 1

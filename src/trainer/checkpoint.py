@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
-import re
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,22 @@ import yaml
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write
 
+log = logging.getLogger(__name__)
+
 FORMAT = "hydra-torch-trainer"
-VERSION = 1
+# 2: adds "choices", the config options the run was composed from (Hydra's runtime choices, e.g. model: cnn).
+# A version-1 file is read as version 2 with choices None: they are then inferred from its `_target_`s.
+VERSION = 2
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config")
+COUNTERS = ("epoch", "global_step", "batch_in_epoch")
+# The config groups whose options are objects; a stored config may name each one's class at its root only.
+GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger", "distributed")
+# Groups that only change values (`# @package _global_` presets); a choice of one is stored too.
+PRESET_GROUPS = ("experiment", "debug")
+# Keys through which hydra.utils.instantiate reads code or call structure: _target_, _args_, _partial_,
+# _recursive_, _convert_, and any it may add. Only a group's own root may hold _target_ and _partial_.
+RESERVED = re.compile(r"^_\w+_$")
+ROOT_KEYS = {"_target_": str, "_partial_": bool}
 # Config keys that must be equal to resume: they change what the saved tensors mean.
 MUST_MATCH = ("model", "dataset._target_", "dataset.val_size", "dataset.split_seed",
               "optimizer._target_", "scheduler._target_")
@@ -37,7 +51,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        smuggled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        # torch < 2.14: "Unsupported global: GLOBAL x.y"; 2.14 for blocked modules: "unsupported GLOBAL x.y whose ..."
+        smuggled = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
         if smuggled:
             raise UserError(f"refusing to load {path}: it holds a pickled {smuggled[1]} object, and only tensors "
                             "and plain values are loaded (weights_only=True); nothing in it was run") from None
@@ -47,10 +62,84 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         f"{type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this framework")
+    version = state.get("version")
+    if not _is_int(version) or version < 1:
+        raise UserError(f"{path}: checkpoint version {version!r} is not one this framework writes (1 to {VERSION})")
+    if version > VERSION:
+        raise UserError(f"{path} was written by a newer version of this framework (checkpoint version {version}; "
+                        f"this code reads 1 to {VERSION}); update the code to use it")
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise UserError(f"{path} is missing {', '.join(missing)}")
+    bad = next((k for k in COUNTERS if k in state and not (_is_int(state[k]) and state[k] >= 0)), None)
+    if bad:
+        raise UserError(f"{path}: {bad}={state[bad]!r} is not a count (an integer >= 0)")
+    state.setdefault("batch_in_epoch", 0)
+    state["config"] = plain_config(state["config"], path)
+    state["choices"] = _stored_choices(state.get("choices"), path)
     return state
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _refuse(path: Path, what: str) -> UserError:
+    return UserError(f"refusing {path}: its stored config {what}; a checkpoint may hold only plain values "
+                     "(numbers, strings, bools and lists of them), never code to run")
+
+
+def plain_config(text: object, path: Path) -> dict[str, Any]:
+    """The config stored in a checkpoint, parsed as plain YAML and checked to name no code to run.
+
+    Every checkpoint consumer (resume, eval, predict, export, the final test) reads configs through
+    `load_checkpoint`, hence through this. A reserved key (`_target_`, `_args_`, `_partial_`, ...) is
+    refused anywhere except a group's own `_target_` (a string) and `_partial_` (a bool); those are
+    only ever compared with the project's own options (`trainer.config.rebuildable_config`), never used
+    as they are unless the user passes trust_checkpoint.
+    """
+    if not isinstance(text, str):
+        raise _refuse(path, f"is a {type(text).__name__}, not YAML text")
+    try:
+        config = yaml.safe_load(text)  # plain types only: no tags, no objects
+    except yaml.YAMLError as e:
+        raise _refuse(path, f"is not valid YAML ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(config, dict):
+        raise _refuse(path, "is not a mapping of config keys")
+    _check_plain(config, "", path)
+    return config
+
+
+def _check_plain(value: object, key: str, path: Path) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{key}.{k}" if key else str(k)
+            if not isinstance(k, str):
+                raise _refuse(path, f"has a non-string key {name!r}")
+            if RESERVED.match(k):
+                if key in GROUPS and k in ROOT_KEYS and isinstance(v, ROOT_KEYS[k]):
+                    continue  # the group's own class, checked against the project's options before any use
+                raise _refuse(path, f"has the key {name}")
+            _check_plain(v, name, path)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if isinstance(v, dict):
+                raise _refuse(path, f"has a mapping inside the list {key}[{i}]")
+            _check_plain(v, f"{key}[{i}]", path)
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise _refuse(path, f"value {key} is a {type(value).__name__}")
+
+
+def _stored_choices(choices: object, path: Path) -> dict[str, str | None] | None:
+    """The option names the run was composed from ({group: option}), or None for a version-1 file."""
+    if choices is None:
+        return None
+    groups = GROUPS + PRESET_GROUPS
+    if not (isinstance(choices, dict) and all(k in groups and (v is None or isinstance(v, str))
+                                              for k, v in choices.items())):
+        raise UserError(f"refusing {path}: its stored choices {choices!r} are not option names of the groups "
+                        f"{', '.join(groups)}")
+    return choices
 
 
 def find_unfinished_run(output_root: Path, overrides: list[str], checkpoint_dir: str) -> Path | None:
@@ -68,7 +157,11 @@ def find_unfinished_run(output_root: Path, overrides: list[str], checkpoint_dir:
         last = run / checkpoint_dir / "last.pt"
         if last.is_file() and not (run / "metrics.json").exists() and key(yaml.safe_load(saved.read_text()) or []) == want:
             found.append(last)
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    if len(found) > 1:
+        log.info("trainer.resume=auto: %d unfinished runs with these overrides; continuing the newest, %s, and "
+                 "passing over %s", len(found), found[0], ", ".join(str(p) for p in found[1:]))
+    return found[0] if found else None
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -81,13 +174,13 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {k.rstrip("."): v for k, v in out.items()}
 
 
-def config_changes(saved_yaml: str, current_yaml: str) -> list[str]:
-    """Compare a checkpoint's config with the current one.
+def config_changes(saved: dict, current_yaml: str) -> list[str]:
+    """Compare a checkpoint's config (as `load_checkpoint` returns it) with the current one.
 
     Raises UserError naming the keys that make resuming meaningless (architecture, data split,
     optimizer or scheduler type); returns `key: old -> new` lines for the harmless differences.
     """
-    old, new = flatten(yaml.safe_load(saved_yaml)), flatten(yaml.safe_load(current_yaml))
+    old, new = flatten(saved), flatten(yaml.safe_load(current_yaml))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
     fatal = [k for k in changed if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)]
     if fatal:

@@ -1,24 +1,36 @@
 """Objects from config nodes: `build()` for every `_target_`, `model_from_checkpoint()` for a trained model.
 
 train.py, eval.py and the scripts all make objects through these two, so a bad value reads the same
-everywhere.
+everywhere. A checkpoint is untrusted input: `rebuildable_config()` takes the classes from this
+checkout's own config options, and only plain, type-checked values from the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 import torch
+import yaml
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset
 from trainer.errors import UserError
+from trainer.paths import CONFIG_DIR
+
+# Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
+# and another machine's paths mean nothing here); always this checkout's own values.
+WHERE = ("output_root", "dataset.root", "dataset.mirror", "trainer.resume", "trainer.checkpoint_dir")
+TRUST_HINT = ("only if you trust the file, rebuild it from the file's own config with trust_checkpoint=true "
+              "(eval.py) or --trust-checkpoint (scripts/predict.py, scripts/export.py)")
 
 
 def build(node: DictConfig, **runtime: Any) -> Any:
@@ -35,30 +47,150 @@ def build(node: DictConfig, **runtime: Any) -> Any:
         raise
 
 
+def options(group: str) -> tuple[str, ...]:
+    """The option names of a config group in this checkout: configs/<group>/<name>.yaml."""
+    return tuple(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
+
+
+@lru_cache(maxsize=None)
+def _option_target(group: str, option: str) -> str | None:
+    return (yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}).get("_target_")
+
+
+def _inferred_choices(stored: dict, where: Path) -> dict[str, str]:
+    """The options a version-1 checkpoint (which stored no choices) was composed from, by its classes."""
+    choices = {}
+    for group in GROUPS:
+        target = (stored.get(group) or {}).get("_target_")
+        match = [o for o in options(group) if _option_target(group, o) == target]
+        if not match:
+            raise UserError(f"refusing to rebuild from {where}: {group}._target_={target} is not one of this "
+                            f"checkout's {group} options ({', '.join(options(group))}); {TRUST_HINT}")
+        choices[group] = match[0]
+    return choices
+
+
+@contextlib.contextmanager
+def _project_configs() -> Iterator[None]:
+    """Hydra's compose API over this checkout's configs/ (train.py and eval.py already run inside it)."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield
+
+
+def _composed(choices: dict[str, str | None], where: Path) -> dict:
+    """train.yaml composed with these options, resolved to plain values: what the run's config looked like
+    before its command-line values, with the classes of this checkout."""
+    for group, option in choices.items():
+        if option is not None and option not in options(group):
+            raise UserError(f"refusing to rebuild from {where}: it was trained with {group}={option}, which is "
+                            f"not one of this checkout's {group} options ({', '.join(options(group))}); {TRUST_HINT}")
+    with _project_configs():
+        config = hydra.compose("train", overrides=[f"{g}={o}" for g, o in choices.items() if o is not None])
+    return OmegaConf.to_container(config, resolve=True)
+
+
+def rebuildable_config(state: dict, trust: bool = False, where: Path | str = "the checkpoint",
+                       data_root: str | Path | None = None) -> DictConfig:
+    """The config to rebuild a checkpoint's objects from, safe to hand to `build()`.
+
+    The classes (`_target_`s) and every key come from this checkout's config options, chosen by the
+    option names the run was composed with (`state["choices"]`, e.g. `model: cnn`). The checkpoint
+    contributes only values, each of the type the option's YAML gives it; paths are this machine's (WHERE):
+    `dataset.root` is `data_root`, else this checkout's default (data/).
+    Anything else (another class, an unknown key, a value of the wrong type) is refused with one line.
+    `trust=True` takes the stored config as it is, for models from the user's own modules.
+    """
+    stored, where = state["config"], Path(where)
+    if trust:
+        config = OmegaConf.create(stored)
+    else:
+        choices = state["choices"] if state["choices"] is not None else _inferred_choices(stored, where)
+        config = OmegaConf.create(_checked(_composed(choices, where), stored, "", choices, where))
+    if data_root is not None:
+        config.dataset.root = str(data_root)
+    return config
+
+
+def _checked(template: Any, stored: Any, key: str, choices: dict, where: Path) -> Any:
+    """`stored` if it fits `template` (the option's value), else UserError naming the key."""
+    if key in WHERE:
+        return template
+    if isinstance(template, dict):
+        if not isinstance(stored, dict):
+            raise UserError(f"refusing {where}: its stored {key} is a {type(stored).__name__}, not a config group")
+        out = dict(template)
+        for k, value in stored.items():
+            name = f"{key}.{k}" if key else k
+            if RESERVED.match(k):
+                if k in template and value == template[k]:
+                    continue
+                option = f"{key}={choices.get(key)}"
+                raise UserError(f"refusing to rebuild from {where}: its stored {name}={value} is not this "
+                                f"checkout's {option} ({name}={template.get(k)}); {TRUST_HINT}")
+            if k not in template:
+                raise UserError(f"refusing {where}: its stored config has the key {name}, which this checkout's "
+                                f"options do not have; {TRUST_HINT}")
+            out[k] = _checked(template[k], value, name, choices, where)
+        return out
+    if stored is None or _fits(template, stored):
+        return stored
+    raise UserError(f"refusing {where}: its stored {key}={stored!r} is not a {_kind(template)} like this "
+                    f"checkout's default {template!r}")
+
+
+def _fits(template: Any, value: Any) -> bool:
+    if isinstance(value, dict):
+        return False
+    if isinstance(template, list) or template is None:
+        return _plain(value) if template is None else isinstance(value, list) and all(map(_plain, value))
+    if isinstance(template, bool) or isinstance(value, bool):
+        return isinstance(template, bool) and isinstance(value, bool)
+    if isinstance(template, int):
+        return isinstance(value, int)
+    if isinstance(template, float):
+        return isinstance(value, (int, float))
+    return isinstance(template, str) and isinstance(value, str)
+
+
+def _plain(value: Any) -> bool:
+    """A number, string, bool, None, or a list of them (lists may nest)."""
+    if isinstance(value, list):
+        return all(map(_plain, value))
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _kind(template: Any) -> str:
+    return {bool: "bool", int: "integer", float: "number", str: "string", list: "list"}.get(type(template), "value")
+
+
 @dataclass(frozen=True)
 class TrainedModel:
     """A model rebuilt from a checkpoint, with its trained weights, in eval mode."""
 
     model: torch.nn.Module
-    config: DictConfig  # the resolved config it was trained with
+    config: DictConfig  # the config it was trained with, as `rebuildable_config` returns it
     dataset: type[IDXImageDataset]  # the dataset class whose images it takes: in_shape, classes, name
     epoch: int  # the epoch the checkpoint was written in
 
 
-def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu",
-                          dataset: DictConfig | None = None) -> TrainedModel:
-    """Rebuild the model in `ckpt` from the config stored with it, for images of its own dataset or of `dataset`.
+def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", dataset: DictConfig | None = None,
+                          trust: bool = False, data_root: str | Path | None = None) -> TrainedModel:
+    """Rebuild the model in `ckpt` from this checkout's config options and the values stored with it, for
+    images of its own dataset or of `dataset`. `trust` and `data_root`: see rebuildable_config.
 
-    Raises UserError for an unreadable checkpoint, and for a `dataset` whose image shape or class count
-    does not fit the model.
+    Raises UserError for an unreadable or untrustworthy checkpoint, and for a `dataset` whose image shape or
+    class count does not fit the model.
     """
     state = load_checkpoint(ckpt)
-    trained = OmegaConf.create(state["config"])
+    trained = rebuildable_config(state, trust, ckpt, data_root)
     data_cls = get_class((dataset if dataset is not None else trained.dataset)._target_)
     model = build(trained.model, in_shape=data_cls.in_shape, num_classes=len(data_cls.classes))
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):  # other shapes or keys; not a state dict at all
         raise UserError(f"dataset={data_cls.name} ({len(data_cls.classes)} classes of {data_cls.in_shape} images) "
                         f"does not fit the model in {ckpt}, trained on "
                         f"{trained.dataset._target_.rsplit('.', 1)[-1]}") from None

@@ -51,12 +51,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run; a checkpoint to resume from was written first."""
+    """SIGINT or SIGTERM stopped the run. `checkpoint` is the one to resume from; `saved`: it was written for
+    this stop (else it is the last one written before, or None when the run wrote none)."""
 
-    def __init__(self, signum: int, checkpoint: Path, epoch: int, global_step: int) -> None:
+    def __init__(self, signum: int, checkpoint: Path | None, what: str, saved: bool = True) -> None:
         self.signum, self.checkpoint = signum, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1} at step {global_step}; "
-                         f"checkpoint saved to {checkpoint}")
+        name = signal.Signals(signum).name
+        if saved:
+            super().__init__(f"stopped by {name} {what}; checkpoint saved to {checkpoint}")
+        elif checkpoint is not None:
+            super().__init__(f"stopped at once by {name} {what}; the last checkpoint written, {checkpoint}, is intact")
+        else:
+            super().__init__(f"stopped at once by {name} {what}, before the run wrote a checkpoint")
 
 
 class EpochMetrics:
@@ -209,7 +215,7 @@ class Trainer:
                  deterministic: bool, precision: str, compile: bool, channels_last: bool,
                  accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
                  limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
-                 log_graph: bool, dist: Dist = Dist()) -> None:
+                 log_graph: bool, dist: Dist = Dist(), config_choices: dict[str, str | None] | None = None) -> None:
         require_int("trainer.max_epochs", max_epochs, 1)
         require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
         require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)
@@ -240,11 +246,13 @@ class Trainer:
         if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
             raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
         lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        if not all(lr > 0 for lr in lrs):  # torch accepts lr=0, a run that silently learns nothing
-            raise UserError(f"optimizer.lr={lrs[0] if len(set(lrs)) == 1 else lrs}: must be > 0")
+        # torch accepts lr=0 (a run that silently learns nothing) and lr=inf (weights gone at the first step)
+        if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+            raise UserError(f"optimizer.lr={lrs[0] if len(set(lrs)) == 1 else lrs}: must be a finite number > 0")
         set_deterministic(deterministic)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.data, self.device, self.config_yaml = data, device, config_yaml
+        self.config_choices = config_choices  # the option names composed (model: cnn, ...), stored in checkpoints
         self.max_epochs, self.grad_clip_norm, self.log_every = max_epochs, grad_clip_norm, log_every_n_steps
         self.monitor, self.mode = monitor, mode
         self.checkpoint_every, self.skip_nonfinite = checkpoint_every_n_steps, nonfinite_loss == "skip"
@@ -316,8 +324,7 @@ class Trainer:
                 self.save_checkpoint("last.pt")
                 if improved:
                     self.save_checkpoint("best.pt")
-                if self.epoch < self.max_epochs:  # a signal during the last epoch lets the run finish
-                    self._stop_if_signalled()
+                self._stop_if_signalled()  # after the last epoch too: resuming then runs just the test
         return {f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -347,6 +354,7 @@ class Trainer:
             if not stepping:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
             if i + 1 == batches and self.histogram_every and (epoch + 1) % self.histogram_every == 0:
+                self._check_finite(epoch)  # nothing reads the weights before this check (a sync once an epoch)
                 # the epoch's last gradients, before the step applies and clears them; unscaled under fp16
                 self.logger.log_histograms(self.model, self.global_step + 1, self.scaler.get_scale())
             used = self._optimizer_step()
@@ -363,6 +371,7 @@ class Trainer:
                 self._stop_if_signalled(epoch)
         bar.close()
         self._check_finite(epoch)
+        self._require_finite_weights()  # before validation, pictures and checkpoints read them
         metrics = self.train_metrics.compute("train")
         # train/loss is the per-interval curve; the epoch mean gets its own tag.
         metrics["train/loss_epoch"] = metrics.pop("train/loss")
@@ -434,7 +443,14 @@ class Trainer:
         self.logger.log_image(f"{prefix}/misclassified", labelled_grid(images, captions), self.global_step)
 
     def test(self) -> dict[str, float]:
-        """Evaluate the best checkpoint (else the current weights) on the test split; write metrics.json."""
+        """Evaluate the best checkpoint (else the current weights) on the test split; write metrics.json.
+
+        A SIGINT/SIGTERM stops it at once: training is over and last.pt holds it, so a resume of that
+        checkpoint runs just the test (see _resume)."""
+        with self._stop_on_signals(at_once=True):
+            return self._test()
+
+    def _test(self) -> dict[str, float]:
         best = self.ckpt_dir / "best.pt"
         if self.dist.is_main and best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model"])
@@ -480,11 +496,7 @@ class Trainer:
         With several processes every rank must call it (it gathers their unfinished epoch metrics); rank 0
         writes the file. The RNG states are rank 0's: all ranks share the seed and draw alike, so they are equal.
         """
-        params = [p.detach() for p in self.model.parameters()]
-        if not torch.stack([p.isfinite().all() for p in params]).all():  # one host sync per checkpoint
-            bad = next(n for n, p in self.model.named_parameters() if not p.isfinite().all())
-            raise NonFiniteLossError(f"weights became non-finite ({bad}) by step {self.global_step} of epoch "
-                                     f"{self.epoch + 1}; {name} not written, the last good checkpoint is kept")
+        self._require_finite_weights(f"{name} not written, the last good checkpoint is kept")
         path = self.ckpt_dir / name
         train_metrics = self.dist.all_gather_object(_to_cpu(self.train_metrics.state_dict()))  # one per rank
         if not self.dist.is_main:
@@ -497,20 +509,32 @@ class Trainer:
             "train_metrics": train_metrics[0], "skipped_batches": self.skipped_batches,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
             "epochs_without_improvement": self.epochs_without_improvement,
-            "rng": rng_state(), "config": self.config_yaml})
+            "rng": rng_state(), "config": self.config_yaml, "choices": self.config_choices})
         # The checkpoint says "everything up to this step is done": make the logged scalars as durable, so a
         # kill after it loses no TensorBoard steps before it (the resumed run purges the ones after).
         self.logger.flush()
         return path
+
+    def _require_finite_weights(self, consequence: str = "stopped before anything reads them") -> None:
+        """Raise NonFiniteLossError if a weight is NaN or infinite (one host sync)."""
+        params = [p.detach() for p in self.model.parameters()]
+        if not torch.stack([p.isfinite().all() for p in params]).all():
+            bad = next(n for n, p in self.model.named_parameters() if not p.isfinite().all())
+            raise NonFiniteLossError(f"weights became non-finite ({bad}) by step {self.global_step} of epoch "
+                                     f"{self.epoch + 1}; {consequence}; lower optimizer.lr or set trainer.grad_clip_norm")
 
     def _resume(self, path: Path, new_run_dir: Path, checkpoint_dir: str) -> Path:
         """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`; return the run dir to continue."""
         state = load_checkpoint(path)
         for change in config_changes(state["config"], self.config_yaml):
             log.info("resume: config changed, %s", change)
+        run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
         if state["epoch"] >= self.max_epochs:
-            raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs; "
-                            f"raise trainer.max_epochs (now {self.max_epochs}) to train on")
+            if (run_dir / "metrics.json").is_file():
+                raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs and been "
+                                f"tested; raise trainer.max_epochs (now {self.max_epochs}) to train on")
+            log.info("resume: training ended at epoch %d, but the run has no test result; running just the test",
+                     state["epoch"])
         saved_world = state.get("world_size", 1)  # checkpoints before DDP support: single-process
         if state["batch_in_epoch"] and saved_world != self.dist.world_size:
             raise UserError(f"trainer.resume={str(path)!r} stopped mid-epoch in a run of {saved_world} process(es); "
@@ -532,7 +556,6 @@ class Trainer:
             self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
             self.epochs_without_improvement = state["epochs_without_improvement"]
         set_rng_state(state["rng"])
-        run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
         for stale in (run_dir / checkpoint_dir).glob(".*.tmp") if self.dist.is_main else ():
             stale.unlink()  # left by a kill during a checkpoint write
         where = (f"epoch {self.epoch + 1}, after batch {self.batch_in_epoch}" if self.batch_in_epoch
@@ -572,19 +595,22 @@ class Trainer:
         return mean
 
     @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
+    def _stop_on_signals(self, at_once: bool = False) -> Iterator[None]:
         """SIGINT/SIGTERM ask the loop to stop after the current optimizer step, with a checkpoint.
-        A second signal stops at once (the atomic writes keep every checkpoint whole)."""
+        A second signal, or the first one with `at_once`, stops at once (the atomic writes keep every
+        checkpoint whole), raising TrainingInterrupted with the last checkpoint written."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum: int, frame: object) -> None:
-            if self._stop_signal is not None:
+            if self._stop_signal is not None or at_once:
                 # torchrun relays the terminal's Ctrl-C to its workers, which got it from the terminal too:
                 # the same request twice within moments, not a second one.
                 if not (self.dist.active and time.monotonic() - self._stop_signal_at < 5):
-                    raise KeyboardInterrupt
+                    last = self.ckpt_dir / "last.pt"
+                    raise TrainingInterrupted(signum, last if last.is_file() else None,
+                                              "during the test" if at_once else f"in epoch {self.epoch + 1}", saved=False)
                 return
             self._stop_signal, self._stop_signal_at = signum, time.monotonic()
             log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
@@ -610,4 +636,5 @@ class Trainer:
         if epoch is not None:
             self._check_finite(epoch)
             self.save_checkpoint("last.pt")
-        raise TrainingInterrupted(self._stop_signal, self.ckpt_dir / "last.pt", self.epoch, self.global_step)
+        where = f"in epoch {epoch + 1}" if epoch is not None else f"after epoch {self.epoch}"
+        raise TrainingInterrupted(self._stop_signal, self.ckpt_dir / "last.pt", f"{where} at step {self.global_step}")
