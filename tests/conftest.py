@@ -72,7 +72,7 @@ def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None 
 
 
 # train.py, except that the process (under torchrun: only rank STOP_RANK, if set) sends itself a signal right
-# after optimizer step STOP_AT_STEP, or is
+# after optimizer step STOP_AT_STEP, or as the phase SIGNAL_DURING starts, or is
 # SIGKILLed halfway through writing its CHECKPOINT_WRITE-th checkpoint file (a torn temporary file is left).
 _STOPPING_TRAIN = """
 import io, os, runpy, signal, sys
@@ -88,6 +88,21 @@ if "STOP_AT_STEP" in os.environ:
             os.kill(os.getpid(), sig)
         return lr
     Trainer._optimizer_step = stepping
+if "SIGNAL_DURING" in os.environ:  # val, test, log_graph, log_hparams or metrics_json: a signal as it starts
+    import trainer.logger, trainer.trainer
+    phase, sig = os.environ["SIGNAL_DURING"], int(os.environ["STOP_SIGNAL"])
+    def signalling(fn, when=lambda *args: True):
+        def wrapped(*args, **kwargs):
+            if when(*args):
+                os.kill(os.getpid(), sig)
+            return fn(*args, **kwargs)
+        return wrapped
+    if phase in ("val", "test"):
+        Trainer.evaluate = signalling(Trainer.evaluate, lambda self, loader, prefix: prefix == phase)
+    elif phase == "metrics_json":  # the Trainer's only atomic_write is metrics.json (checkpoints have their own)
+        trainer.trainer.atomic_write = signalling(trainer.trainer.atomic_write)
+    else:
+        setattr(trainer.logger.TensorBoardLogger, phase, signalling(getattr(trainer.logger.TensorBoardLogger, phase)))
 if "CHECKPOINT_WRITE" in os.environ:
     nth, save, calls = int(os.environ["CHECKPOINT_WRITE"]), torch.save, []
     def dying_save(obj, f, *args, **kwargs):

@@ -9,17 +9,25 @@ epoch on the monitored validation metric.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
 
 class Schedule:
-    """A torch LR scheduler (or none) and when to step it: after every batch or after every epoch."""
+    """A torch LR scheduler (or none) and when to step it: after every batch or after every epoch.
 
-    def __init__(self, scheduler: Any | None, interval: Literal["step", "epoch"], needs_metric: bool = False) -> None:
+    `run_length_keys` name the scheduler's state that follows from the run's length (a one-cycle's
+    `total_steps`), and `lr_at` gives the LRs of the schedule at its current step. When a run resumes with
+    another length (trainer.max_epochs raised, say), those keys keep this run's values and the LRs are set
+    from `lr_at`: from the resumed step on, the run follows the curve of a run planned with the new length.
+    """
+
+    def __init__(self, scheduler: Any | None, interval: Literal["step", "epoch"], needs_metric: bool = False,
+                 run_length_keys: tuple[str, ...] = (), lr_at: Callable[[], list[float]] | None = None) -> None:
         self.scheduler, self.interval, self.needs_metric = scheduler, interval, needs_metric
+        self.run_length_keys, self.lr_at = run_length_keys, lr_at
 
     def after_batch(self) -> None:
         if self.scheduler is not None and self.interval == "step":
@@ -33,8 +41,19 @@ class Schedule:
         return self.scheduler.state_dict() if self.scheduler is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state)
+        if self.scheduler is None:
+            return
+        planned = {k: v for k, v in self.scheduler.state_dict().items() if k in self.run_length_keys}
+        self.scheduler.load_state_dict({**state, **planned})
+        if any(state.get(k) != v for k, v in planned.items()):
+            try:
+                with lrs._enable_get_lr_call(self.scheduler):  # torch warns about get_lr() outside step() otherwise
+                    new = self.lr_at()
+            except ValueError:  # now shorter than the steps already taken: the run only does its test
+                return
+            for group, lr in zip(self.scheduler.optimizer.param_groups, new):
+                group["lr"] = lr
+            self.scheduler._last_lr = [group["lr"] for group in self.scheduler.optimizer.param_groups]
 
 
 def none(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int) -> Schedule:
@@ -60,7 +79,8 @@ def exponential(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, 
 
 def cosine(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, eta_min: float) -> Schedule:
     """Cosine decay from the optimizer's LR to `eta_min` over the whole run, per batch."""
-    return Schedule(lrs.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * max_epochs, eta_min=eta_min), "step")
+    scheduler = lrs.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * max_epochs, eta_min=eta_min)
+    return Schedule(scheduler, "step", run_length_keys=("T_max",), lr_at=scheduler._get_closed_form_lr)
 
 
 def plateau(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, mode: str, factor: float,
@@ -82,10 +102,11 @@ def onecycle(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, max
         raise ValueError(f"pct_start={pct_start} of a {total_steps}-step run leaves under 2 warm-up steps; "
                          "train longer or raise pct_start")
     has_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
-    return Schedule(lrs.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                   pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
-                                   anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum and has_momentum),
-                    "step")
+    scheduler = lrs.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+                               div_factor=div_factor, final_div_factor=final_div_factor,
+                               anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum and has_momentum)
+    # get_lr() is closed-form in the step and also sets the cycled momentum
+    return Schedule(scheduler, "step", run_length_keys=("total_steps", "_schedule_phases"), lr_at=scheduler.get_lr)
 
 
 class LinearWarmup:
