@@ -15,6 +15,7 @@ if __name__ == "__main__":
     preload_mimalloc()  # before torch is imported, as in train.py
 
 import csv  # noqa: E402
+import io
 import json
 import logging
 import sys
@@ -35,6 +36,7 @@ from trainer.runtime import resolve_device
 from trainer.trainer import EpochMetrics, evaluate, per_class_accuracy
 
 log = logging.getLogger("eval")
+logging.raiseExceptions = False  # as in train.py: no traceback for a log line a full disk drops
 SPLITS = ("test", "val")
 
 
@@ -63,10 +65,12 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
                "images": int(confusion.sum())}
     with atomic_write(out_dir / "metrics.json") as f:
         f.write(json.dumps(summary, indent=2).encode())
-    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *data.classes])
-        writer.writerows([name, *row] for name, row in zip(data.classes, confusion.tolist()))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["true \\ predicted", *data.classes])
+    writer.writerows([name, *row] for name, row in zip(data.classes, confusion.tolist()))
+    with atomic_write(out_dir / "confusion_matrix.csv") as f:
+        f.write(table.getvalue().encode())
     log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, data.name,
              summary["images"], restored.epoch)
     log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items()))

@@ -36,6 +36,9 @@ from trainer.runtime import resolve_device, seed_everything
 from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 log = logging.getLogger("train")
+# A log line that cannot reach train.log (a full disk) is dropped rather than printed with a traceback: the
+# console has it, and the failing write that matters is reported in one line.
+logging.raiseExceptions = False
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:

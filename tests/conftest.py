@@ -72,7 +72,8 @@ def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None 
 
 
 # train.py, except that the process (under torchrun: only rank STOP_RANK, if set) sends itself a signal right
-# after optimizer step STOP_AT_STEP, or as the phase SIGNAL_DURING starts, or is
+# after optimizer step STOP_AT_STEP, or as the phase SIGNAL_DURING starts, fills its disk after step
+# FILL_DISK_AT_STEP, or is
 # SIGKILLed halfway through writing its CHECKPOINT_WRITE-th checkpoint file (a torn temporary file is left).
 _STOPPING_TRAIN = """
 import io, os, runpy, signal, sys
@@ -88,6 +89,20 @@ if "STOP_AT_STEP" in os.environ:
             os.kill(os.getpid(), sig)
         return lr
     Trainer._optimizer_step = stepping
+if "FILL_DISK_AT_STEP" in os.environ:  # after that optimizer step, a file fills the run directory's disk
+    fill_at, unfilled_step = int(os.environ["FILL_DISK_AT_STEP"]), Trainer._optimizer_step
+    def filling(self):
+        used = unfilled_step(self)
+        if self.global_step == fill_at:
+            fd = os.open(self.run_dir / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, bytes(1 << 16)):
+                    pass
+            except OSError:  # ENOSPC: the disk is full
+                pass
+            os.close(fd)
+        return used
+    Trainer._optimizer_step = filling
 if "SIGNAL_DURING" in os.environ:  # val, test, log_graph, log_hparams or metrics_json: a signal as it starts
     import trainer.logger, trainer.trainer
     phase, sig = os.environ["SIGNAL_DURING"], int(os.environ["STOP_SIGNAL"])

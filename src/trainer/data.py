@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import provision
-from trainer.errors import UserError, require_int
+from trainer.errors import OutputError, UserError, require_int
 from trainer.fsutil import atomic_write
 from trainer.idx import check_idx
 
@@ -241,9 +241,12 @@ class IDXImageDataset:
                 raise UserError(f"{raw}: label {int(labels.max())} out of range for {len(self.classes)} classes")
             splits += [images.unsqueeze(1).contiguous(), labels]  # (N, 1, H, W) uint8, (N,) int64
         train_x, train_y, test_x, test_y = splits
-        with atomic_write(cache) as f:
-            torch.save({"stamp": stamp, "verified": verify, "train_x": train_x, "train_y": train_y,
-                        "test_x": test_x, "test_y": test_y}, f)
+        try:
+            with atomic_write(cache) as f:
+                torch.save({"stamp": stamp, "verified": verify, "train_x": train_x, "train_y": train_y,
+                            "test_x": test_x, "test_y": test_y}, f)
+        except OutputError as e:  # the cache only saves the next run some seconds
+            log.warning("parsed tensors not cached: %s", e)
         return train_x, train_y, test_x, test_y
 
 

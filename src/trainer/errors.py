@@ -5,6 +5,10 @@ class UserError(Exception):
     """A bad config value, path or data file. The message names the bad value and what is allowed."""
 
 
+class OutputError(UserError):
+    """A file could not be written (disk full, read-only, no permission); earlier files are intact."""
+
+
 def require_int(name: str, value: object, low: int) -> int:
     """Return `value` if it is an integer >= `low`, else raise UserError naming `name` and the value."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:

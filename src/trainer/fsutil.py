@@ -1,4 +1,4 @@
-"""Crash-safe file writes."""
+"""Crash-safe file writes, and the clean-up of refused runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from trainer.errors import OutputError
 
 CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
 
@@ -24,25 +26,52 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     the rename is atomic on POSIX, and fsyncing the file before (and the directory after) makes it
     survive a power loss too.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        failed = os_error_in(e)
+        if failed is None:
+            raise
+        raise OutputError(f"cannot write {path}: {failed.strerror or failed}; the file there before, if any, "
+                          "is intact") from None
+
+
+def require_free_space(path: Path, need: int, what: str) -> None:
+    """Raise OutputError, before any work is done, if the disk that `path` (or its nearest existing parent)
+    is on has fewer than `need` bytes free for `what`."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise OutputError(f"{existing} has {free / 2**20:.1f} MiB free, but {what} need about {need / 2**20:.1f} MiB; "
+                          "free some space or set output_root to another disk")
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind `error`, if any: torch.save reports a full disk as a RuntimeError whose context
+    is the OSError (ENOSPC)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def discard_refused_run(run_dir: Path, output_root: Path) -> None:

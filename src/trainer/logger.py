@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -10,11 +12,13 @@ import torch
 import yaml
 
 from trainer.checkpoint import flatten
+from trainer.errors import OutputError
 
 log = logging.getLogger(__name__)
 
 # Config groups whose values are a run's hyperparameters, minus where files live.
 HPARAM_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler")
+HISTOGRAM_LIMIT = 1e20  # TensorBoard's largest histogram bucket edge
 NOT_HPARAMS = ("dataset.root", "dataset.mirror", "dataset.download", "dataset.verify")
 
 
@@ -35,6 +39,36 @@ def hparams_of(config_yaml: str) -> dict[str, str | int | float | bool]:
     return out
 
 
+def _writer_thread_excepthook(args: threading.ExceptHookArgs, previous=threading.excepthook) -> None:
+    # TensorBoard writes events from a thread of its own; a full disk kills it with a traceback, and the
+    # main thread's next write raises the same OSError, which the logger reports in one line (OutputError).
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    previous(args)
+
+
+threading.excepthook = _writer_thread_excepthook
+
+
+def _one_line_on_write_errors(cls: type) -> type:
+    """Every public method of `cls` raises OutputError, naming the log directory, where the disk refuses a write."""
+    def wrap(method):
+        @functools.wraps(method)
+        def wrapped(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as e:
+                raise OutputError(f"cannot write TensorBoard events in {self.log_dir}: {e.strerror or e}; the "
+                                  "checkpoints written before are intact") from None
+        return wrapped
+
+    for name, method in list(vars(cls).items()):
+        if callable(method) and not name.startswith("_"):
+            setattr(cls, name, wrap(method))
+    return cls
+
+
+@_one_line_on_write_errors
 class TensorBoardLogger:
     """Scalars, text, images, histograms and the model graph into a TensorBoard event file under `log_dir`.
 
@@ -74,9 +108,17 @@ class TensorBoardLogger:
     def log_histograms(self, model: torch.nn.Module, step: int, grad_scale: float = 1.0) -> None:
         """`weights/<name>` and, where a gradient is held, `grads/<name>` (divided by `grad_scale`)."""
         for name, p in model.named_parameters():
-            self.writer.add_histogram(f"weights/{name}", p.detach(), step)
+            self._histogram(f"weights/{name}", p.detach(), step)
             if p.grad is not None:
-                self.writer.add_histogram(f"grads/{name}", p.grad.detach() / grad_scale, step)
+                self._histogram(f"grads/{name}", p.grad.detach() / grad_scale, step)
+
+    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        # TensorBoard's buckets end at +-1e20 and it fails on values beyond them ("The histogram is empty"): a
+        # run diverging that way (lr=1e30) still has finite weights, and a picture is not worth failing it for.
+        if values.numel() and not bool((values.abs() < HISTOGRAM_LIMIT).all()):
+            log.warning("%s at step %d not drawn: values beyond +-%g (or not finite)", tag, step, HISTOGRAM_LIMIT)
+            return
+        self.writer.add_histogram(tag, values, step)
 
     def log_graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         """The model's graph, traced on `example` in eval mode. A model that cannot be traced is logged as a

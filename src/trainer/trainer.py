@@ -28,7 +28,7 @@ from trainer.data import BatchLoader, IDXImageDataset
 from trainer.distributed import Dist
 from trainer.errors import UserError, require_int
 from trainer.figures import confusion_matrix_image, labelled_grid
-from trainer.fsutil import atomic_write
+from trainer.fsutil import atomic_write, require_free_space
 from trainer.logger import TensorBoardLogger, hparams_of
 from trainer.runtime import seconds_since_process_start, set_deterministic
 from trainer.schedulers import Schedule
@@ -291,6 +291,10 @@ class Trainer:
         resumed = self._resume(Path(resume).expanduser(), Path(run_dir), checkpoint_dir) if resume else None
         self.run_dir = resumed or Path(run_dir)
         self.ckpt_dir = self.run_dir / checkpoint_dir
+        if dist.is_main:  # a full disk is found now, not after the first epoch
+            size = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20  # weights, 2 optimizer
+            require_free_space(self.ckpt_dir, 3 * size, f"this run's checkpoints (last.pt and best.pt of about "
+                               f"{size / 2**20:.1f} MiB each, and a temporary copy while one is written)")
         self.logger = logger(log_dir=self.run_dir, purge_step=self.global_step + 1 if resumed else None)
         if not resumed:
             self.logger.log_text("config", config_yaml)
@@ -354,7 +358,8 @@ class Trainer:
             if not stepping:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
             if i + 1 == batches and self.histogram_every and (epoch + 1) % self.histogram_every == 0:
-                self._check_finite(epoch)  # nothing reads the weights before this check (a sync once an epoch)
+                # nothing reads the weights before this check (a sync once an epoch); batch i's step is not taken yet
+                self._check_finite(epoch, batches_done=i + 1, steps_done=self.global_step + 1)
                 # the epoch's last gradients, before the step applies and clears them; unscaled under fp16
                 self.logger.log_histograms(self.model, self.global_step + 1, self.scaler.get_scale())
             used = self._optimizer_step()
@@ -579,16 +584,20 @@ class Trainer:
                  self.best_metric, self.best_epoch)
         return True
 
-    def _check_finite(self, epoch: int) -> float:
-        """Mean of the training losses not yet flushed (a host sync); raise naming the first non-finite batch."""
-        losses = self.train_metrics.pending_losses()  # (k,) the batches up to batch_in_epoch, in order
+    def _check_finite(self, epoch: int, batches_done: int | None = None, steps_done: int | None = None) -> float:
+        """Mean of the training losses not yet flushed (a host sync); raise naming the first non-finite batch.
+        `batches_done`/`steps_done`: the epoch's batches and the run's steps the pending losses run up to, when
+        not yet counted in batch_in_epoch/global_step."""
+        losses = self.train_metrics.pending_losses()  # (k,) the batches up to batches_done, in order
         if not losses.numel():
             return math.nan
         mean = float(losses.mean())
         if not math.isfinite(mean):
+            done = self.batch_in_epoch if batches_done is None else batches_done
+            steps = self.global_step if steps_done is None else steps_done
             first = int((~torch.isfinite(losses)).nonzero()[0])
-            batch = self.batch_in_epoch - losses.numel() + first  # 0-based, within the epoch
-            step = self.global_step - ((self.batch_in_epoch - 1) // self.accumulate - batch // self.accumulate)
+            batch = done - losses.numel() + first  # 0-based, within the epoch
+            step = steps - ((done - 1) // self.accumulate - batch // self.accumulate)
             raise NonFiniteLossError(f"training loss is {float(losses[first])} at epoch {epoch + 1}, batch "
                                      f"{batch + 1} (optimizer step {step}); lower optimizer.lr, set "
                                      "trainer.grad_clip_norm, or skip such batches with trainer.nonfinite_loss=skip")
