@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -110,7 +111,7 @@ BAD = [
     (["trainer=fast"], "Could not find 'trainer/fast'", "default"),
     (["trainer.max_epoch=3"], "trainer.max_epoch", "not in struct"),
     (["optimizer.lr=-0.1"], "lr=-0.1", "Invalid learning rate"),
-    (["optimizer.lr=0"], "optimizer.lr=0", "must be > 0"),
+    (["optimizer.lr=0"], "optimizer.lr=0", "must be a finite number > 0"),
     (["optimizer.lr=abc"], "lr=abc", "optimizer"),
     (["dataset.batch_size=0"], "dataset.batch_size=0", ">= 1"),
     (["dataset.batch_size=ten"], "dataset.batch_size='ten'", "integer"),
@@ -144,6 +145,13 @@ BAD = [
     (["dataset.root={label_mismatch}"], "600 images but 599 labels", "train"),
     (["hydra.run.dir={earlier}"], "hydra.run.dir=", "already exists and is not empty"),
     (["hydra.run.dir={a_file}/run"], "a_file/run", "cannot write there"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf", "must be a finite number > 0"),
+    (["optimizer.lr=1e30"], "training loss is nan at epoch 1, batch 2", "lower optimizer.lr"),
+    (["trainer.resume={newer}"], "newer.pt was written by a newer version", "update the code"),
+    (["trainer.resume={attack}"], "attack.pt", "its stored config has the key model.x._args_"),
+    (["dataset.root={a_file}"], "dataset.root=", "is a file, not a directory"),
+    (["dataset.root={corrupt_gz}"], "train-images-idx3-ubyte.gz: not a valid gzip file", "replace it"),
+    (["optimized_metric=test/accuracy"], "optimized_metric=test/accuracy", "must be one of test/loss"),
 ]
 # Sources a missing dataset could come from, made unreachable: no proxy answers, no package index.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "PIP_NO_INDEX": "1",
@@ -168,8 +176,19 @@ def bad_paths(finished_run, tmp_path_factory):
             path.write_bytes(mutate(path.read_bytes()))
         else:
             write_idx(path, torch.zeros(599, dtype=torch.uint8))
+    state = torch.load(finished_run[0] / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**state, "version": 99}, base / "newer.pt")
+    attack = yaml.safe_load(state["config"])
+    attack["model"] = {"_target_": "builtins.dict", "x": {"_target_": "pathlib.Path.write_text",
+                                                         "_args_": [str(base / "written"), "text"]}}
+    torch.save({**state, "config": yaml.safe_dump(attack)}, base / "attack.pt")
+    roots["corrupt_gz"] = make_tiny_dataset(base / "corrupt_gz")
+    raw = base / "corrupt_gz" / "MNIST" / "raw"
+    (raw / "train-images-idx3-ubyte").unlink()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
     return {"earlier": finished_run[0], "junk": base / "junk.pt", "torn": base / "torn.pt",
-            "a_file": base / "a_file", "empty": base / "empty", **roots}
+            "a_file": base / "a_file", "empty": base / "empty", "newer": base / "newer.pt",
+            "attack": base / "attack.pt", **roots}
 
 
 @pytest.mark.parametrize("overrides, names_value, says", BAD, ids=[" ".join(b[0]) for b in BAD])
@@ -180,7 +199,7 @@ def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_pa
     overrides = [o.format(**bad_paths) for o in overrides]
     run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else [f"hydra.run.dir={tmp_path / 'bad'}"]
     result = run_train(*TINY, f"dataset.root={tiny_root}", *run_dir, "model=mlp", *overrides, env=OFFLINE)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert names_value in result.stderr and says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -189,10 +208,13 @@ def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_pa
     else:  # Hydra's own config errors: the first line names the value, then the choices (no traceback)
         assert "Could not" in lines[0] and "HYDRA_FULL_ERROR" in lines[-1], result.stderr
     assert tree_digest(earlier.parent) == before
+    # refused before training: nothing left behind (a run that diverged keeps its directory, without checkpoints)
+    assert not (tmp_path / "bad").exists() or "training loss is nan" in result.stderr
+    assert not list(tmp_path.rglob("*.pt")) and not (bad_paths["junk"].parent / "written").exists()
 
 
-def test_at_least_25_bad_inputs():
-    assert len(BAD) >= 25
+def test_at_least_48_bad_inputs():
+    assert len(BAD) >= 48
 
 
 def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_path):

@@ -67,7 +67,7 @@ def os_error_in(error: BaseException) -> OSError | None:
     is the OSError (ENOSPC)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and error.errno is not None:  # not e.g. gzip.BadGzipFile, an OSError too
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
