@@ -113,3 +113,17 @@ def test_a_finished_run_given_more_epochs_follows_the_longer_runs_schedule(tiny_
         assert short[8][0] != pytest.approx(extended[9][0], rel=0.05)
     else:  # nothing depends on the run's length: the two runs are one
         assert short == {s: planned[s] for s in range(1, 9)}
+
+
+def test_resume_auto_names_the_unfinished_runs_it_passes_over(tiny_root, tmp_path):
+    overrides = (*TINY, f"dataset.root={tiny_root}", f"output_root={tmp_path}", "model=logistic",
+                 "trainer.max_epochs=2")
+    for _ in range(2):  # two unfinished runs of the same command
+        stopped = run_train_stopping(*overrides, env={"STOP_AT_STEP": "3", "STOP_SIGNAL": str(int(signal.SIGINT))})
+        assert stopped.returncode == 130, stopped.stderr
+    older, newer = sorted(p.parent for p in tmp_path.rglob(".hydra"))
+    resumed = run_train(*overrides, "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"2 unfinished runs with these overrides; continuing the newest, {newer}/checkpoints/last.pt, and passing "
+            f"over {older}/checkpoints/last.pt") in resumed.stdout
+    assert (newer / "metrics.json").is_file() and not (older / "metrics.json").exists()
