@@ -64,8 +64,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     run_dir, resume = dist.broadcast_object((run_dir, resume))
     trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
                     logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
-                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
-                    config_choices={g: HydraConfig.get().runtime.choices.get(g) for g in GROUPS + PRESET_GROUPS})
+                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, config_choices=option_names())
     log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
@@ -76,8 +75,26 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     return trainer
 
 
-def train(trainer: Trainer) -> dict[str, float]:
-    """Fit, then return the test metrics of the best checkpoint and `best/<monitor>`, the best validation value."""
+def option_names() -> dict[str, str | None]:
+    """The option chosen in each config group (`model: cnn`, ...), which checkpoints store: eval.py rebuilds from
+    these options of its own checkout, never from classes named in a file."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return {group: choices.get(group) for group in GROUPS + PRESET_GROUPS}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Fit, then return the test metrics of the best checkpoint and `best/<monitor>`, the best validation value.
+    A run refused while it is set up (a bad value, a missing file, Ctrl-C) leaves no run directory behind."""
+    try:
+        trainer = setup(cfg, run_dir)
+        if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
+            # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
+            raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of "
+                            f"{', '.join(trainer.result_keys)} (best/ follows trainer.monitor={trainer.monitor})")
+    except BaseException:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN and rank_from_env() == 0:
+            discard_refused_run(run_dir, Path(cfg.output_root))  # a sweep keeps its failed job (summarize.py)
+        raise
     best = trainer.fit()
     results = {**trainer.test(), **best}
     return {key: results[key] for key in trainer.result_keys}
@@ -86,14 +103,8 @@ def train(trainer: Trainer) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the result named by `optimized_metric` (for a sweeper such as Optuna's), else None."""
-    run_dir, trainer = Path(HydraConfig.get().runtime.output_dir), None
     try:
-        trainer = setup(cfg, run_dir)
-        if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
-            # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
-            raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of "
-                            f"{', '.join(trainer.result_keys)} (best/ follows trainer.monitor={trainer.monitor})")
-        results = train(trainer)
+        results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
         return None if cfg.optimized_metric is None else results[cfg.optimized_metric]
     except (UserError, NonFiniteLossError) as e:
         message = f"error: {e}"
@@ -109,14 +120,11 @@ def main(cfg: DictConfig) -> float | None:
         if lost is None:
             raise
         message = f"error: {lost}"
-    except KeyboardInterrupt:  # before the Trainer handles signals: while building, or before the first step
+    except KeyboardInterrupt:  # before the Trainer handles signals: while the run is set up
         message = "error: interrupted before training started; nothing of this run was kept"
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        if (trainer is None or trainer.startup_s is None) and HydraConfig.get().mode == RunMode.RUN and \
-                rank_from_env() == 0:
-            discard_refused_run(run_dir, Path(cfg.output_root))  # refused before training: leave nothing behind
     print(message, file=sys.stderr)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # An exception, not an exit: Hydra marks this job failed, runs the rest of the sweep, then reports it.

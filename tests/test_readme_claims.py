@@ -1,0 +1,34 @@
+"""What the README says about the tests is true: the Errors table's counts are the collected test cases."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import Counter
+
+from conftest import REPO
+
+
+def errors_table() -> list[tuple[int, list[str]]]:
+    """(cases, [test ids]) of each row of the README's bad-input table."""
+    errors = REPO.joinpath("README.md").read_text().split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in errors.splitlines() if line.startswith("| ") and "::" in line]
+    return [(int(cases), re.findall(r"`([\w/]+\.py::\w+)`", tests)) for _, cases, tests in rows]
+
+
+def collected_cases() -> Counter:
+    """How many cases pytest collects for each `file::function` of the suite."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300).stdout
+    return Counter(re.sub(r"\[.*$", "", line).removeprefix("tests/") for line in out.splitlines() if "::" in line)
+
+
+def test_the_errors_tables_counts_are_the_suites():
+    table, cases = errors_table(), collected_cases()
+    assert len(table) >= 10
+    for count, tests in table:
+        assert tests and all(cases[t] for t in tests), [t for t in tests if not cases[t]]  # every test exists
+        assert sum(cases[t] for t in tests) == count, (count, {t: cases[t] for t in tests})
+    total = int(re.search(r"\*\*(\d+) bad inputs and faults\*\* in all", REPO.joinpath("README.md").read_text())[1])
+    assert total == sum(count for count, _ in table) >= 60
