@@ -59,3 +59,4 @@ def test_eval_bad_input(trained, tmp_path, overrides, says):
     result = run_eval(*[o.format(trained=trained) for o in overrides], f"hydra.run.dir={tmp_path}/e")
     assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "e").exists()  # a refused evaluation leaves no directory behind
