@@ -114,7 +114,7 @@ def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(faint_root,
                        "optimizer.weight_decay=0", "model.dropout=0", "model.hidden_sizes=[64]",
                        f"hydra.sweeper.storage=sqlite:///{study_db}", "hydra.sweeper.study_name=failing")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "error: optimizer.lr=0.0: must be > 0" in result.stderr
+    assert "error: optimizer.lr=0.0: must be a finite number > 0" in result.stderr
 
     study = optuna.load_study(study_name="failing", storage=f"sqlite:///{study_db}")
     states = [t.state for t in study.trials]

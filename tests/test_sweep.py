@@ -19,7 +19,7 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
     result = run_train("-m", *TINY, f"dataset.root={tiny_root}", f"output_root={out}", "trainer.max_epochs=1",
                        "scheduler=none", "model=mlp,logistic", "optimizer.lr=0,0.01")
     assert result.returncode != 0  # the sweep says a job failed...
-    assert "error: optimizer.lr=0.0: must be > 0" in result.stderr
+    assert "error: optimizer.lr=0.0: must be a finite number > 0" in result.stderr
     assert "Error executing job with overrides: [" in result.stderr
     jobs = sorted(p.parent.parent for p in out.rglob(".hydra/overrides.yaml"))
     assert len(jobs) == 4 and len({j.name for j in jobs}) == 4  # ...after running all four, each in its own dir
