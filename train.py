@@ -14,6 +14,7 @@ if __name__ == "__main__":
 
 import logging  # noqa: E402  (every import below runs after the re-exec)
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -137,10 +138,18 @@ def resume_hint(checkpoint: Path | None) -> str:
     if checkpoint is None:
         return "nothing to resume: run the same command again to start over"
     again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
-    again.append(f"trainer.resume={checkpoint}")
+    again.append(f"trainer.resume={override_value(str(checkpoint))}")
     per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
     launcher = f"torchrun --nproc_per_node={per_node}" if world_size_from_env() > 1 else "python"
     return f"resume with: {launcher} train.py {shlex.join(again)}"
+
+
+def override_value(text: str) -> str:
+    """`text` as the value of a Hydra override, quoted where Hydra's grammar would read it otherwise (a sweep
+    job's directory, `0_model=mlp,optimizer=sgd`, holds `=` and `,`)."""
+    if re.fullmatch(r"[\w/.\-+:@~%$*?]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class JobFailed(Exception):

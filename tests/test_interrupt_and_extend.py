@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import signal
 
 import pytest
@@ -127,3 +128,19 @@ def test_resume_auto_names_the_unfinished_runs_it_passes_over(tiny_root, tmp_pat
     assert (f"2 unfinished runs with these overrides; continuing the newest, {newer}/checkpoints/last.pt, and passing "
             f"over {older}/checkpoints/last.pt") in resumed.stdout
     assert (newer / "metrics.json").is_file() and not (older / "metrics.json").exists()
+
+
+def test_the_printed_resume_command_of_a_stopped_sweep_job_works_as_printed(tiny_root, tmp_path):
+    """A sweep job's directory (`0_...,model=logistic,...`) holds `=` and `,`: the hint quotes the path for Hydra."""
+    stopped = run_train_stopping("-m", *TINY, f"dataset.root={tiny_root}", f"output_root={tmp_path}",
+                                 "model=logistic", "trainer.max_epochs=2",
+                                 env={"STOP_AT_STEP": "3", "STOP_SIGNAL": str(int(signal.SIGINT))})
+    assert stopped.returncode == 130, stopped.stderr
+    hint = next(line for line in stopped.stderr.splitlines() if line.startswith("resume with: "))
+    assert 'trainer.max_epochs=2/checkpoints/last.pt"' in hint, hint
+    python, script, *args = shlex.split(hint.removeprefix("resume with: "))
+    assert (python, script) == ("python", "train.py")
+    resumed = run_train(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    (finished,) = tmp_path.rglob("metrics.json")  # in the job's own directory
+    assert finished.parent.name.startswith("0_") and json.loads(finished.read_text())["epochs"] == 2
