@@ -152,6 +152,7 @@ BAD = [
     (["dataset.root={a_file}"], "dataset.root=", "is a file, not a directory"),
     (["dataset.root={corrupt_gz}"], "train-images-idx3-ubyte.gz: not a valid gzip file", "replace it"),
     (["optimized_metric=test/accuracy"], "optimized_metric=test/accuracy", "must be one of test/loss"),
+    (["loss.label_smoothing=2"], "loss=CrossEntropyLoss", "label_smoothing must be between 0.0 and 1.0. Got: 2"),
 ]
 # Sources a missing dataset could come from, made unreachable: no proxy answers, no package index.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "PIP_NO_INDEX": "1",
@@ -213,8 +214,8 @@ def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_pa
     assert not list(tmp_path.rglob("*.pt")) and not (bad_paths["junk"].parent / "written").exists()
 
 
-def test_at_least_48_bad_inputs():
-    assert len(BAD) >= 48
+def test_at_least_49_bad_inputs():
+    assert len(BAD) >= 49
 
 
 def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_path):

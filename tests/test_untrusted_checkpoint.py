@@ -70,6 +70,13 @@ ATTACKS = {
     "unknown_key": (lambda c, f: c["model"].update(width=3), "model.width"),
     "wrong_type": (lambda c, f: c["model"].update(hidden_sizes="[8]"), "model.hidden_sizes='[8]'"),
     "choice_outside_the_options": (lambda c, f: None, "model=../../../tmp/evil"),
+    # found by a review: a plain string that Hydra's instantiate resolves into a node with a _target_
+    "interpolation_creating_a_target": (
+        lambda c, f: c["model"].update(activation="${oc.create:{_target_: shutil.copyfile, _args_: ['"
+                                                  + str(REPO / "README.md") + "', '" + str(f) + "']}}"),
+        "model.activation is an interpolation"),
+    "interpolation_reading_the_environment": (lambda c, f: c["dataset"].update(mirror="${oc.env:HOME}"),
+                                              "dataset.mirror is an interpolation"),
 }
 
 
@@ -103,7 +110,7 @@ def test_every_consumer_refuses_the_attack_in_one_line_and_writes_nothing(tmp_pa
     assert not (tmp_path / "exports").exists()
 
 
-@pytest.mark.parametrize("name", ["write_text", "copyfile", "open_as_the_loss"])
+@pytest.mark.parametrize("name", ["write_text", "copyfile", "open_as_the_loss", "interpolation_creating_a_target"])
 def test_commands_refuse_the_attack_exactly_as_users_run_them(tmp_path, name):
     ckpt, target, names = attacking(tmp_path, name)
     for command in (["eval.py", f"ckpt={ckpt}"], ["scripts/predict.py", str(ckpt), str(REPO / "docs/tensorboard_images.png")],
@@ -113,6 +120,20 @@ def test_commands_refuse_the_attack_exactly_as_users_run_them(tmp_path, name):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
         assert not target.exists(), command
+
+
+@pytest.mark.parametrize("text, says", [
+    ("x: &a [*a]\n", "uses a YAML alias"),  # refers to itself: endless recursion
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(f"{k}: &{k} [{', '.join(['*' + p] * 9)}]\n"
+                                                     for p, k in zip("abcdefgh", "bcdefghi")), "uses a YAML alias"),
+    ("a: [" + "1, " * 400_000 + "1]\n", "characters long"),
+])
+def test_a_stored_config_that_expands_without_end_is_refused_at_once(tmp_path, text, says):
+    """YAML aliases ("billion laughs") would make a small file an endless or exponential structure."""
+    state = trained_state()
+    save_checkpoint(tmp_path / "c.pt", {**state, "config": text})
+    with pytest.raises(UserError, match=says):
+        load_checkpoint(tmp_path / "c.pt")
 
 
 def test_a_model_from_the_users_own_module_needs_trust(tmp_path, monkeypatch):

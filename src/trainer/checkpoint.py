@@ -32,6 +32,7 @@ PRESET_GROUPS = ("experiment", "debug")
 # _recursive_, _convert_, and any it may add. Only a group's own root may hold _target_ and _partial_.
 RESERVED = re.compile(r"^_\w+_$")
 ROOT_KEYS = {"_target_": str, "_partial_": bool}
+MAX_CONFIG_CHARS = 1_000_000  # a resolved config is a few KiB
 # Config keys that must be equal to resume: they change what the saved tensors mean.
 MUST_MATCH = ("model", "dataset._target_", "dataset.val_size", "dataset.split_seed",
               "optimizer._target_", "scheduler._target_")
@@ -100,7 +101,13 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
     """
     if not isinstance(text, str):
         raise _refuse(path, f"is a {type(text).__name__}, not YAML text")
+    if len(text) > MAX_CONFIG_CHARS:
+        raise _refuse(path, f"is {len(text)} characters long (at most {MAX_CONFIG_CHARS})")
     try:
+        # Aliases would let a small text expand into an endless or exponential structure ("billion laughs");
+        # OmegaConf never writes them.
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise _refuse(path, "uses a YAML alias (*name)")
         config = yaml.safe_load(text)  # plain types only: no tags, no objects
     except yaml.YAMLError as e:
         raise _refuse(path, f"is not valid YAML ({' '.join(str(e).split())[:120]})") from None
@@ -126,6 +133,10 @@ def _check_plain(value: object, key: str, path: Path) -> None:
             if isinstance(v, dict):
                 raise _refuse(path, f"has a mapping inside the list {key}[{i}]")
             _check_plain(v, f"{key}[{i}]", path)
+    elif isinstance(value, str) and "${" in value:
+        # An interpolation is resolved when the config is used: ${oc.create:...} makes a node with a _target_,
+        # ${oc.env:...} reads the environment. A config is stored resolved, so a real one has none.
+        raise _refuse(path, f"value {key} is an interpolation (${{...}})")
     elif not (value is None or isinstance(value, (bool, int, float, str))):
         raise _refuse(path, f"value {key} is a {type(value).__name__}")
 
