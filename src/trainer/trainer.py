@@ -250,7 +250,8 @@ class Trainer:
         if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
             raise UserError(f"optimizer.lr={lrs[0] if len(set(lrs)) == 1 else lrs}: must be a finite number > 0")
         try:  # some loss settings fail only when the loss is called (label_smoothing=2): call it once now
-            loss_fn(torch.zeros(2, data.num_classes, device=device), torch.zeros(2, dtype=torch.long, device=device))
+            with torch.no_grad():  # not a training batch
+                loss_fn(torch.zeros(2, data.num_classes, device=device), torch.zeros(2, dtype=torch.long, device=device))
         except (RuntimeError, ValueError) as e:
             raise UserError(f"loss={type(loss_fn).__name__}: {' '.join(str(e).split())}") from None
         set_deterministic(deterministic)
