@@ -69,7 +69,7 @@ ATTACKS = {
     "recursive_key": (lambda c, f: c["optimizer"].update(_recursive_=True), "optimizer._recursive_"),
     "unknown_key": (lambda c, f: c["model"].update(width=3), "model.width"),
     "wrong_type": (lambda c, f: c["model"].update(hidden_sizes="[8]"), "model.hidden_sizes='[8]'"),
-    "choice_outside_the_options": (lambda c, f: None, "model=../../../tmp/evil"),
+    "choice_outside_the_options": (lambda c, f: None, "model=../../../elsewhere/evil"),
     # found by a review: a plain string that Hydra's instantiate resolves into a node with a _target_
     "interpolation_creating_a_target": (
         lambda c, f: c["model"].update(activation="${oc.create:{_target_: shutil.copyfile, _args_: ['"
@@ -87,7 +87,7 @@ def attacking(tmp_path: Path, name: str) -> tuple[Path, Path, str]:
     state = trained_state()
     change(state["config"], target)
     if name == "choice_outside_the_options":
-        state["choices"] = {**CHOICES, "model": "../../../tmp/evil"}
+        state["choices"] = {**CHOICES, "model": "../../../elsewhere/evil"}
     return write(tmp_path / "evil.pt", state), target, names
 
 
