@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from data_args import tiny_mnist
 from trainer.data import MNIST, BatchLoader, BatchTransform, FashionMNIST, random_shift
 from trainer.errors import UserError
 
@@ -50,9 +51,8 @@ def test_random_shift_moves_content_and_fills_zero():
 
 
 def make(cls=MNIST, **kw):
-    args = dict(batch_size=32, eval_batch_size=50, val_size=100, split_seed=0, mean=0.1307, std=0.3081,
-                augment_shift=0, shuffle=True, drop_last=False, download=False, mirror=None, verify=False)
-    return cls(**{**args, **kw})
+    return tiny_mnist(kw.pop("root"), cls, **{**dict(batch_size=32, eval_batch_size=50, val_size=100, mean=0.1307,
+                                                      std=0.3081), **kw})
 
 
 def test_dataset_splits_and_cache(tiny_root):
@@ -62,7 +62,7 @@ def test_dataset_splits_and_cache(tiny_root):
     # train and val are disjoint views of the one training tensor, together all 600 images
     assert torch.equal(torch.cat([data.train.indices, data.val.indices]).sort().values, torch.arange(600))
     assert torch.equal(data.val.raw()[0], data.train.images[data.val.indices])
-    assert (tiny_root / "MNIST" / "tensors.pt").is_file()  # parsed once, cached for the next run
+    assert data.cache_file.is_file() and data.cache_file.is_relative_to(tiny_root / "MNIST")  # next to the data
     again = make(root=str(tiny_root))
     assert torch.equal(again.val.raw()[0], data.val.raw()[0])
     other = make(root=str(tiny_root), split_seed=1)
@@ -79,8 +79,7 @@ def test_bad_dataset_values_are_named(tiny_root, key, value):
 
 def test_verify_rejects_foreign_files(tiny_root, tmp_path):
     import shutil
-    shutil.copytree(tiny_root / "MNIST", tmp_path / "MNIST")
-    (tmp_path / "MNIST" / "tensors.pt").unlink()
+    shutil.copytree(tiny_root / "MNIST", tmp_path / "MNIST")  # with the cache made without the MD5 check
     with pytest.raises(UserError, match="md5"):
         make(root=str(tmp_path), verify=True)
 
@@ -98,6 +97,26 @@ def test_normalisation_is_one_pass_and_equals_the_two_pass_formula():
     images = torch.arange(256, dtype=torch.uint8).repeat(8, 1, 1, 1)  # (8, 1, 1, 256): every grey level
     out = transform(images)
     assert out.dtype == torch.float32 and out.shape == images.shape
-    assert torch.equal(out, transform.unshifted_two_ops(images))
+    assert torch.equal(out, transform.exportable()(images))
     assert torch.equal(out, torch.add(transform.bias, images.float(), alpha=transform.scale))
     assert torch.allclose(out, (images.float() / 255 - 0.1307) / 0.3081, atol=1e-5)
+
+
+def test_cache_is_hit_then_rebuilt_when_a_raw_file_changes(tiny_root, tmp_path, monkeypatch):
+    import shutil
+    shutil.copytree(tiny_root / "MNIST", tmp_path / "MNIST")
+    reads = []
+    real_read = MNIST.read
+    monkeypatch.setattr(MNIST, "read", lambda self: reads.append(1) or real_read(self))
+    first = make(root=str(tmp_path))
+    assert first.cache_file.is_file() and len(reads) == 1
+    hit = make(root=str(tmp_path))
+    assert len(reads) == 1 and torch.equal(hit.test.raw()[0], first.test.raw()[0])  # served from the cache
+    raw = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    blob = bytearray(raw.read_bytes())
+    blob[-1] ^= 0xFF  # one pixel of the last test image
+    raw.write_bytes(bytes(blob))
+    rebuilt = make(root=str(tmp_path))
+    assert len(reads) == 2  # the changed file was parsed again, not served stale
+    assert int(rebuilt.test.images[-1, 0, -1, -1]) == int(first.test.images[-1, 0, -1, -1]) ^ 0xFF
+    assert rebuilt.digest != first.digest

@@ -6,6 +6,7 @@ import torch
 
 from conftest import make_tiny_dataset
 from trainer import provision as provision_module
+from data_args import tiny_mnist
 from trainer.data import MNIST
 from trainer.errors import UserError
 from trainer.idx import check_idx, write_idx
@@ -114,8 +115,7 @@ def test_label_count_mismatch_is_named(tmp_path):
     make_tiny_dataset(tmp_path)
     write_idx(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", torch.zeros(599, dtype=torch.uint8))
     with pytest.raises(UserError, match="600 images but 599 labels"):
-        MNIST(root=str(tmp_path), batch_size=8, eval_batch_size=8, val_size=10, split_seed=0, mean=0.1, std=0.3,
-              augment_shift=0, shuffle=True, drop_last=False, download=False, mirror=None, verify=False)
+        tiny_mnist(tmp_path, batch_size=8, eval_batch_size=8, val_size=10, mean=0.1, std=0.3)
 
 
 @pytest.mark.slow

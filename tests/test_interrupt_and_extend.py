@@ -20,6 +20,7 @@ import torch
 from conftest import TINY, run_train, run_train_stopping
 from test_trainer_loop import OPTIONS, RecordingLogger, linear
 from trainer import schedulers
+from data_args import tiny_mnist
 from trainer.data import MNIST
 from trainer.trainer import Trainer
 
@@ -84,8 +85,7 @@ class EndOfRunLogger(RecordingLogger):
 def trained(tiny_root, run_dir, make_schedule, max_epochs, resume=None):
     """A real Trainer over 4 steps an epoch; returns the (lr, momentum) each optimizer step used, by step."""
     torch.manual_seed(0)
-    data = MNIST(root=str(tiny_root), batch_size=125, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
-                 std=0.31, augment_shift=0, shuffle=True, drop_last=False, download=False, mirror=None, verify=False)
+    data = tiny_mnist(tiny_root, batch_size=125, eval_batch_size=100, val_size=100, mean=0.13, std=0.31)
     model = linear()
     logs = []
     trainer = Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_train
+from data_args import tiny_mnist
 
 sys.path.insert(0, str(REPO / "scripts"))
 from predict import to_training_format  # noqa: E402
@@ -36,13 +37,13 @@ def test_predict_classifies_real_digits_from_png_and_jpeg(real_root, tmp_path):
     run_dir = tmp_path / "run"
     assert run_train("model=cnn", "trainer.max_epochs=1", f"dataset.root={real_root}",
                      f"hydra.run.dir={run_dir}").returncode == 0
-    test = torch.load(real_root / "MNIST" / "tensors.pt", weights_only=True)
+    test_x, test_y = tiny_mnist(real_root).test.raw()
     files, labels = [], []
     for i in range(40):  # MNIST test digits as a user would have them: dark ink on white, larger, in colour
         path = tmp_path / f"digit{i}.{'png' if i % 2 else 'jpg'}"
-        Image.fromarray((255 - test["test_x"][i, 0]).numpy()).resize((84, 84)).convert("RGB").save(path)
+        Image.fromarray((255 - test_x[i, 0]).numpy()).resize((84, 84)).convert("RGB").save(path)
         files.append(str(path))
-        labels.append(int(test["test_y"][i]))
+        labels.append(int(test_y[i]))
     result = predict(f"{run_dir}/checkpoints/best.pt", *files, "--top", "2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

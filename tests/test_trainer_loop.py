@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import trainer.trainer as trainer_module
+from data_args import tiny_mnist
 from trainer.data import MNIST
 from trainer import schedulers
 from trainer.trainer import NonFiniteLossError, Trainer
@@ -65,8 +66,7 @@ def fit(*args, **kwargs):
 def build(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", grad_clip_norm=None, batch_size=125,
           make_model=linear, **options):
     torch.manual_seed(0)
-    data = MNIST(root=str(tiny_root), batch_size=batch_size, eval_batch_size=100, val_size=100, split_seed=0, mean=0.13,
-                 std=0.31, augment_shift=0, shuffle=True, drop_last=False, download=False, mirror=None, verify=False)
+    data = tiny_mnist(tiny_root, batch_size=batch_size, eval_batch_size=100, val_size=100, mean=0.13, std=0.31)
     model = make_model()
     opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if grad_clip_norm is None else 0.0)
            if optimizer == "sgd" else torch.optim.Adagrad(model.parameters(), lr=LR))

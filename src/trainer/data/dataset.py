@@ -1,0 +1,343 @@
+"""`ImageDataset`: any image-classification source, materialised once into uint8 tensors and served fast.
+
+A source (a subclass) only says how to read its images: `read()` returns an `Images`. The base class
+does the rest for every source alike: the cache (decoded tensors next to the data, memory-mapped on
+later runs), the seeded validation and test splits, per-channel normalisation (`auto`: computed on the
+training images and cached), where the tensors live (the training device when they fit, else host
+memory copied per batch), sharding for several processes, and the identity a checkpoint records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from trainer.data.batches import BatchLoader, BatchTransform
+from trainer.errors import OutputError, UserError, require_int
+from trainer.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the cached record changes meaning
+
+
+@dataclass
+class Images:
+    """What a source returns: uint8 images, int64 labels in [0, len(classes)), and the class names.
+
+    Images are (N, C, H, W) or (N, H, W) (grey), C = 1 or 3, as tensors or NumPy arrays. `test_*` and
+    `val_*` are the source's own test and validation splits, if it has them; otherwise the dataset holds
+    `test_size` and `val_size` images out of train, by `split_seed`.
+    """
+
+    train_x: Any
+    train_y: Any
+    classes: Sequence[str]
+    test_x: Any = None
+    test_y: Any = None
+    val_x: Any = None
+    val_y: Any = None
+
+
+def as_images(array: Any, where: str) -> torch.Tensor:
+    """A uint8 (N, C, H, W) tensor from (N, H, W), (N, C, H, W) or (N, H, W, C) uint8 data; C must be 1 or 3."""
+    x = torch.as_tensor(np.asarray(array)) if not isinstance(array, torch.Tensor) else array
+    if x.dtype != torch.uint8:
+        raise UserError(f"{where}: images are {str(x.dtype).removeprefix('torch.')}, must be uint8 (0-255)")
+    if x.ndim == 3:
+        x = x.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    if x.ndim != 4:
+        raise UserError(f"{where}: images have shape {tuple(x.shape)}; use (N, H, W), (N, H, W, C) or (N, C, H, W)")
+    if x.shape[1] not in (1, 3):
+        raise UserError(f"{where}: images have {x.shape[1]} channels {tuple(x.shape)}; 1 (grey) or 3 (RGB) are "
+                        "supported (drop an alpha channel first: x[..., :3])")
+    return x.contiguous()
+
+
+def as_labels(array: Any, count: int, num_classes: int, where: str) -> torch.Tensor:
+    """An int64 (N,) tensor of class indices, checked against the image count and the class count."""
+    y = torch.as_tensor(np.asarray(array)) if not isinstance(array, torch.Tensor) else array
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.ndim != 1:
+        raise UserError(f"{where}: labels must be a 1-d array of integer class indices, not "
+                        f"{str(y.dtype).removeprefix('torch.')} {tuple(y.shape)}")
+    if len(y) != count:
+        raise UserError(f"{where}: {count} images but {len(y)} labels")
+    y = y.to(torch.int64)
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise UserError(f"{where}: label {bad} is out of range for {num_classes} classes (0 to {num_classes - 1})")
+    return y.contiguous()
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device (what the data may take, less the margin)."""
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def size_text(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError
+
+
+class ImageDataset:
+    """Base class of every dataset option, and of a user's own dataset class.
+
+    A subclass implements `read()` and, to be cached, `sources()`. It may set `name` and override
+    `prepare()` (download or provision files before `sources()` is asked) and `cache_options()`
+    (its own settings that change what `read()` returns). Exposes `train`, `val` and `test`
+    BatchLoaders, `in_shape` (C, H, W), `classes`, `num_classes`, `mean`, `std` and `identity()`.
+    """
+
+    name: str = ""  # shown in logs and stored in checkpoints; default: the class name
+
+    def __init__(self, *, batch_size: int, eval_batch_size: int, val_size: int | float, test_size: int | float,
+                 split_seed: int, mean: str | float | list[float], std: str | float | list[float],
+                 augment_shift: int, random_crop: int, hflip: bool, shuffle: bool, drop_last: bool, cache: bool,
+                 device_margin_gib: float, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                ("augment_shift", augment_shift, 0), ("random_crop", random_crop, 0)):
+            require_int(f"dataset.{key}", value, low)
+        for key, value in (("val_size", val_size), ("test_size", test_size)):
+            _split_size(key, value, 1)  # the type check; the count is checked once the data is known
+        if not isinstance(device_margin_gib, (int, float)) or device_margin_gib < 0:
+            raise UserError(f"dataset.device_margin_gib={device_margin_gib!r}: must be a number >= 0")
+        self.name = self.name or type(self).__name__
+        self.cache = cache
+        self.cache_file: Path | None = None  # where the decoded tensors are cached, if they are
+        self._unsaved: dict[str, Any] | None = None
+        record = self._materialised()
+        train_x = record["train_x"]
+        self.in_shape: tuple[int, int, int] = tuple(train_x.shape[1:])
+        self.classes: tuple[str, ...] = tuple(record["classes"])
+        self.num_classes = len(self.classes)
+        self.digest: str = record["digest"]
+        channels = self.in_shape[0]
+        self.mean = _per_channel("mean", record["mean"] if mean == "auto" else mean, channels)
+        self.std = _per_channel("std", record["std"] if std == "auto" else std, channels)
+        if random_crop >= min(self.in_shape[1:]):
+            raise UserError(f"dataset.random_crop={random_crop}: the padding (by reflection) must be smaller than "
+                            f"the {self.in_shape[1]}x{self.in_shape[2]} images")
+        train_tf = BatchTransform(self.mean, self.std, augment_shift, random_crop, hflip)
+        eval_tf = BatchTransform(self.mean, self.std)
+
+        test_x, test_y, val_x, val_y = (record.get(k) for k in ("test_x", "test_y", "val_x", "val_y"))
+        pool = len(record["train_y"])
+        # One seeded permutation of the training images: test (if the source has none), then val, then train.
+        # It depends on split_seed only, so every run of a sweep validates and tests on the same images.
+        n_test = 0 if test_x is not None else _split_size("test_size", test_size, pool)
+        n_val = 0 if val_x is not None else _split_size("val_size", val_size, pool)
+        if n_test + n_val >= pool:
+            raise UserError(f"dataset.val_size={val_size}, dataset.test_size={test_size}: hold out {n_val + n_test} "
+                            f"of the {pool} training images, leaving none to train on")
+        perm = torch.randperm(pool, generator=torch.Generator().manual_seed(split_seed))
+        test_idx, val_idx, train_idx = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+
+        device = torch.device(device)
+        nbytes = sum(t.numel() * t.element_size() for t in (train_x, test_x, val_x) if t is not None)
+        self.require_memory(nbytes)
+        home = self._home(device, nbytes, device_margin_gib)  # where the tensors live; batches go to `device`
+
+        def put(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(home)
+
+        # train, val and (held-out) test index into one copy of the training images: no copy per split.
+        train_x, train_y = put(train_x), put(record["train_y"])
+        self.train = BatchLoader(train_x, train_y, batch_size, transform=train_tf, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last, indices=put(train_idx), device=device)
+        self.val = (BatchLoader(put(val_x), put(val_y), eval_batch_size, transform=eval_tf, shuffle=False,
+                                device=device) if val_x is not None else
+                    BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
+                                indices=put(val_idx), device=device))
+        self.test = (BatchLoader(put(test_x), put(test_y), eval_batch_size, transform=eval_tf, shuffle=False,
+                                 device=device) if test_x is not None else
+                     BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
+                                 indices=put(test_idx), device=device))
+        self._save_cache()
+
+    # --- what a source implements -----------------------------------------------------------------------
+
+    def read(self) -> Images:
+        """Read the source: uint8 images, labels and class names (see `Images`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement read()")
+
+    def sources(self) -> list[Path]:
+        """The files `read()` reads. Their names, sizes and modification times key the cache, which lives next
+        to the first one. An empty list (the default) means: not cached, `read()` runs every time."""
+        return []
+
+    def prepare(self) -> None:
+        """Make the files of `sources()` exist (download, provision). Runs before every load."""
+
+    def cache_options(self) -> dict[str, Any]:
+        """This source's settings that change what `read()` returns (an image size, a channel count)."""
+        return {}
+
+    # --- what every source gets -------------------------------------------------------------------------
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Give this process (`rank` of `world_size`) its disjoint part of every split (see BatchLoader.shard)."""
+        for loader in (self.train, self.val, self.test):
+            loader.shard(rank, world_size)
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records about the data: enough to rebuild a model for it, to refuse resuming on other
+        data, and to classify new images (shape, class names, normalisation) without reading the dataset."""
+        return {"name": self.name, "in_shape": list(self.in_shape), "classes": list(self.classes),
+                "mean": list(self.mean), "std": list(self.std), "digest": self.digest}
+
+    def require_memory(self, nbytes: int) -> None:
+        """Raise UserError if `nbytes` of images cannot be held in this machine's memory."""
+        ram = host_memory_bytes()
+        if nbytes > ram:
+            raise UserError(f"dataset {self.name}: its images take {size_text(nbytes)}, more than this machine's "
+                            f"{size_text(ram)} of memory; use a smaller dataset.image_size or a subset of the data")
+
+    def _home(self, device: torch.device, nbytes: int, margin_gib: float) -> torch.device:
+        """The training device when the images fit on it with `margin_gib` to spare, else host memory."""
+        if device.type != "cuda":
+            return device
+        free = device_free_bytes(device)
+        if nbytes + margin_gib * 2**30 <= free:
+            return device
+        log.info("dataset %s: its images (%s) do not fit in %s's free %s with the %.1f GiB margin "
+                 "(dataset.device_margin_gib); keeping them in host memory and copying each batch", self.name,
+                 size_text(nbytes), device, size_text(free), margin_gib)
+        return torch.device("cpu")
+
+    def _materialised(self) -> dict[str, Any]:
+        """The source's tensors, statistics and digest: from the cache when it matches the files, else read."""
+        self.prepare()
+        files = self.sources()
+        cache = stamp = self.cache_file = None
+        if self.cache and files:
+            options = {"source": type(self).__qualname__, "format": CACHE_FORMAT, **self.cache_options()}
+            key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            cache = Path(os.path.commonpath(files)) if len(files) > 1 else files[0].parent
+            cache = self.cache_file = cache / f"{self.name}-{key}.cache.pt"
+            stamp = _stamp(files)
+            record = _load_cache(cache, stamp)
+            if record is not None:
+                return record
+        record = _record(self.read(), self.name)
+        if cache is not None:
+            self._unsaved = {"stamp": stamp, **record}  # written once every option has been checked against it
+        return record
+
+    def _save_cache(self) -> None:
+        if self._unsaved is None or self.cache_file is None:
+            return
+        try:
+            with atomic_write(self.cache_file) as f:
+                torch.save(self._unsaved, f)
+            log.info("dataset %s: decoded tensors cached in %s", self.name, self.cache_file)
+        except OutputError as e:  # the cache only saves the next run the decoding
+            log.warning("dataset %s: decoded tensors not cached: %s", self.name, e)
+        self._unsaved = None
+
+
+def _per_channel(key: str, value: Any, channels: int) -> list[float]:
+    """`dataset.mean`/`std` as one value per channel: a number, or a list of 1 or `channels` numbers."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    ok = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not ok or len(values) not in (1, channels):
+        raise UserError(f"dataset.{key}={value!r}: must be auto, a number, or a list of one number per channel "
+                        f"({channels} for these images)")
+    if key == "std" and min(values) <= 0:
+        raise UserError(f"dataset.std={value!r}: must be > 0")
+    return [float(v) for v in values] * (channels if len(values) == 1 else 1)
+
+
+def _split_size(key: str, value: Any, pool: int) -> int:
+    """A split size given as a count (int >= 0) or a fraction (float in [0, 1)) of `pool` images, as a count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+            isinstance(value, float) and value >= 1):
+        raise UserError(f"dataset.{key}={value!r}: must be a count (an integer >= 0) or a fraction in [0, 1)")
+    return int(value * pool) if isinstance(value, float) else value
+
+
+def _stamp(files: list[Path]) -> str:
+    """A digest of the files' names, sizes and modification times: it changes when any file does."""
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _load_cache(cache: Path, stamp: str) -> dict[str, Any] | None:
+    if not cache.is_file():
+        return None
+    try:
+        record = torch.load(cache, weights_only=True, mmap=True)
+        if record["stamp"] == stamp:
+            return record
+        log.info("dataset files changed since %s was written: decoding again", cache)
+    except Exception as e:  # a stale or torn cache is rebuilt, never trusted
+        log.warning("ignoring unreadable cache %s: %s", cache, e)
+    return None
+
+
+def _record(images: Images, name: str) -> dict[str, Any]:
+    """Checked tensors, per-channel statistics of the training images, and a digest of everything."""
+    if not isinstance(images, Images):
+        raise UserError(f"dataset {name}: read() returned {type(images).__name__}, not trainer.data.Images")
+    classes = [str(c) for c in images.classes]
+    if not classes:
+        raise UserError(f"dataset {name}: no class names")
+    record: dict[str, Any] = {"classes": classes}
+    for split in ("train", "test", "val"):
+        x, y = getattr(images, f"{split}_x"), getattr(images, f"{split}_y")
+        if (x is None) != (y is None):
+            raise UserError(f"dataset {name}: {split} images without labels, or labels without images")
+        if x is not None:
+            record[f"{split}_x"] = as_images(x, f"dataset {name} ({split} split)")
+            record[f"{split}_y"] = as_labels(y, len(record[f"{split}_x"]), len(classes),
+                                             f"dataset {name} ({split} split)")
+    shape = tuple(record["train_x"].shape[1:])
+    for split in ("test", "val"):
+        if split in record and tuple(record[f"{split}_x"].shape[1:]) != shape:
+            raise UserError(f"dataset {name}: {split} images are {tuple(record[f'{split}_x'].shape[1:])}, training "
+                            f"images {shape} (C, H, W)")
+    if len(record["train_y"]) == 0:
+        raise UserError(f"dataset {name}: no training images")
+    record["mean"], record["std"] = channel_stats(record["train_x"])
+    h = hashlib.sha256(json.dumps(classes).encode())
+    for key in ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y"):
+        if key in record:
+            h.update(key.encode())
+            h.update(memoryview(record[key].reshape(-1).numpy().view(np.uint8)))
+    record["digest"] = h.hexdigest()[:16]
+    return record
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), in units of the 0-1 range."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64).transpose(0, 1).reshape(c, -1)  # (C, n*H*W)
+        total += x.sum(dim=1)
+        squares += (x * x).sum(dim=1)
+    n = images.numel() // c
+    mean = total / n
+    std = (squares / n - mean * mean).clamp(min=0).sqrt()
+    return [round(float(m) / 255, 4) for m in mean], [max(round(float(s) / 255, 4), 1e-4) for s in std]

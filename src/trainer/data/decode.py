@@ -1,0 +1,118 @@
+"""Decoding image files (or PIL images) of any size and mode into one uint8 (N, C, H, W) tensor.
+
+Pillow releases the GIL while it decodes, so a thread per core decodes in parallel. Every image is
+converted to the chosen channel count (grey `L` or `RGB`; an alpha channel is dropped) and resized
+(bilinear, antialiased) to the chosen size. This runs once per dataset: the result is cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Pillow modes without colour; every other mode (RGB, RGBA, P, CMYK, YCbCr, ...) counts as colour.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+
+Opener = Callable[[int], Any]  # index -> a PIL image (opened lazily or decoded); raises on a bad file
+
+
+def survey(count: int, open_image: Opener, name: Callable[[int], str]) -> tuple[Counter, bool]:
+    """The (H, W) sizes found, with their counts, and whether any image has colour."""
+    sizes: Counter = Counter()
+    colour = False
+    for i in range(count):
+        with _readable(name(i)):
+            img = open_image(i)
+            sizes[(img.height, img.width)] += 1
+            colour = colour or img.mode not in GREY_MODES
+            _close(img)
+    return sizes, colour
+
+
+def choose_shape(sizes: Counter, colour: bool, image_size: Sequence[int] | None, channels: int | None,
+                 where: str) -> tuple[int, int, int]:
+    """(C, H, W) from the options, else the most common size and 3 channels if any image has colour."""
+    if image_size is None:
+        (h, w), n = sizes.most_common(1)[0]
+        if len(sizes) > 1:
+            log.info("%s: images come in %d sizes; resizing all to the most common, %dx%d (%d of %d images); set "
+                     "dataset.image_size=[H,W] to choose", where, len(sizes), h, w, n, sum(sizes.values()))
+    else:
+        if not (isinstance(image_size, (list, tuple)) and len(image_size) == 2 and
+                all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)):
+            raise UserError(f"dataset.image_size={image_size!r}: must be [height, width] in pixels, or null (the "
+                            "most common size)")
+        h, w = image_size
+    if channels not in (None, 1, 3):
+        raise UserError(f"dataset.channels={channels!r}: must be 1 (grey), 3 (RGB) or null (3 if any image has "
+                        "colour)")
+    return (channels or (3 if colour else 1), h, w)
+
+
+def decode(count: int, open_image: Opener, name: Callable[[int], str], shape: tuple[int, int, int],
+           what: str) -> torch.Tensor:
+    """Every image as uint8 (count, C, H, W), converted and resized to `shape`, with a progress bar."""
+    from PIL import Image
+
+    c, h, w = shape
+    mode = "L" if c == 1 else "RGB"
+    out = np.empty((count, h, w, c), dtype=np.uint8)  # (N, H, W, C): Pillow's layout
+
+    def one(i: int) -> None:
+        with _readable(name(i)):
+            img = source = open_image(i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Palette images with Transparency ...": converted all the same
+                if img.mode == "P" and "transparency" in img.info:
+                    img = img.convert("RGBA")
+                img = img.convert(mode)
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+            out[i] = np.asarray(img, dtype=np.uint8).reshape(h, w, c)
+            _close(source)
+
+    with tqdm(total=count, desc=f"decoding {what}", unit="img", disable=not sys.stderr.isatty(),
+              dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for start in range(0, count, 256):
+            list(pool.map(one, range(start, min(count, start + 256))))
+            bar.update(min(count, start + 256) - start)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+class _readable:
+    """Turn Pillow's errors for one image into a UserError that names the file."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> bool:
+        from PIL import Image, UnidentifiedImageError
+
+        bad = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+        if error is not None and isinstance(error, bad):
+            detail = " ".join(str(error).split())[:160]
+            raise UserError(f"{self.name}: not a readable image ({type(error).__name__}: {detail})") from None
+        return False
+
+
+def _close(img: Any) -> None:
+    close = getattr(img, "close", None)
+    if close is not None:
+        close()

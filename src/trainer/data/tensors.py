@@ -1,0 +1,75 @@
+"""Images and labels already in arrays: a `.npz` (NumPy) or `.pt` (PyTorch) file."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.checkpoint import pickled_global
+from trainer.data.dataset import ImageDataset, Images
+from trainer.errors import UserError
+
+KEYS = ("train_x", "train_y", "test_x", "test_y", "classes")
+
+
+class TensorsFile(ImageDataset):
+    """`path`: a `.npz` or `.pt` file holding `train_x`, `train_y` and optionally `test_x`, `test_y` and `classes`.
+
+    Images are uint8 (N, H, W), (N, H, W, C) or (N, C, H, W); labels integer class indices. Without
+    `classes` the classes are named 0, 1, ... up to the largest label. The file is read as data only:
+    `.npz` without pickles, `.pt` with `weights_only=True`, so a file from a stranger runs no code.
+    """
+
+    def __init__(self, *, path: str, **common: Any) -> None:
+        self.path = Path(path).expanduser()
+        self.name = self.path.stem
+        super().__init__(**common)
+
+    def sources(self) -> list[Path]:
+        if not self.path.is_file():
+            raise UserError(f"dataset.path={self.path}: no such file (give a .npz or .pt file)")
+        return [self.path]
+
+    def read(self) -> Images:
+        arrays = self._arrays()
+        for key in ("train_x", "train_y"):
+            if key not in arrays:
+                raise UserError(f"{self.path}: no {key!r} in it (it has {', '.join(sorted(arrays)) or 'nothing'}; "
+                                f"expected {', '.join(KEYS)})")
+        unknown = sorted(set(arrays) - set(KEYS))
+        if unknown:
+            raise UserError(f"{self.path}: unknown key {unknown[0]!r} (expected {', '.join(KEYS)})")
+        if ("test_x" in arrays) != ("test_y" in arrays):
+            raise UserError(f"{self.path}: test_x and test_y come together")
+        classes = arrays.get("classes")
+        if classes is None:
+            labels = [np.asarray(arrays[k]) for k in ("train_y", "test_y") if k in arrays]
+            top = max((int(y.max()) for y in labels if y.size and np.issubdtype(y.dtype, np.integer)), default=0)
+            classes = [str(i) for i in range(top + 1)]
+        else:
+            classes = [str(c) for c in np.asarray(classes).tolist()]
+        return Images(arrays["train_x"], arrays["train_y"], classes, arrays.get("test_x"), arrays.get("test_y"))
+
+    def _arrays(self) -> dict[str, Any]:
+        suffix = self.path.suffix.lower()
+        try:
+            if suffix == ".npz":
+                with np.load(self.path, allow_pickle=False) as npz:
+                    return {k: npz[k] for k in npz.files}
+            if suffix == ".pt":
+                loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+                if not isinstance(loaded, dict):
+                    raise UserError(f"{self.path}: holds a {type(loaded).__name__}, not a dict of {', '.join(KEYS)}")
+                return loaded
+        except (ValueError, OSError, zipfile.BadZipFile, RuntimeError, EOFError) as e:
+            detail = " ".join(str(e).split())[:160]
+            raise UserError(f"{self.path}: not a readable {suffix} file ({type(e).__name__}: {detail})") from None
+        except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain values
+            what = pickled_global(e)
+            raise UserError(f"{self.path}: refusing to load it: it holds a pickled {what or 'Python'} object, and only "
+                            "tensors, arrays and plain values are loaded (nothing in it was run)") from None
+        raise UserError(f"dataset.path={self.path}: a .npz or .pt file, not {suffix or 'a file without suffix'}")
