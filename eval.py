@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/eval.yaml uses)
-from trainer.config import build, model_from_checkpoint
+from trainer.config import build, check_fits, data_config, model_from_checkpoint
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device
@@ -47,9 +47,15 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     if split not in SPLITS:
         raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
     device = resolve_device(device_name)
-    restored = model_from_checkpoint(ckpt, device, dataset, trust, data_root)
+    restored = model_from_checkpoint(ckpt, device, trust, data_root)
     model, trained = restored.model, restored.config
-    data = build(dataset if dataset is not None else trained.dataset, device=device, seed=trained.seed)
+    data = build(dataset if dataset is not None else data_config(trained, "data_root=PATH"), device=device,
+                 seed=trained.seed)
+    check_fits(data, restored.data, ckpt)
+    if dataset is None and restored.data["digest"] not in (None, data.digest):
+        log.warning("%s: the data is not the data the model was trained on (digest %s, trained on %s): files were "
+                    "added, removed or changed since; the %s split may hold images it was trained on", data.name,
+                    data.digest, restored.data["digest"], split)
     loss_fn = build(trained.loss)
 
     def forward(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,11 +29,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from trainer.config import build, model_from_checkpoint
+from trainer.config import build, check_fits, data_config, model_from_checkpoint
 from trainer.data import BatchLoader, BatchTransform
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write
-from trainer.paths import REPO_ROOT
 
 ATOL = RTOL = 1e-4
 INPUT = ("uint8 images (batch, C, H, W), grey levels 0-255 as the dataset stores them (light content on a "
@@ -46,13 +45,13 @@ Runner = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) uint8 -> (B, cla
 class Normalised(nn.Module):
     """The trained model with the dataset's normalisation in front, so raw uint8 images go in."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, model: nn.Module, mean: float | list[float], std: float | list[float]) -> None:
         super().__init__()
         self.model = model
-        self.normalise = BatchTransform(mean, std)  # the training pipeline's own arithmetic, bit for bit
+        self.normalise = BatchTransform(mean, std).exportable()  # the training pipeline's own arithmetic, bit for bit
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) uint8 -> (B, classes)
-        return self.model(self.normalise.unshifted_two_ops(images))
+        return self.model(self.normalise(images))
 
 
 @contextlib.contextmanager
@@ -150,9 +149,10 @@ def verify(run: Runner, reference: nn.Module, loader: BatchLoader, batches: int)
     """
     images = same = correct = 0
     diff, within = 0.0, True
-    first = (loader.images[:1], loader.transform(loader.images[:1]), loader.labels[:1])  # a batch of one
-    # A test loader does not shuffle: its batch i is the stored images[i * batch_size:(i + 1) * batch_size].
-    stored = (loader.images[i * loader.batch_size:(i + 1) * loader.batch_size] for i in range(batches))
+    one, label = loader.raw(slice(1))
+    first = (one, loader.transform(one), label)  # a batch of one
+    # A test loader does not shuffle: its batch i holds the samples at positions [i * batch_size, (i + 1) * batch_size).
+    stored = (loader.raw(slice(i * loader.batch_size, (i + 1) * loader.batch_size))[0] for i in range(batches))
     steps = ((raw, x, y) for raw, (x, y) in zip(stored, loader))
     with torch.inference_mode():
         for raw, normalised, labels in (first, *steps):  # (B, C, H, W) uint8, float32, (B,) int64
@@ -188,13 +188,14 @@ def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int, tr
     if "onnx" in formats:
         onnx_packages()  # fail before the slow part
     restored = model_from_checkpoint(ckpt, trust=trust, data_root=data_root)
-    trained, dataset = restored.config, restored.dataset
-    model = Normalised(restored.model, trained.dataset.mean, trained.dataset.std).eval()
-    data = build(trained.dataset, device="cpu", seed=trained.seed)
+    trained, dataset = restored.config, restored.data
+    model = Normalised(restored.model, dataset["mean"], dataset["std"]).eval()
+    data = build(data_config(trained, "--data-root PATH"), device="cpu", seed=trained.seed)
+    check_fits(data, dataset, ckpt)
     out_dir = out_dir or default_out_dir(Path(ckpt).expanduser(), trained.trainer.checkpoint_dir)
-    meta = {"dataset": dataset.name, "classes": list(dataset.classes), "input": INPUT, "output": OUTPUT,
+    meta = {"dataset": dataset["name"], "classes": dataset["classes"], "mean": dataset["mean"], "std": dataset["std"], "input": INPUT, "output": OUTPUT,
             "checkpoint": str(ckpt), "epoch": restored.epoch}
-    example = data.test.images[:2]  # (2, C, H, W) uint8; not 1, which the ONNX exporter would fix as the size
+    example = data.test.raw(slice(2))[0]  # (2, C, H, W) uint8; not 1, which the ONNX exporter would fix as the size
     results = []
     for name in formats:
         exporter, loader, suffix = FORMATS[name]
@@ -218,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"any of {', '.join(FORMATS)} (default: all)")
     parser.add_argument("--out", type=Path, help="output directory (default: exports/ in the run directory)")
     parser.add_argument("--batches", type=int, default=10, help="test batches to verify on (default: 10)")
-    parser.add_argument("--data-root", type=Path, default=REPO_ROOT / "data",
-                        help="where the checkpoint's dataset is read, to verify on (default: data/ in this checkout)")
+    parser.add_argument("--data-root", type=Path,
+                        help="where the checkpoint's dataset is read, to verify on: its dataset.root (default: data/ "
+                             "in this checkout) or, for image_folder/tensors data, its dataset.path (required then)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="rebuild the model from the checkpoint's own config, classes included (only for files "
                              "you trust: a model from your own module)")

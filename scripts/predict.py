@@ -3,12 +3,14 @@
 
     python scripts/predict.py outputs/<date>/<time>/checkpoints/best.pt digit.png scan.jpg --top 3
 
-The model and the dataset's classes and normalisation come from the config stored in the checkpoint.
-Each image (PNG, JPEG or anything Pillow reads, any size, colour or grey) is converted the way the
-training images were made: grey levels, light content on a dark background (images whose border is
-light, such as dark ink on paper, are inverted), cropped to its content, scaled to fit a 20x20 box
-(MNIST's own size normalisation; 28x28 for datasets whose objects fill the frame) and placed with its
-centre of mass at the centre of the 28x28 frame. Prints, per file, the predicted class index, its name and its probability.
+The model and the dataset's classes, image shape and normalisation come from the checkpoint. Each image
+(PNG, JPEG or anything Pillow reads, any size, colour or grey) is converted the way the training images
+were made. For a model of MNIST or Fashion-MNIST: grey levels, light content on a dark background (images
+whose border is light, such as dark ink on paper, are inverted), cropped to its content, scaled to fit a
+20x20 box (MNIST's own size normalisation; 28x28 for Fashion-MNIST, whose objects fill the frame) and placed
+with its centre of mass at the centre of the 28x28 frame. For any other data: converted to the training
+images' channels (grey or RGB) and resized to their size, as the dataset itself was decoded.
+Prints, per file, the predicted class index, its name and its probability.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from trainer.config import model_from_checkpoint
 from trainer.data import BatchTransform
+from trainer.data.decode import decode
 from trainer.errors import UserError
 
-# Datasets whose objects fill the whole frame (no MNIST-style 20x20 box).
+# Datasets made MNIST's way (centred grey content on black), and those of them whose objects fill the frame.
+MNIST_STYLE = ("MNIST", "FashionMNIST")
 FULL_FRAME = ("FashionMNIST",)
 
 
@@ -65,13 +70,17 @@ def predict(ckpt: str, files: list[Path], top: int, trust: bool = False) -> list
     """Per file, the `top` (class index, class name, probability) pairs, most likely first.
     `trust`: rebuild the model from the checkpoint's own config (see trainer.config.rebuildable_config)."""
     restored = model_from_checkpoint(ckpt, trust=trust)
-    dataset, normalise = restored.dataset, BatchTransform(restored.config.dataset.mean, restored.config.dataset.std)
-    box = dataset.in_shape[1] if dataset.name in FULL_FRAME else round(dataset.in_shape[1] * 20 / 28)
-    images = torch.stack([to_training_format(f, dataset.in_shape, box) for f in files])  # (N, C, H, W) uint8
+    data = restored.data
+    shape, normalise = tuple(data["in_shape"]), BatchTransform(data["mean"], data["std"])
+    if data["name"] in MNIST_STYLE:
+        box = shape[1] if data["name"] in FULL_FRAME else round(shape[1] * 20 / 28)
+        images = torch.stack([to_training_format(f, shape, box) for f in files])  # (N, C, H, W) uint8
+    else:
+        images = decode(len(files), lambda i: Image.open(files[i]), lambda i: str(files[i]), shape, "images")
     with torch.inference_mode():
         probs = restored.model(normalise(images)).softmax(dim=1)  # (N, K)
     values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
-    return [[(int(i), dataset.classes[int(i)], float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(values, indices)]
+    return [[(int(i), data["classes"][int(i)], float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(values, indices)]
 
 
 def main() -> int:

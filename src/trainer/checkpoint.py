@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 FORMAT = "hydra-torch-trainer"
 # 2: adds "choices", the config options the run was composed from (Hydra's runtime choices, e.g. model: cnn).
 # A version-1 file is read as version 2 with choices None: they are then inferred from its `_target_`s.
-VERSION = 2
+# 3: adds "data", the dataset's identity (name, image shape, class names, normalisation, content digest). A file
+# of an earlier version is read with data None: it was trained on MNIST or FashionMNIST, whose identity is known.
+VERSION = 3
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config")
 COUNTERS = ("epoch", "global_step", "batch_in_epoch")
 # The config groups whose options are objects; a stored config may name each one's class at its root only.
@@ -52,10 +54,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch < 2.14: "Unsupported global: GLOBAL x.y"; 2.14 for blocked modules: "unsupported GLOBAL x.y whose ..."
-        smuggled = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+        smuggled = pickled_global(e)
         if smuggled:
-            raise UserError(f"refusing to load {path}: it holds a pickled {smuggled[1]} object, and only tensors "
+            raise UserError(f"refusing to load {path}: it holds a pickled {smuggled} object, and only tensors "
                             "and plain values are loaded (weights_only=True); nothing in it was run") from None
         raise UserError(f"{path} is not a readable checkpoint (not a torch file)") from None
     except Exception as e:  # torn zip, random bytes, empty file...
@@ -78,7 +79,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     state.setdefault("batch_in_epoch", 0)
     state["config"] = plain_config(state["config"], path)
     state["choices"] = _stored_choices(state.get("choices"), path)
+    state["data"] = _stored_data(state.get("data"), path)
     return state
+
+
+def _stored_data(data: object, path: Path) -> dict[str, Any] | None:
+    """The dataset identity a checkpoint records (see ImageDataset.identity), checked to be plain values."""
+    if data is None:
+        return None
+
+    def numbers(v: object, n: int | None = None) -> bool:
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    ok = (isinstance(data, dict) and isinstance(data.get("name"), str) and numbers(data.get("in_shape"), 3)
+          and all(isinstance(x, int) and x > 0 for x in data["in_shape"]) and isinstance(data.get("classes"), list)
+          and 0 < len(data["classes"]) and all(isinstance(c, str) for c in data["classes"])
+          and numbers(data.get("mean"), data["in_shape"][0]) and numbers(data.get("std"), data["in_shape"][0])
+          and all(s > 0 for s in data["std"]) and isinstance(data.get("digest"), (str, type(None))))
+    if not ok:
+        raise UserError(f"refusing {path}: its stored dataset identity is not a name, an image shape, class names "
+                        "and a normalisation")
+    return data
+
+
+def pickled_global(error: BaseException) -> str | None:
+    """The class or function a file refused by `torch.load(weights_only=True)` tried to load, if it names one."""
+    # torch < 2.14: "Unsupported global: GLOBAL x.y"; 2.14 for blocked modules: "unsupported GLOBAL x.y whose ..."
+    found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+    return found[1] if found else None
 
 
 def _is_int(value: object) -> bool:
@@ -199,6 +228,23 @@ def config_changes(saved: dict, current_yaml: str) -> list[str]:
                           for k in fatal)
         raise UserError(f"cannot resume: the checkpoint was trained with a different setup ({diffs})")
     return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed]
+
+
+def require_same_data(saved: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
+    """Raise UserError unless the data a checkpoint was trained on is the data of this run (same images, labels,
+    classes and shape; a file from before version 3, which records none, was checked by its config alone)."""
+    if saved is None:
+        return
+    for key in ("in_shape", "classes", "digest"):
+        if saved[key] != current[key] and saved[key] is not None:
+            what = {"in_shape": "image shape", "classes": "class names", "digest": "images or labels"}[key]
+            raise UserError(f"cannot resume {path}: it was trained on other data ({what} differ: {saved['name']} "
+                            f"{_short(saved[key])} in the checkpoint, {current['name']} {_short(current[key])} now)")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,13 +22,13 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
-from trainer.data import IDXImageDataset
+from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError
 from trainer.paths import CONFIG_DIR
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
 # and another machine's paths mean nothing here); always this checkout's own values.
-WHERE = ("output_root", "dataset.root", "dataset.mirror", "trainer.resume", "trainer.checkpoint_dir")
+WHERE = ("output_root", "dataset.root", "dataset.path", "dataset.mirror", "trainer.resume", "trainer.checkpoint_dir")
 TRUST_HINT = ("only if you trust the file, rebuild it from the file's own config with trust_checkpoint=true "
               "(eval.py) or --trust-checkpoint (scripts/predict.py, scripts/export.py)")
 
@@ -99,7 +99,8 @@ def rebuildable_config(state: dict, trust: bool = False, where: Path | str = "th
     The classes (`_target_`s) and every key come from this checkout's config options, chosen by the
     option names the run was composed with (`state["choices"]`, e.g. `model: cnn`). The checkpoint
     contributes only values, each of the type the option's YAML gives it; paths are this machine's (WHERE):
-    `dataset.root` is `data_root`, else this checkout's default (data/).
+    `data_root` is where the dataset is read: `dataset.root` (default: this checkout's data/) for datasets
+    kept under a root, `dataset.path` (no default: `???`) for a folder or file of the user's own.
     Anything else (another class, an unknown key, a value of the wrong type) is refused with one line.
     `trust=True` takes the stored config as it is, for models from the user's own modules.
     """
@@ -110,7 +111,7 @@ def rebuildable_config(state: dict, trust: bool = False, where: Path | str = "th
         choices = state["choices"] if state["choices"] is not None else _inferred_choices(stored, where)
         config = OmegaConf.create(_checked(_composed(choices, where), stored, "", choices, where))
     if data_root is not None:
-        config.dataset.root = str(data_root)
+        config.dataset["path" if "path" in config.dataset.keys() else "root"] = str(data_root)  # keys(): with ???
     return config
 
 
@@ -144,6 +145,8 @@ def _checked(template: Any, stored: Any, key: str, choices: dict, where: Path) -
 def _fits(template: Any, value: Any) -> bool:
     if isinstance(value, dict):
         return False
+    if isinstance(value, list):  # a list where the option has a number or a word: mean/std per channel, image_size
+        return not isinstance(template, bool) and _plain(value)
     if isinstance(template, list) or template is None:
         return _plain(value) if template is None else isinstance(value, list) and all(map(_plain, value))
     if isinstance(template, bool) or isinstance(value, bool):
@@ -172,26 +175,55 @@ class TrainedModel:
 
     model: torch.nn.Module
     config: DictConfig  # the config it was trained with, as `rebuildable_config` returns it
-    dataset: type[IDXImageDataset]  # the dataset class whose images it takes: in_shape, classes, name
+    data: dict[str, Any]  # the identity of the data it was trained on: see ImageDataset.identity
     epoch: int  # the epoch the checkpoint was written in
 
 
-def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", dataset: DictConfig | None = None,
-                          trust: bool = False, data_root: str | Path | None = None) -> TrainedModel:
-    """Rebuild the model in `ckpt` from this checkout's config options and the values stored with it, for
-    images of its own dataset or of `dataset`. `trust` and `data_root`: see rebuildable_config.
-
-    Raises UserError for an unreadable or untrustworthy checkpoint, and for a `dataset` whose image shape or
-    class count does not fit the model.
+def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", trust: bool = False,
+                          data_root: str | Path | None = None) -> TrainedModel:
+    """Rebuild the model in `ckpt` from this checkout's config options and the values stored with it.
+    `trust` and `data_root`: see rebuildable_config. Raises UserError for an unreadable or untrustworthy checkpoint.
     """
     state = load_checkpoint(ckpt)
     trained = rebuildable_config(state, trust, ckpt, data_root)
-    data_cls = get_class((dataset if dataset is not None else trained.dataset)._target_)
-    model = build(trained.model, in_shape=data_cls.in_shape, num_classes=len(data_cls.classes))
+    data = data_identity(state, trained)
+    model_config = trained.model.copy()
+    if "weights" in model_config:
+        model_config.weights = None  # no pretrained download: the checkpoint holds the trained weights
+    model = build(model_config, in_shape=tuple(data["in_shape"]), num_classes=len(data["classes"]))
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError):  # other shapes or keys; not a state dict at all
-        raise UserError(f"dataset={data_cls.name} ({len(data_cls.classes)} classes of {data_cls.in_shape} images) "
-                        f"does not fit the model in {ckpt}, trained on "
-                        f"{trained.dataset._target_.rsplit('.', 1)[-1]}") from None
-    return TrainedModel(model.to(device).eval(), trained, data_cls, state["epoch"])
+        raise UserError(f"{ckpt}: its weights do not fit the model its config describes "
+                        f"({data['name']}, {len(data['classes'])} classes of {tuple(data['in_shape'])} images)") from None
+    return TrainedModel(model.to(device).eval(), trained, data, state["epoch"])
+
+
+def data_identity(state: dict, trained: DictConfig) -> dict[str, Any]:
+    """The identity of the data a checkpoint was trained on. A file from before version 3 has none stored: its
+    dataset was MNIST or FashionMNIST (this checkout's option class says which), whose identity is fixed."""
+    if state["data"] is not None:
+        return state["data"]
+    cls = get_class(trained.dataset._target_)
+    if not (isinstance(cls, type) and issubclass(cls, IDXImageDataset)):
+        raise UserError(f"{trained.dataset._target_}: a checkpoint from before version 3 must be of MNIST or "
+                        "FashionMNIST")
+    return {"name": cls.name, "in_shape": [1, 28, 28], "classes": list(cls.class_names),
+            "mean": [float(trained.dataset.mean)], "std": [float(trained.dataset.std)], "digest": None}
+
+
+def data_config(trained: DictConfig, option: str) -> DictConfig:
+    """The dataset node of a rebuilt config, refused in one line when it needs a path only the user can give
+    (`option`: how to give it, e.g. data_root=PATH)."""
+    if "path" in trained.dataset.keys() and OmegaConf.is_missing(trained.dataset, "path"):
+        raise UserError(f"the checkpoint was trained on a folder or file of your own (dataset.path on the machine "
+                        f"it was trained on, which is never read from the file); say where it is here: {option}")
+    return trained.dataset
+
+
+def check_fits(data: ImageDataset, trained: dict[str, Any], ckpt: str | Path) -> None:
+    """Raise UserError unless `data`'s images and class count are what the model in `ckpt` was trained for."""
+    if tuple(data.in_shape) != tuple(trained["in_shape"]) or data.num_classes != len(trained["classes"]):
+        raise UserError(f"dataset={data.name} ({data.num_classes} classes of {tuple(data.in_shape)} images) does not "
+                        f"fit the model in {ckpt}, trained on {trained['name']} ({len(trained['classes'])} classes "
+                        f"of {tuple(trained['in_shape'])} images)")

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 # Config groups whose values are a run's hyperparameters, minus where files live.
 HPARAM_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler")
 HISTOGRAM_LIMIT = 1e20  # TensorBoard's largest histogram bucket edge
-NOT_HPARAMS = ("dataset.root", "dataset.mirror", "dataset.download", "dataset.verify")
+NOT_HPARAMS = ("dataset.root", "dataset.mirror", "dataset.download", "dataset.verify", "dataset.cache",
+               "dataset.device_margin_gib")
 
 
 def hparams_of(config_yaml: str) -> dict[str, str | int | float | bool]:

@@ -23,8 +23,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from tqdm import tqdm
 
 from trainer.allocator import allocator_in_use
-from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainer.data import BatchLoader, IDXImageDataset
+from trainer.checkpoint import (config_changes, load_checkpoint, require_same_data, rng_state, save_checkpoint,
+                                set_rng_state)
+from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.errors import UserError, require_int
 from trainer.figures import confusion_matrix_image, labelled_grid
@@ -201,13 +202,13 @@ class Trainer:
     run directory. SIGINT/SIGTERM stop the run after the current optimizer step, with a checkpoint.
 
     Under torchrun (`dist.world_size > 1`) every rank runs this loop on its shard of `data` (see
-    `IDXImageDataset.shard`), training through DistributedDataParallel; epoch metrics are computed over
+    `ImageDataset.shard`), training through DistributedDataParallel; epoch metrics are computed over
     all ranks' samples; only rank 0 writes checkpoints, metrics.json and (through its logger) TensorBoard.
     `self.model` stays the plain module, so checkpoints have no "module." keys.
     """
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Callable[..., Schedule], data: IDXImageDataset, logger: Callable[..., TensorBoardLogger],
+                 scheduler: Callable[..., Schedule], data: ImageDataset, logger: Callable[..., TensorBoardLogger],
                  run_dir: str | Path, config_yaml: str, device: torch.device, max_epochs: int,
                  grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
                  checkpoint_dir: str, checkpoint_every_n_steps: int | None, resume: str | None,
@@ -519,7 +520,8 @@ class Trainer:
             "train_metrics": train_metrics[0], "skipped_batches": self.skipped_batches,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "monitor": self.monitor,
             "epochs_without_improvement": self.epochs_without_improvement,
-            "rng": rng_state(), "config": self.config_yaml, "choices": self.config_choices})
+            "rng": rng_state(), "config": self.config_yaml, "choices": self.config_choices,
+            "data": self.data.identity()})
         # The checkpoint says "everything up to this step is done": make the logged scalars as durable, so a
         # kill after it loses no TensorBoard steps before it (the resumed run purges the ones after).
         self.logger.flush()
@@ -538,6 +540,7 @@ class Trainer:
         state = load_checkpoint(path)
         for change in config_changes(state["config"], self.config_yaml):
             log.info("resume: config changed, %s", change)
+        require_same_data(state["data"], self.data.identity(), path)
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
         if state["epoch"] >= self.max_epochs:
             if (run_dir / "metrics.json").is_file():
