@@ -15,6 +15,13 @@ ratio closer to 1.00 than that is within this machine's timing noise.
 
     python scripts/benchmark.py                              # CPU (and CUDA when available), all rows
     python scripts/benchmark.py --models mlp --batch-sizes 64 --reps 5
+    python scripts/benchmark.py --data rgb32 --models mlp cnn --batch-sizes 128 512   # 50,000 3x32x32 images
+    python scripts/benchmark.py --decode 50000               # image_folder: first decode, then cached start-up
+
+`--data rgb32` times 50,000 generated 3x32x32 images (a `dataset=tensors` file) in place of MNIST; it has no
+tutorial column (the quickstart loop reads MNIST). `--decode N` writes N generated 32x32 PNGs in class folders
+and times the image_folder dataset's first build (decoding every file) and a second one (from its cache), next
+to MNIST's cached build, which is what every MNIST run starts with.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,16 +65,16 @@ def sync(device: torch.device) -> None:
 class Row:
     """One device x model x batch-size comparison; each method builds a fresh model from the same seed."""
 
-    def __init__(self, device: torch.device, model: str, batch_size: int, steps: int, root: str, run_dir: Path):
+    def __init__(self, device: torch.device, model: str, batch_size: int, steps: int, data: list[str], run_dir: Path):
         self.device, self.steps, self.batch_size = device, steps, batch_size
-        self.cfg = config(f"model={model}", f"dataset.batch_size={batch_size}", f"dataset.root={root}",
+        self.cfg = config(f"model={model}", f"dataset.batch_size={batch_size}", *data,
                           f"trainer.limit_train_batches={steps}", "trainer.max_epochs=1000000",
                           f"trainer.device={device}")
         self.data = build(self.cfg.dataset, device=device, seed=self.cfg.seed)
         self.run_dir = run_dir
         # floor: every training image normalised once, in the order the loop will slice it
         images, self.floor_y = self.data.train.raw()
-        self.floor_x = self.data.train.transform(images)  # (N, 1, 28, 28) float32
+        self.floor_x = self.data.train.transform(images)  # (N, C, H, W) float32
         self.epoch = 0
 
     def fresh(self):
@@ -113,6 +121,8 @@ class Row:
         return seconds
 
     def tutorial(self) -> float:
+        if self.cfg.dataset._target_ != "trainer.data.MNIST":
+            return float("nan")
         from torch.utils.data import DataLoader
         from torchvision import datasets
         from torchvision.transforms import ToTensor
@@ -147,7 +157,12 @@ def main() -> int:
                         help="training samples per timed run (default: one epoch; cnn on cpu: an eighth of this)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--root", default=str(REPO / "data"))
+    parser.add_argument("--data", choices=("mnist", "rgb32"), default="mnist",
+                        help="mnist (from --root), or rgb32: 50,000 generated 3x32x32 images")
+    parser.add_argument("--decode", type=int, metavar="N", help="time decoding N PNGs instead (see above)")
     args = parser.parse_args()
+    if args.decode:
+        return decode_times(args.decode, args.root)
 
     methods = ("floor", "floor_data", "framework", "tutorial")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc: {allocator_in_use()}"
@@ -157,12 +172,18 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
+        data = [f"dataset.root={args.root}"]
+        if args.data == "rgb32":
+            x, y = generated(50_000, 32, 32)
+            np.savez(Path(tmp) / "rgb32.npz", train_x=x, train_y=y, test_x=x[:10_000], test_y=y[:10_000])
+            data = ["dataset=tensors", f"dataset.path={Path(tmp) / 'rgb32.npz'}", "dataset.val_size=5000"]
         for device in map(torch.device, args.devices):
             for model in args.models:
                 for bs in args.batch_sizes:
                     samples = args.samples // 8 if (model == "cnn" and device.type == "cpu") else args.samples
+                    samples = samples * 28 * 28 // (32 * 32 * 3) if args.data == "rgb32" else samples
                     steps = max(samples // bs, 5)
-                    row = Row(device, model, bs, steps, args.root, Path(tmp) / f"{device.type}-{model}-{bs}")
+                    row = Row(device, model, bs, steps, data, Path(tmp) / f"{device.type}-{model}-{bs}")
                     times: dict[str, list[float]] = {m: [] for m in methods}
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
@@ -183,6 +204,41 @@ def main() -> int:
     print("fw/floor: framework time / floor time (1.00 = no overhead); fw/+data: framework / floor fed by the same\n"
           "input pipeline (the Trainer's own cost: metrics, logging, checkpoint); tut/fw: tutorial / framework;\n"
           "noise: spread of the floor's repetitions")
+    return 0
+
+
+def generated(n: int, h: int, w: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(n, h, w, 3) uint8 images and (n,) labels: noise plus a bright band whose height and colour tell the class."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 70, (n, h, w, 3), dtype=np.uint8)
+    for k in range(classes):
+        band = slice((k % 5) * h // 5, (k % 5 + 1) * h // 5)
+        images[labels == k, band, :, k % 3] += 170
+    return images, labels
+
+
+def decode_times(n: int, root: str) -> int:
+    """Seconds to build the image_folder dataset over `n` PNGs: first (decoding), then from the cache; and MNIST's."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "pngs"
+        x, y = generated(n, 32, 32)
+        start = time.perf_counter()
+        for k in range(10):
+            (folder / f"class {k}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(x[i]).save(folder / f"class {y[i]}" / f"{i}.png")
+        print(f"wrote {n} PNGs (32x32 RGB) in {time.perf_counter() - start:.1f} s")
+        folder_data = ["dataset=image_folder", f"dataset.path={folder}"]
+        for what, overrides in (("image_folder, first run (decodes)", folder_data),
+                                ("image_folder, later run (cached)", folder_data),
+                                ("mnist, cached (every MNIST run)", [f"dataset.root={root}"])):
+            cfg = config(*overrides)
+            start = time.perf_counter()
+            data = build(cfg.dataset, device="cpu", seed=0)
+            print(f"{what:36} {time.perf_counter() - start:7.2f} s  ({data.train.num_items + data.val.num_items + data.test.num_items} images {data.in_shape})")
     return 0
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import pytest
 import yaml
 
+from image_data import arrays, image_folder
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +155,13 @@ SKIP = {
     "python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu hydra.launcher.nodes=2 "
     "hydra.launcher.tasks_per_node=8 hydra.launcher.gpus_per_node=8 model=cnn dataset.batch_size=16":
         "needs a SLURM cluster with 2 nodes of 8 GPUs",
+    "python train.py dataset=cifar10 model=torchvision model.name=resnet18":
+        "downloads CIFAR-10 (170 MB) from the internet; tests/test_open_data.py trains the same options on CIFAR "
+        "files in torchvision's layout",
+    "PYTHONPATH=. python path/to/hydra-torch-trainer/train.py dataset=custom dataset._target_=mydata.Stripes "
+    "model=custom model._target_=mydata.TinyNet":
+        "runs from a user's directory beside the README's mydata.py: tests/test_open_data.py writes that file "
+        "from the README and runs this command there",
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
@@ -183,7 +192,8 @@ class Made:
 
 @dataclass(frozen=True)
 class Fixture:
-    """A path this module provides: `provision_root` (empty, outside the copy) or `mirror` (a data mirror)."""
+    """A path this module provides: `provision_root` (empty, outside the copy), `mirror` (a data mirror),
+    `image_folder` (a generated folder of class folders of PNGs) or `arrays` (a generated .npz)."""
     name: str
 
 
@@ -206,6 +216,8 @@ SUBSTITUTIONS: dict[str, Made | Fixture] = {
     # unfinished run (`python train.py`'s own run has trained 10 epochs by then: the Running section trains it on).
     "outputs/2026-11-23/11-00-00-123456/checkpoints/last.pt":
         Made("python train.py trainer.resume=auto", "checkpoints/last.pt"),
+    "/path/to/photos": Fixture("image_folder"),
+    "/path/to/arrays.npz": Fixture("arrays"),
     "/data": Fixture("provision_root"),
     "/mnt/datasets": Fixture("mirror"),
 }
@@ -291,7 +303,13 @@ class ReadmeSession:
 
     # placeholders
     def fixture_path(self, name: str) -> str:
-        return str({"provision_root": self.tmp / "provision_root", "mirror": self.mirror}[name])
+        if name == "image_folder" and not (self.tmp / "photos").exists():
+            image_folder(self.tmp / "photos", ["cat", "dog", "fish"], 30)
+        if name == "arrays" and not (self.tmp / "arrays.npz").exists():
+            x, y = arrays(300, 4, 12, 12, 1)
+            np.savez(self.tmp / "arrays.npz", train_x=x[..., 0], train_y=y)
+        return str({"provision_root": self.tmp / "provision_root", "mirror": self.mirror,
+                    "image_folder": self.tmp / "photos", "arrays": self.tmp / "arrays.npz"}[name])
 
     def made(self, key: str, made: Made) -> str:
         if made.command in SKIP or made.command not in {c.text for c in COMMANDS}:
