@@ -190,6 +190,14 @@ class ImageDataset:
         """This source's settings that change what `read()` returns (an image size, a channel count)."""
         return {}
 
+    def cache_dir(self, files: list[Path]) -> Path:
+        """Where the cache is kept: the folder holding all of `files`."""
+        return Path(os.path.commonpath(files)) if len(files) > 1 else Path(files[0]).parent
+
+    def stamp(self, files: list[Path]) -> str:
+        """A digest of the files' names, sizes and modification times: it changes when any file does."""
+        return _stamp(files)
+
     # --- what every source gets -------------------------------------------------------------------------
 
     def shard(self, rank: int, world_size: int) -> None:
@@ -230,9 +238,8 @@ class ImageDataset:
         if self.cache and files:
             options = {"source": type(self).__qualname__, "format": CACHE_FORMAT, **self.cache_options()}
             key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            cache = Path(os.path.commonpath(files)) if len(files) > 1 else files[0].parent
-            cache = self.cache_file = cache / f"{self.name}-{key}.cache.pt"
-            stamp = _stamp(files)
+            cache = self.cache_file = self.cache_dir(files) / f"{self.name}-{key}.cache.pt"
+            stamp = self.stamp(files)
             record = _load_cache(cache, stamp)
             if record is not None:
                 return record

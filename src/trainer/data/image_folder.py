@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,14 @@ class ImageFolder(ImageDataset):
         self._splits = self._scan()
         super().__init__(**common)
 
-    def sources(self) -> list[Path]:
+    def sources(self) -> list[str]:  # paths as strings: 50,000 Path objects would cost a tenth of a second
         return [f for files, _ in self._splits.values() for f in files]
+
+    def cache_dir(self, files: list[str]) -> Path:
+        return self.path
+
+    def stamp(self, files: list[str]) -> str:
+        return hashlib.sha256("\n".join(self._stats).encode()).hexdigest()  # made by _scan: one stat per file
 
     def cache_options(self) -> dict[str, Any]:
         return {"path": str(self.path.resolve()), "image_size": self.image_size, "channels": self.channels}
@@ -51,7 +59,7 @@ class ImageFolder(ImageDataset):
             start += len(split_files)
         return Images(classes=self._classes, **out)
 
-    def _scan(self) -> dict[str, tuple[list[Path], list[int]]]:
+    def _scan(self) -> dict[str, tuple[list[str], list[int]]]:
         """{split: (image files, class indices)} in a fixed order; raises UserError for an unusable folder."""
         if not self.path.is_dir():
             raise UserError(f"dataset.path={self.path}: not a directory (give a folder of class folders of images)")
@@ -59,7 +67,7 @@ class ImageFolder(ImageDataset):
         roots = {s: self.path / s for s in SPLIT_DIRS if (self.path / s).is_dir()} if split_layout else {
             "train": self.path}
         self._classes = _class_dirs(roots["train"])
-        splits = {}
+        splits, self._stats = {}, []
         for split, root in roots.items():
             extra = sorted(set(_class_dirs(root, required=False)) - set(self._classes))
             if extra:
@@ -67,7 +75,7 @@ class ImageFolder(ImageDataset):
                                 f"{roots['train']} ({', '.join(self._classes)})")
             files, labels = [], []
             for label, name in enumerate(self._classes):
-                found = _images_in(root / name) if (root / name).is_dir() else []
+                found = _images_in(root / name, self._stats) if (root / name).is_dir() else []
                 if not found and split == "train":
                     raise UserError(f"{root / name}: no images (class folders hold .png, .jpg, ... files: "
                                     f"{', '.join(sorted(SUFFIXES))})")
@@ -86,9 +94,24 @@ def _class_dirs(root: Path, required: bool = True) -> list[str]:
     return names
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _images_in(folder: Path, stats: list[str]) -> list[str]:
+    """The image files under `folder` (recursively, skipping hidden names), sorted; appends "path size mtime" of
+    each to `stats`. os.scandir, not Path.rglob: a folder of 50,000 images is listed in a fraction of a second."""
+    found = []
+    pending = [str(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in SUFFIXES and entry.is_file():
+                    st = entry.stat()
+                    found.append((entry.path, f"{entry.path} {st.st_size} {st.st_mtime_ns}"))
+    found.sort()
+    stats += [stat for _, stat in found]
+    return [path for path, _ in found]
 
 
 def _open(path: Path) -> Any:
