@@ -64,7 +64,9 @@ def test_image_folder_of_mixed_files(tmp_path, monkeypatch):
     images, labels = data.train.images, data.train.labels
     assert images.shape == (n, 3, 16, 16) and sorted(torch.bincount(labels).tolist()) == [40, 40, 41]
     assert any(torch.equal(img, torch.from_numpy(rgba[..., :3]).permute(2, 0, 1)) for img in images)  # alpha dropped
-    assert len(data.mean) == 3 and data.mean[0] > 0.2  # auto: computed per channel
+    pool = images.double() / 255  # auto: computed per channel over every training image, once
+    assert data.mean == pytest.approx(pool.mean(dim=(0, 2, 3)).tolist(), abs=1e-4)
+    assert data.std == pytest.approx(pool.std(dim=(0, 2, 3), correction=0).tolist(), abs=1e-4)
     assert data.cache_file.parent == root and data.cache_file.is_file()
     reads = []
     monkeypatch.setattr(ImageFolder, "read", lambda self: reads.append(1))  # a cache hit must not read
