@@ -5,6 +5,7 @@ Each source is generated small, in its real on-disk format; no network is used.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainer.data.dataset as dataset_module
 from conftest import REPO, run_train, run_train_stopping
@@ -295,6 +297,9 @@ def test_torchvision_model_names_are_checked():
                                         "of alexnet"):
         from trainer.models.torchvision_model import torchvision_model
         torchvision_model((3, 32, 32), 10, "resnet19", None)
+    with pytest.raises(UserError, match="model.weights=IMAGENET9K: not weights of resnet18; use one of DEFAULT, "
+                                        "IMAGENET1K_V1"):
+        torchvision_model((3, 32, 32), 10, "resnet18", "IMAGENET9K")
 
 
 # --- end to end: train, resume guard, eval, predict, export --------------------------------------------------
@@ -310,6 +315,10 @@ def test_image_folder_end_to_end(tmp_path):
     run = next(out.rglob("metrics.json")).parent
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.95, metrics
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    inputs = Image.open(io.BytesIO(events.Images("inputs/train")[-1].encoded_image_string))
+    assert inputs.mode == "RGB" and len(set(inputs.getdata())) > 100  # the colour images, as the model sees them
     ckpt = run / "checkpoints" / "best.pt"
     data = torch.load(ckpt, weights_only=True)["data"]
     assert (data["name"], data["in_shape"], data["classes"]) == ("shapes", [3, 12, 18], ["left top", "middle", "right"])
