@@ -303,10 +303,11 @@ class ReadmeSession:
 
     # placeholders
     def fixture_path(self, name: str) -> str:
+        # Enough images for 8 training batches of 128 after the held-out 20%: one-cycle needs 2 warm-up steps.
         if name == "image_folder" and not (self.tmp / "photos").exists():
-            image_folder(self.tmp / "photos", ["cat", "dog", "fish"], 30)
+            image_folder(self.tmp / "photos", ["cat", "dog", "fish"], 450)
         if name == "arrays" and not (self.tmp / "arrays.npz").exists():
-            x, y = arrays(300, 4, 12, 12, 1)
+            x, y = arrays(1400, 4, 12, 12, 1)
             np.savez(self.tmp / "arrays.npz", train_x=x[..., 0], train_y=y)
         return str({"provision_root": self.tmp / "provision_root", "mirror": self.mirror,
                     "image_folder": self.tmp / "photos", "arrays": self.tmp / "arrays.npz"}[name])

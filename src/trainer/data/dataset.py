@@ -145,8 +145,9 @@ class ImageDataset:
         n_test = 0 if test_x is not None else _split_size("test_size", test_size, pool)
         n_val = 0 if val_x is not None else _split_size("val_size", val_size, pool)
         if n_test + n_val >= pool:
-            raise UserError(f"dataset.val_size={val_size}, dataset.test_size={test_size}: hold out {n_val + n_test} "
-                            f"of the {pool} training images, leaving none to train on")
+            held = f"dataset.val_size={val_size}" + (f", dataset.test_size={test_size}" if n_test else "")
+            raise UserError(f"{held}: holds out {n_val + n_test} images, which must be smaller than the {pool} "
+                            "training images")
         perm = torch.randperm(pool, generator=torch.Generator().manual_seed(split_seed))
         test_idx, val_idx, train_idx = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
 
