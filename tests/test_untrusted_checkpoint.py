@@ -185,7 +185,7 @@ def test_a_version_1_checkpoint_is_migrated_by_its_classes(tmp_path):
 
 
 @pytest.mark.parametrize("version, says", [(99, "newer version of this framework (checkpoint version 99; this code "
-                                                 "reads 1 to 2)"),
+                                                 "reads 1 to 3)"),
                                            (0, "checkpoint version 0 is not one"), ("2", "checkpoint version '2'")])
 def test_checkpoint_versions_newer_or_unknown_are_refused(tmp_path, version, says):
     state = trained_state()
