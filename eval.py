@@ -53,8 +53,9 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
                  seed=trained.seed)
     check_fits(data, restored.data, ckpt)
     if dataset is None and restored.data["digest"] not in (None, data.digest):
-        log.warning("%s: the data is not the data the model was trained on (digest %s, trained on %s): files were "
-                    "added, removed or changed since; the %s split may hold images it was trained on", data.name,
+        log.warning("%s: the data is not the data the model was trained on (digest %s, trained on %s): its files "
+                    "were added, removed or changed since, or its source reads differently; the %s split may hold "
+                    "images it was trained on", data.name,
                     data.digest, restored.data["digest"], split)
     loss_fn = build(trained.loss)
 

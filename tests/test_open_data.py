@@ -24,6 +24,7 @@ from conftest import REPO, run_train, run_train_stopping
 from image_data import arrays, cifar10_batches, idx_files, image_folder, pattern
 from trainer.config import build
 from trainer.data import BatchLoader, BatchTransform, ImageFolder, random_crop, random_hflip
+from trainer.data.tensors import TensorsFile
 from trainer.errors import UserError
 
 FAST = ("dataset.batch_size=16", "dataset.eval_batch_size=64", "trainer.device=cpu", "trainer.log_every_n_steps=5",
@@ -83,6 +84,23 @@ def test_image_folder_split_layout_with_val_and_options(tmp_path):
     data = dataset("dataset=image_folder", f"dataset.path={root}", "dataset.image_size=[8,10]", "dataset.channels=1")
     assert data.in_shape == (1, 8, 10) and data.classes == ("x", "y")
     assert (data.train.num_items, data.val.num_items, data.test.num_items) == (20, 6, 8)  # the folders' own splits
+    # train/ and val/ without test/: still the split layout (not two classes "train" and "val"), test held out
+    (root / "test").rename(tmp_path / "elsewhere")
+    data = dataset("dataset=image_folder", f"dataset.path={root}", "dataset.test_size=4")
+    assert data.classes == ("x", "y") and (data.train.num_items, data.val.num_items, data.test.num_items) == (16, 6, 4)
+
+
+def test_arrays_files_with_one_stem_have_caches_of_their_own(tmp_path, monkeypatch):
+    x, y = arrays(40, 2, 6, 6, 1)
+    np.savez(tmp_path / "a.npz", train_x=x[..., 0], train_y=y)
+    torch.save({"train_x": torch.from_numpy(x[..., 0]), "train_y": torch.from_numpy(y)}, tmp_path / "a.pt")
+    first = [dataset("dataset=tensors", f"dataset.path={tmp_path / f'a.{s}'}").cache_file for s in ("npz", "pt")]
+    assert first[0] != first[1] and all(f.is_file() for f in first)
+    reads = []
+    monkeypatch.setattr(TensorsFile, "read", lambda self: reads.append(1))  # each is a cache hit from now on
+    for s in ("npz", "pt"):
+        dataset("dataset=tensors", f"dataset.path={tmp_path / f'a.{s}'}")
+    assert not reads
 
 
 @pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW"])
@@ -180,6 +198,8 @@ BAD_DATA = {
     "label out of range": (lambda t: _tensors(t, train_x=x20, train_y=y20 + 5, classes=np.array(["a", "b"])),
                            "label 6 is out of range for 2 classes"),
     "image and label counts differ": (lambda t: _tensors(t, train_x=x20, train_y=y20[:15]), "20 images but 15 labels"),
+    "test images of another shape": (lambda t: _tensors(t, train_x=x20, train_y=y20, test_x=x20[:, :4],
+                                                        test_y=y20), "test images are (1, 4, 6), training images (1, 6, 6)"),
     "float images": (lambda t: _tensors(t, train_x=x20.astype(np.float32), train_y=y20), "must be uint8"),
     "pickle in a .pt file": (lambda t: torch.save({"train_x": np.zeros(3)}, t / "a.pt") or [
         "dataset=tensors", f"dataset.path={t / 'a.pt'}"], "refusing to load it: it holds a pickled numpy"),

@@ -100,7 +100,8 @@ def onecycle(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, max
     total_steps = steps_per_epoch * max_epochs
     if pct_start * total_steps < 2:  # torch divides by (pct_start * total_steps - 1) and breaks
         raise ValueError(f"pct_start={pct_start} of a {total_steps}-step run leaves under 2 warm-up steps; "
-                         "train longer or raise pct_start")
+                         "train longer (more epochs, or a smaller dataset.batch_size for more steps an epoch), "
+                         "raise pct_start, or pick a schedule without warm-up (scheduler=none)")
     has_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
     scheduler = lrs.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
                                div_factor=div_factor, final_div_factor=final_div_factor,

@@ -538,9 +538,9 @@ class Trainer:
     def _resume(self, path: Path, new_run_dir: Path, checkpoint_dir: str) -> Path:
         """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`; return the run dir to continue."""
         state = load_checkpoint(path)
+        require_same_data(state["data"], self.data.identity(), path)  # before the config lines: a refusal is one line
         for change in config_changes(state["config"], self.config_yaml):
             log.info("resume: config changed, %s", change)
-        require_same_data(state["data"], self.data.identity(), path)
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
         if state["epoch"] >= self.max_epochs:
             if (run_dir / "metrics.json").is_file():

@@ -321,7 +321,7 @@ def _record(images: Images, name: str) -> dict[str, Any]:
                                              f"dataset {name} ({split} split)")
     shape = tuple(record["train_x"].shape[1:])
     for split in ("test", "val"):
-        if split in record and tuple(record[f"{split}_x"].shape[1:]) != shape:
+        if f"{split}_x" in record and tuple(record[f"{split}_x"].shape[1:]) != shape:
             raise UserError(f"dataset {name}: {split} images are {tuple(record[f'{split}_x'].shape[1:])}, training "
                             f"images {shape} (C, H, W)")
     if len(record["train_y"]) == 0:

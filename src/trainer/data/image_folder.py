@@ -20,7 +20,8 @@ class ImageFolder(ImageDataset):
     """Images in `path`, in one of two layouts:
 
     - `path/<class>/*.png|jpg|...`: the test and validation splits are held out by `split_seed`;
-    - `path/train/<class>/...` and `path/test/<class>/...`, optionally `path/val/<class>/...`.
+    - `path/train/<class>/...` with `path/test/<class>/...` or `path/val/<class>/...` or both; a split without
+      its folder is held out from train/.
 
     Class names are the class folders' names, sorted. Any size and mode: every image is converted to
     `channels` (1 or 3; null: 3 if any image has colour) and resized to `image_size` ([H, W]; null: the
@@ -63,7 +64,8 @@ class ImageFolder(ImageDataset):
         """{split: (image files, class indices)} in a fixed order; raises UserError for an unusable folder."""
         if not self.path.is_dir():
             raise UserError(f"dataset.path={self.path}: not a directory (give a folder of class folders of images)")
-        split_layout = (self.path / "train").is_dir() and (self.path / "test").is_dir()
+        # train/ beside test/ or val/ (or both) is the split layout; a split it lacks is held out from train/
+        split_layout = (self.path / "train").is_dir() and any((self.path / s).is_dir() for s in ("val", "test"))
         roots = {s: self.path / s for s in SPLIT_DIRS if (self.path / s).is_dir()} if split_layout else {
             "train": self.path}
         self._classes = _class_dirs(roots["train"])

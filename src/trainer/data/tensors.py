@@ -34,6 +34,10 @@ class TensorsFile(ImageDataset):
             raise UserError(f"dataset.path={self.path}: no such file (give a .npz or .pt file)")
         return [self.path]
 
+    def cache_options(self) -> dict[str, Any]:
+        # a.npz and a.pt beside each other share a stem, hence a cache name: the key tells them apart
+        return {"path": str(self.path.resolve())}
+
     def read(self) -> Images:
         arrays = self._arrays()
         for key in ("train_x", "train_y"):
