@@ -10,6 +10,9 @@ from omegaconf import OmegaConf
 
 import train
 from conftest import REPO, TINY
+from trainer.config import build
+from trainer.logger import TensorBoardLogger
+from trainer.trainer import Trainer
 
 GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger")
 OPTIONS = {g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml")) for g in GROUPS}
@@ -66,10 +69,14 @@ def option_node(group: str, option: str) -> dict:
     return OmegaConf.to_container(config(f"{group}={option}")[group], resolve=False)
 
 
+# Small widths: what the grid tests is how the options work together, which does not depend on the layer sizes.
+SMALL_MODELS = ("model.hidden_sizes=[32]", "model.channels=[4,8]", "model.hidden=16")
+
+
 @functools.lru_cache(maxsize=None)
 def base_node(root: str) -> dict:
     return OmegaConf.to_container(config(*TINY, f"dataset.root={root}", "dataset.eval_batch_size=64",
-                                         "trainer.max_epochs=2"), resolve=False)
+                                         "trainer.max_epochs=2", "trainer.log_every_n_steps=1"), resolve=False)
 
 
 def combination(root, **choices: str):
@@ -80,18 +87,56 @@ def combination(root, **choices: str):
     return cfg
 
 
+def small(cfg):
+    """`cfg` with the model's widths shrunk where its option has them."""
+    for key in SMALL_MODELS:
+        name, value = key.split("=")
+        if OmegaConf.select(cfg, name, default=None) is not None:
+            OmegaConf.update(cfg, name, OmegaConf.create(f"v: {value}").v)
+    return cfg
+
+
 def test_assembled_combination_equals_composed(combo_root):
     choices = dict(model="mlp", loss="nll", optimizer="sgd", scheduler="plateau")
     composed = config(*[f"{g}={o}" for g, o in choices.items()], *TINY, f"dataset.root={combo_root}",
-                      "dataset.eval_batch_size=64", "trainer.max_epochs=2")
+                      "dataset.eval_batch_size=64", "trainer.max_epochs=2", "trainer.log_every_n_steps=1")
     assert OmegaConf.to_container(combination(combo_root, **choices), resolve=True) == \
         OmegaConf.to_container(composed, resolve=True)
 
 
+def expected_lrs(cfg, val_metrics: list[float]) -> list[float]:
+    """The LR of each of the run's 8 optimizer steps, from the configured optimizer and schedule alone (no
+    Trainer): a stand-in parameter, 4 steps an epoch, the epoch schedules stepped on the logged val metric."""
+    optimizer = build(cfg.optimizer, params=[torch.nn.Parameter(torch.zeros(1))])
+    schedule = build(cfg.scheduler, _partial_=True)(optimizer, steps_per_epoch=4, max_epochs=2)
+    lrs = []
+    for epoch in range(2):
+        for _ in range(4):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()  # no gradient: changes nothing, but the scheduler expects a step before its own
+            schedule.after_batch()
+        schedule.after_epoch(val_metrics[epoch])
+    return lrs
+
+
 @pytest.mark.parametrize("model, loss, optimizer, scheduler", COMBOS, ids=["-".join(c) for c in COMBOS])
-def test_every_combination_trains_a_few_steps(combo_root, tmp_path, model, loss, optimizer, scheduler):
-    cfg = combination(combo_root, model=model, loss=loss, optimizer=optimizer, scheduler=scheduler)
+def test_every_combination_trains_a_few_steps(combo_root, tmp_path, monkeypatch, model, loss, optimizer, scheduler):
+    cfg = small(combination(combo_root, model=model, loss=loss, optimizer=optimizer, scheduler=scheduler))
+    logged, initial = [], {}
+    log_metrics, fit = TensorBoardLogger.log_metrics, Trainer.fit
+    monkeypatch.setattr(TensorBoardLogger, "log_metrics",
+                        lambda self, metrics, step: logged.append((step, dict(metrics))) or log_metrics(self, metrics, step))
+    monkeypatch.setattr(Trainer, "fit", lambda self: initial.update(
+        {k: v.clone() for k, v in self.model.state_dict().items()}) or fit(self))
     metrics = train.train(cfg, tmp_path)  # 2 epochs x 4 steps, validation, checkpoints, test
     assert set(metrics) == {"test/loss", "test/acc", "test/f1", "best/val/acc"}
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    fresh = build(cfg.model, in_shape=(1, 28, 28), num_classes=10)
+    fresh.load_state_dict(state["model"], strict=True)  # every key, every shape: nothing missing, nothing extra
+    assert state["global_step"] == 8
+    assert any(not torch.equal(initial[k], v) for k, v in state["model"].items() if v.is_floating_point()), \
+        "the optimizer never changed the weights"
+    lrs = [m["lr"] for _, m in logged if "lr" in m]  # log_every_n_steps=1: the LR of every step
+    val = [m["val/acc"] for _, m in logged if "val/acc" in m]
+    assert lrs == pytest.approx(expected_lrs(cfg, val), rel=1e-6)

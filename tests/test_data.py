@@ -36,7 +36,9 @@ def test_len_drop_last_and_resume_mid_epoch():
     assert loader(drop_last=True).num_samples == 100
     ld = loader(shuffle=True, seed=1)
     full = [y for _, y in ld]
-    assert all(torch.equal(a, b) for a, b in zip(full[4:], [y for _, y in ld.iter_from(4)]))
+    resumed = [y for _, y in ld.iter_from(4)]
+    assert len(full) == 11 and len(resumed) == 7  # the batches after the first 4, no more, no fewer
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed))
 
 
 def test_random_shift_moves_content_and_fills_zero():
