@@ -243,6 +243,33 @@ def test_every_experiment_preset_runs_end_to_end(tiny_root, tmp_path):
     assert result.returncode == 0, result.stderr
     finished = {json.loads(m.read_text())["epochs"] for m in tmp_path.rglob("metrics.json")}
     assert len(list(tmp_path.rglob("metrics.json"))) == len(presets) and finished == {2}
+    # Each job ran its own preset: its options and every value it sets, except those the command line and
+    # debug=fast_dev_run set after it.
+    later = {o.split("=")[0] for o in TINY} | set(flat(yaml.safe_load((REPO / "configs/debug/fast_dev_run.yaml")
+                                                                    .read_text())))
+    jobs = {}
+    for metrics in tmp_path.rglob("metrics.json"):
+        hydra_dir = metrics.parent / ".hydra"
+        name = next(o for o in yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if o.startswith("experiment="))
+        jobs[name.split("=")[1]] = hydra_dir
+    assert sorted(jobs) == presets
+    for preset, hydra_dir in jobs.items():
+        spec = yaml.safe_load((REPO / "configs" / "experiment" / f"{preset}.yaml").read_text())
+        choices = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
+        for entry in spec.pop("defaults"):
+            (key, option), = entry.items()  # "override /model": cnn
+            assert choices[key.split("/")[-1]] == option, (preset, key)
+        ran = flat(yaml.safe_load((hydra_dir / "config.yaml").read_text()))
+        values = {k: v for k, v in flat(spec).items() if k not in later}
+        assert values and all(ran[k] == v for k, v in values.items()), (preset, {k: ran[k] for k in values})
+
+
+def flat(node, prefix=""):
+    """{"a.b": leaf} for a nested dict."""
+    out = {}
+    for k, v in node.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def test_debug_overfit_memorises_a_few_batches(tiny_root, tmp_path):
