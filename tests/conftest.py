@@ -51,6 +51,15 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def faint_root(tmp_path_factory) -> Path:
+    """Faint patches: a short run leaves accuracy below 1 and dependent on the model and hyperparameters."""
+    root = tmp_path_factory.mktemp("faint_data")
+    make_tiny_dataset(root, "MNIST", patch=12)
+    make_tiny_dataset(root, "FashionMNIST", seed=1, patch=12)
+    return root
+
+
+@pytest.fixture(scope="session")
 def real_root() -> Path:
     """The repo's data/ directory with both real datasets, provisioned the way train.py does it."""
     root = REPO / "data"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import _STOPPING_TRAIN, REPO, TINY, make_tiny_dataset, run_train
+from conftest import _STOPPING_TRAIN, REPO, TINY, run_train
 
 pytestmark = pytest.mark.slow  # each torchrun start costs ~10 s of imports per process
 
@@ -23,11 +23,6 @@ pytestmark = pytest.mark.slow  # each torchrun start costs ~10 s of imports per 
 COMMON = (*TINY, "dataset.val_size=120", "dataset.eval_batch_size=64", "model=mlp", "scheduler=cosine", "trainer.max_epochs=3",
           "trainer.deterministic=true")
 DDP = "dataset.batch_size=16"  # per process: 2 x 16 = the single process's 32
-
-
-@pytest.fixture(scope="module")
-def faint_root(tmp_path_factory):
-    return make_tiny_dataset(tmp_path_factory.mktemp("faint"), "MNIST", patch=12)
 
 
 def torchrun(*overrides, nproc=2, timeout=300, wrapper=(), env=None):

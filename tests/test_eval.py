@@ -3,15 +3,18 @@
 import csv
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import TINY, run_train
+from trainer.config import model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_root, tmp_path_factory):
+def trained(faint_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = run_train(*TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={run_dir}", "model=cnn",
+    result = run_train(*TINY, f"dataset.root={faint_root}", f"hydra.run.dir={run_dir}", "model=cnn",
                        "model.channels=[8,16]", "trainer.max_epochs=2")
     assert result.returncode == 0, result.stderr
     return run_dir
@@ -21,9 +24,9 @@ def run_eval(*overrides):
     return run_train(*overrides, script="eval.py")
 
 
-def test_eval_rebuilds_the_model_from_the_checkpoint_and_matches_training(trained, tiny_root, tmp_path):
+def test_eval_rebuilds_the_model_from_the_checkpoint_and_matches_training(trained, faint_root, tmp_path):
     # data_root: the checkpoint names where it was trained on, but never chooses where files are read or written
-    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={tiny_root}", f"hydra.run.dir={tmp_path}/eval")
+    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={faint_root}", f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 0, result.stderr
     ours = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     theirs = json.loads((trained / "metrics.json").read_text())  # train.py's own test of best.pt
@@ -35,15 +38,31 @@ def test_eval_rebuilds_the_model_from_the_checkpoint_and_matches_training(traine
     counts = [[int(n) for n in row[1:]] for row in rows[1:]]
     assert sum(map(sum, counts)) == 200 and sum(counts[i][i] for i in range(10)) == round(ours["test/acc"] * 200)
     assert "confusion matrix" in result.stdout and "acc " in result.stdout
+    # Accuracy and macro F1 recomputed from the raw test files and the model's own predictions, without the
+    # project's data pipeline or metrics: the IDX bytes, the stored normalisation, an argmax and a few counts.
+    raw = faint_root / "MNIST" / "raw"
+    images = torch.from_numpy(np.fromfile(raw / "t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 1, 28, 28))
+    labels = torch.from_numpy(np.fromfile(raw / "t10k-labels-idx1-ubyte", np.uint8, offset=8)).long()
+    restored = model_from_checkpoint(trained / "checkpoints" / "best.pt")
+    mean, std = (torch.tensor(restored.data[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        predicted = restored.model.eval()((images / 255 - mean) / std).argmax(dim=1)  # (200,)
+    tp = torch.stack([((predicted == c) & (labels == c)).sum() for c in range(10)]).double()
+    fp = torch.stack([((predicted == c) & (labels != c)).sum() for c in range(10)]).double()
+    fn = torch.stack([((predicted != c) & (labels == c)).sum() for c in range(10)]).double()
+    macro_f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1)).mean()
+    assert 0.2 < ours["test/acc"] < 1  # a model that gets some right and some wrong: F1 differs from accuracy
+    assert ours["test/acc"] == pytest.approx(float((predicted == labels).double().mean()), abs=1e-6)
+    assert ours["test/f1"] == pytest.approx(float(macro_f1), abs=1e-6)
 
 
-def test_eval_on_another_dataset_and_on_the_validation_split(trained, tiny_root, tmp_path):
-    result = run_eval(f"ckpt={trained}/checkpoints/last.pt", "dataset=fashion_mnist", f"dataset.root={tiny_root}",
+def test_eval_on_another_dataset_and_on_the_validation_split(trained, faint_root, tmp_path):
+    result = run_eval(f"ckpt={trained}/checkpoints/last.pt", "dataset=fashion_mnist", f"dataset.root={faint_root}",
                       "dataset.verify=false", "dataset.val_size=100", f"hydra.run.dir={tmp_path}/fashion")
     assert result.returncode == 0, result.stderr
     out = json.loads((tmp_path / "fashion" / "metrics.json").read_text())
     assert out["dataset"] == "FashionMNIST" and "Ankle boot" in out["per_class_acc"]
-    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", "split=val", f"data_root={tiny_root}",
+    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", "split=val", f"data_root={faint_root}",
                       f"hydra.run.dir={tmp_path}/val")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "val" / "metrics.json").read_text())["images"] == 100

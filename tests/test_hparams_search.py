@@ -19,19 +19,13 @@ with warnings.catch_warnings():
     import optuna
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
-from conftest import REPO, TINY, make_tiny_dataset, run_train
+from conftest import REPO, TINY, run_train
 
 PRESET = REPO / "configs" / "hparams_search" / "mnist_optuna.yaml"
 # TINY minus its batch size: a batch size given on the command line would be fixed, not searched.
 SMALL = [o for o in TINY if not o.startswith("dataset.batch_size=")]
 # One epoch of ~2-8 steps: too short for the default one-cycle warm-up at batch size 256.
 SHORT = ("trainer.max_epochs=1", "scheduler=none")
-
-
-@pytest.fixture(scope="module")
-def faint_root(tmp_path_factory) -> Path:
-    """Faint patches: one epoch leaves validation accuracy below 1 and different for each trial."""
-    return make_tiny_dataset(tmp_path_factory.mktemp("faint"), patch=12)
 
 
 def sweep_dir(out: Path) -> Path:
