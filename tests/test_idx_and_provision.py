@@ -118,6 +118,17 @@ def test_label_count_mismatch_is_named(tmp_path):
         tiny_mnist(tmp_path, batch_size=8, eval_batch_size=8, val_size=10, mean=0.1, std=0.3)
 
 
+def test_label_out_of_range_in_an_idx_file_is_named(tmp_path):
+    make_tiny_dataset(tmp_path)
+    labels = torch.arange(200) % 10
+    labels[37] = 10  # MNIST has classes 0..9
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", labels.to(torch.uint8))
+    with pytest.raises(UserError) as e:
+        tiny_mnist(tmp_path, batch_size=8, eval_batch_size=8, val_size=10, mean=0.1, std=0.3)
+    assert "label 10 is out of range for 10 classes (0 to 9)" in str(e.value) and "test" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["MNIST", "FashionMNIST"])
 def test_offline_registry_source_gives_the_official_files(tmp_path, name):
