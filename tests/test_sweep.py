@@ -3,6 +3,7 @@
 
 import csv
 import io
+import shutil
 import subprocess
 import sys
 
@@ -39,6 +40,14 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
     assert all("optimizer.lr=0" in f for f in failed) and {"model=mlp", "model=logistic"} <= set.union(*failed)
     markdown = summarize(str(out), "--format", "markdown", "--sort", "test/loss").stdout.splitlines()
     assert markdown[0].startswith("| run | status |") and markdown[1].startswith("| --- |") and len(markdown) == 6
+
+    # A run stopped before its test (Ctrl-C, a kill) has checkpoints but no metrics.json: "stopped", not "failed"
+    stopped = out / "2026-01-01" / "00-00-00-000000"
+    shutil.copytree(jobs[1], stopped)
+    (stopped / "metrics.json").unlink()
+    rows = list(csv.DictReader(io.StringIO(summarize(str(out), "--format", "csv").stdout)))
+    assert [r["status"] for r in rows if r["run"] == "2026-01-01/00-00-00-000000"] == ["stopped"], rows
+    assert sorted(r["status"] for r in rows) == ["failed", "failed", "finished", "finished", "stopped"]
 
 
 def test_summarize_explains_an_empty_directory(tmp_path):
