@@ -30,7 +30,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/eval.yaml uses)
 from trainer.config import build, check_fits, data_config, model_from_checkpoint
-from trainer.errors import UserError
+from trainer.errors import UserError, one_line_config_errors
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device
 from trainer.trainer import EpochMetrics, evaluate, per_class_accuracy
@@ -108,4 +108,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    one_line_config_errors()
     main()

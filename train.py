@@ -30,7 +30,7 @@ import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, find_unfinished_run
 from trainer.config import build
 from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
-from trainer.errors import UserError
+from trainer.errors import UserError, one_line_config_errors
 from trainer.fsutil import discard_refused_run
 from trainer.logger import NullLogger
 from trainer.runtime import resolve_device, seed_everything
@@ -158,4 +158,5 @@ class JobFailed(Exception):
 
 if __name__ == "__main__":
     sys.argv += worker_hydra_overrides()  # under torchrun, ranks other than 0 make no run directory
+    one_line_config_errors()
     main()

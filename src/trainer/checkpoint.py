@@ -38,6 +38,8 @@ MAX_CONFIG_CHARS = 1_000_000  # a resolved config is a few KiB
 # Config keys that must be equal to resume: they change what the saved tensors mean.
 MUST_MATCH = ("model", "dataset._target_", "dataset.val_size", "dataset.split_seed",
               "optimizer._target_", "scheduler._target_")
+# ... and, for a checkpoint written mid-epoch, the keys that say which samples the epoch's remaining batches hold.
+MUST_MATCH_MID_EPOCH = ("dataset.batch_size", "trainer.limit_train_batches", "trainer.accumulate_grad_batches")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -214,19 +216,27 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {k.rstrip("."): v for k, v in out.items()}
 
 
-def config_changes(saved: dict, current_yaml: str) -> list[str]:
+def config_changes(saved: dict, current_yaml: str, mid_epoch: bool = False) -> list[str]:
     """Compare a checkpoint's config (as `load_checkpoint` returns it) with the current one.
 
     Raises UserError naming the keys that make resuming meaningless (architecture, data split,
-    optimizer or scheduler type); returns `key: old -> new` lines for the harmless differences.
+    optimizer or scheduler type; for a checkpoint written `mid_epoch`, also the batching); returns
+    `key: old -> new` lines for the harmless differences.
     """
     old, new = flatten(saved), flatten(yaml.safe_load(current_yaml))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+
+    def diffs(keys: list[str]) -> str:
+        return "; ".join(f"{k}: {old.get(k, '<unset>')!r} in the checkpoint, {new.get(k, '<unset>')!r} now" for k in keys)
+
     fatal = [k for k in changed if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)]
     if fatal:
-        diffs = "; ".join(f"{k}: {old.get(k, '<unset>')!r} in the checkpoint, {new.get(k, '<unset>')!r} now"
-                          for k in fatal)
-        raise UserError(f"cannot resume: the checkpoint was trained with a different setup ({diffs})")
+        raise UserError(f"cannot resume: the checkpoint was trained with a different setup ({diffs(fatal)})")
+    batching = [k for k in changed if k in MUST_MATCH_MID_EPOCH] if mid_epoch else []
+    if batching:
+        raise UserError(f"cannot resume: the checkpoint was written mid-epoch and its epoch's remaining batches "
+                        f"depend on the batching ({diffs(batching)}); resume it as it was, or resume an epoch-end "
+                        "checkpoint (best.pt, or last.pt after an epoch) with the new batching")
     return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed]
 
 

@@ -14,3 +14,70 @@ def require_int(name: str, value: object, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise UserError(f"{name}={value!r}: must be an integer >= {low}")
     return value
+
+
+def one_line(text: str) -> str:
+    """A multi-line message as one line: "a:\n\tx\n\ty\nb" -> "a: x, y; b"."""
+    out, listing = "", False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("Config search path:"):  # Hydra's list of where it looked: noise for a user
+            break
+        if not line or line.startswith(("full_key:", "object_type=")):  # OmegaConf's location lines repeat the key
+            continue
+        indented = raw[:1] in ("\t", " ")
+        if not out:
+            out = line
+        elif out.endswith(":"):
+            out += " " + line
+        else:
+            out = (out + ", " if indented and listing else out.removesuffix(".") + "; ") + line
+        listing = indented or out.endswith(":")
+    return out
+
+
+def unknown_key_message(full_key: str, keys: list[str]) -> str:
+    """`trainer.max_epoch: no such key (did you mean trainer.max_epochs?); trainer has ...`, one line."""
+    import difflib
+
+    parent, _, key = full_key.rpartition(".")
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    return (f"{full_key}: no such key{hint}; {parent or 'the config'} has {', '.join(sorted(keys))}; "
+            f"to add a key of your own, write +{full_key}=...")
+
+
+def one_line_config_errors() -> None:
+    """Make `@hydra.main` report a config error (an unknown option, a misspelt key, an override it cannot parse)
+    as `error: <one line>` with exit code 1, as this project reports its own errors, instead of Hydra's
+    several lines. HYDRA_FULL_ERROR=1 still shows Hydra's full trace; other exceptions are left to Hydra."""
+    import os
+    import sys
+
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    report = hydra_utils.run_and_report
+    if getattr(report, "one_line", False):
+        return
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except CompactHydraException as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+                parent = getattr(cause, "parent_node", None)
+                if cause is not None and parent is not None and "not in struct" in str(cause) and cause.full_key:
+                    message = unknown_key_message(cause.full_key, [str(k) for k in parent.keys()])
+                else:
+                    message = one_line(f"{e}\n{cause}" if cause is not None else str(e))
+                print(f"error: {message}", file=sys.stderr)
+                sys.exit(1)
+        return report(guarded)
+
+    run_and_report.one_line = True
+    hydra_utils.run_and_report = run_and_report

@@ -539,7 +539,7 @@ class Trainer:
         """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`; return the run dir to continue."""
         state = load_checkpoint(path)
         require_same_data(state["data"], self.data.identity(), path)  # before the config lines: a refusal is one line
-        for change in config_changes(state["config"], self.config_yaml):
+        for change in config_changes(state["config"], self.config_yaml, mid_epoch=state["batch_in_epoch"] > 0):
             log.info("resume: config changed, %s", change)
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
         if state["epoch"] >= self.max_epochs:
