@@ -1,4 +1,5 @@
-"""Two runs given the same hydra.run.dir (or hydra.sweep.dir): exactly one claims it, the other stops at once."""
+"""Two runs given the same hydra.run.dir (or hydra.sweep.dir): exactly one claims it, the other stops at once.
+Two processes that would train in one run directory (a resume of a live run, two resumes at once): one is refused."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_train
+from trainer.fsutil import lock_run_dir
 from trainer.hydra_callbacks import CLAIM_MARKER, RefuseExistingRunDir
 
 RACERS = 8
@@ -127,3 +130,47 @@ def test_two_train_runs_in_one_dir_one_trains_the_other_stops(tiny_root, tmp_pat
     assert code == 1 and len(lines) == 1 and "hydra.run.dir" in lines[0] and "Traceback" not in stderr, stderr
     assert len(list(run_dir.rglob("events.out.tfevents*"))) == 1
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["seed"] == winner
+
+
+# --- a run directory is trained in by one process at a time (trainer.fsutil.lock_run_dir) ----------------
+
+
+@pytest.fixture
+def one_epoch_run(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    result = run_train(*TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={run}", "model=mlp", "scheduler=step",
+                       "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def resume(tiny_root, run, i, epochs):
+    return [sys.executable, str(REPO / "train.py"), *TINY, f"dataset.root={tiny_root}", "model=mlp",
+            "scheduler=step", f"trainer.max_epochs={epochs}", f"trainer.resume={run}/checkpoints/last.pt",
+            f"hydra.run.dir={run.parent}/invocation{i}"]
+
+
+def test_resuming_a_run_that_another_process_trains_in_is_refused(tiny_root, one_epoch_run):
+    before = (one_epoch_run / "checkpoints" / "last.pt").read_bytes()
+    held = lock_run_dir(one_epoch_run)  # as the run's own process holds it while it trains (this is another process)
+    refused = subprocess.run(resume(tiny_root, one_epoch_run, 1, 2), cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+    assert lines[0] == f"error: {one_epoch_run} is in use by another process training in it (a run still going, " \
+                       "or another resume of it); wait for it to end, or stop it first"
+    assert (one_epoch_run / "checkpoints" / "last.pt").read_bytes() == before
+    held.close()  # the holder ends: now the resume goes through
+    assert subprocess.run(resume(tiny_root, one_epoch_run, 2, 2), cwd=REPO, capture_output=True,
+                          timeout=600).returncode == 0
+
+
+def test_two_resumes_of_one_run_at_once_one_trains_the_other_is_refused(tiny_root, one_epoch_run, tmp_path):
+    procs = [subprocess.Popen(resume(tiny_root, one_epoch_run, i, 40), cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in (1, 2)]  # both started, then waited for
+    results = [(p.wait(600), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    (stderr,) = [err for code, err in results if code == 1]
+    assert "is in use by another process training in it" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    state = torch.load(one_epoch_run / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (40, 40 * 16)  # one run's steps, not two runs' interleaved

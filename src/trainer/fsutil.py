@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -92,3 +93,34 @@ def discard_refused_run(run_dir: Path, output_root: Path) -> None:
         except OSError:
             return
         parent = parent.parent
+
+
+RUN_LOCK = ".lock"
+
+
+def lock_run_dir(run_dir: Path) -> BinaryIO | None:
+    """Hold an exclusive lock on `run_dir` for as long as the returned file stays open (this process's life).
+
+    A second process that would train in the same run directory (a resume of a run that is still training,
+    two resumes of one run at once) gets a UserError instead of interleaving its checkpoints with the first's.
+    The kernel drops the lock when the holder exits, however it exits, so a killed run never blocks its resume.
+    A POSIX record lock (lockf), not flock: it belongs to the process, so one process may build several Trainers
+    on one directory (in-process tests, notebooks) while any other process is kept out.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not guarded
+        return None
+    from trainer.errors import UserError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / RUN_LOCK, "ab")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise OutputError(f"cannot lock {run_dir / RUN_LOCK}: {e.strerror or e}") from None
+        raise UserError(f"{run_dir} is in use by another process training in it (a run still going, or another "
+                        "resume of it); wait for it to end, or stop it first") from None
+    return f

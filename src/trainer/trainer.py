@@ -29,7 +29,7 @@ from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.errors import UserError, require_int
 from trainer.figures import confusion_matrix_image, labelled_grid
-from trainer.fsutil import atomic_write, require_free_space
+from trainer.fsutil import atomic_write, lock_run_dir, require_free_space
 from trainer.logger import TensorBoardLogger, hparams_of
 from trainer.runtime import seconds_since_process_start, set_deterministic
 from trainer.schedulers import Schedule
@@ -294,8 +294,11 @@ class Trainer:
         self._stop_signal_at = 0.0  # time.monotonic() of that signal
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
+        self._run_lock = None  # held by rank 0 while this process trains in the run directory (see _resume)
         resumed = self._resume(Path(resume).expanduser(), Path(run_dir), checkpoint_dir) if resume else None
         self.run_dir = resumed or Path(run_dir)
+        if not resumed and dist.is_main:
+            self._run_lock = lock_run_dir(self.run_dir)
         self.ckpt_dir = self.run_dir / checkpoint_dir
         if dist.is_main:  # a full disk is found now, not after the first epoch
             size = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20  # weights, 2 optimizer
@@ -493,6 +496,9 @@ class Trainer:
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
                  metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
         self.logger.close()
+        if self._run_lock is not None:  # the run is complete: another process may train on from it
+            self._run_lock.close()
+            self._run_lock = None
         return metrics
 
     @property
@@ -542,6 +548,8 @@ class Trainer:
         for change in config_changes(state["config"], self.config_yaml, mid_epoch=state["batch_in_epoch"] > 0):
             log.info("resume: config changed, %s", change)
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
+        if self.dist.is_main:  # before anything below reads or changes the run's files
+            self._run_lock = lock_run_dir(run_dir)
         if state["epoch"] >= self.max_epochs:
             if (run_dir / "metrics.json").is_file():
                 raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs and been "
