@@ -23,6 +23,17 @@ pytestmark = pytest.mark.slow  # each torchrun start costs ~10 s of imports per 
 COMMON = (*TINY, "dataset.val_size=120", "dataset.eval_batch_size=64", "model=mlp", "scheduler=cosine", "trainer.max_epochs=3",
           "trainer.deterministic=true")
 DDP = "dataset.batch_size=16"  # per process: 2 x 16 = the single process's 32
+# What DDP gives is equality up to float rounding, not bit for bit: each rank's gradient is the mean over its 16
+# samples and the all-reduce averages the two, where one process takes the mean over 32 at once, so the sums run
+# in another order. Adam then turns a rounding-sized difference in a near-zero gradient into a step of up to lr.
+# Over 45 steps the largest difference of any weight stays below this (measured: see the README's torchrun section).
+DDP_MAX_DIFF = 2e-3
+
+
+def max_diffs(a: dict, b: dict) -> dict[str, float]:
+    """The largest absolute difference of each tensor of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return {k: float((a[k].double() - b[k].double()).abs().max()) for k in a}
 
 
 def torchrun(*overrides, nproc=2, timeout=300, wrapper=(), env=None):
@@ -93,9 +104,9 @@ def test_checkpoint_has_plain_keys_and_the_single_process_result(ddp, single):
     assert a["world_size"] == 2 and a["global_step"] == b["global_step"] == 45
     assert a["model"].keys() == b["model"].keys() and not any(k.startswith("module.") for k in a["model"])
     # Two ranks of 16 average to the gradient of the same 32 samples: the same training up to float rounding
-    # (which Adam magnifies for a few near-zero gradients: measured max 1e-3, mean 1e-6 per weight, weights ~0.02).
-    for k in a["model"]:
-        assert (a["model"][k] - b["model"][k]).abs().mean() < 1e-4, k
+    diffs = max_diffs(a["model"], b["model"])
+    print("DDP vs one process, max |diff| per tensor:", diffs)
+    assert all(d <= DDP_MAX_DIFF for d in diffs.values()), diffs
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (run, single))
     assert 0.3 < mb["test/acc"] < 0.99  # informative: neither chance nor saturated
     assert ma["test/acc"] == pytest.approx(mb["test/acc"], abs=0.02)  # measured: equal
@@ -159,6 +170,13 @@ def test_ddp_checkpoint_resumes_in_one_process_and_back(ddp, single, faint_root)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("epoch 4/4") == 1
     assert json.loads((single / "metrics.json").read_text())["world_size"] == 2
+    # Each went on from its own state with the other's layout: 3 epochs of DDP then 1 alone, and 3 alone then 1
+    # of DDP. Both are the same 60 steps of the same training, so their weights agree as DDP and one process do.
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (run, single))
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (4, 60)
+    diffs = max_diffs(a["model"], b["model"])
+    print("DDP 3 + one 1 vs one 3 + DDP 1, max |diff| per tensor:", diffs)
+    assert all(d <= DDP_MAX_DIFF for d in diffs.values()), diffs
 
 
 def test_too_few_samples_for_the_processes_is_a_clean_error(faint_root, tmp_path):

@@ -334,9 +334,9 @@ class Trainer:
                 log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s  [%.1fs since start]%s", self.epoch,
                          self.max_epochs, "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()), seconds,
                          speed["epoch/samples_per_s"], seconds_since_process_start(), "  (best)" if improved else "")
-                self.save_checkpoint("last.pt")
-                if improved:
+                if improved:  # before last.pt: a kill between the two must not leave a last.pt whose best is unsaved
                     self.save_checkpoint("best.pt")
+                self.save_checkpoint("last.pt")
                 self._stop_if_signalled()  # after the last epoch too: resuming then runs just the test
         return {f"best/{self.monitor}": self.best_metric, "best/epoch": self.best_epoch}
 
