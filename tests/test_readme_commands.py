@@ -165,6 +165,9 @@ SKIP = {
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
+    ".venv/bin/python scripts/benchmark.py --mnist-fast 3":
+        "three whole experiment=mnist_fast runs (about 1.5 min); tests/test_real_data.py runs that preset and "
+        "asserts its accuracy floor",
     ".venv/bin/python scripts/benchmark.py --models mlp --batch-sizes 64 --reps 5":
         "14.4 min on the shared 2-core machine (4 loops x 6 full MLP epochs, the tutorial loop's DataLoader most "
         "of it): too long for this module; a README line with small --samples and --reps would run here",
