@@ -15,7 +15,8 @@ import torch
 
 from conftest import _STOPPING_TRAIN, REPO, TINY, run_train
 
-pytestmark = pytest.mark.slow  # each torchrun start costs ~10 s of imports per process
+# each torchrun start costs ~10 s of imports per process; pytest-xdist: the module-scoped runs stay in one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
 # A faint patch, so accuracy after 3 epochs is informative (not 1.0). 480 training images: 15 global batches of
 # 32 with no remainder, so two processes of 16 see exactly the batches one process of 32 sees. Evaluation

@@ -19,7 +19,7 @@ def errors_table() -> list[tuple[int, list[str]]]:
 
 def collected_cases() -> Counter:
     """How many cases pytest collects for each `file::function` of the suite."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-p", "no:cacheprovider"],
                          cwd=REPO, capture_output=True, text=True, timeout=300).stdout
     return Counter(re.sub(r"\[.*$", "", line).removeprefix("tests/") for line in out.splitlines() if "::" in line)
 

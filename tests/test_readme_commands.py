@@ -44,7 +44,8 @@ import yaml
 
 from image_data import arrays, image_folder
 
-pytestmark = pytest.mark.slow
+# pytest-xdist: the commands run in order in one copy of the repository, in one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme_commands")]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = REPO.parent / "shared" / "data"  # as in conftest.py: developers' and CI's copy; optional

@@ -15,11 +15,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY, run_train, run_train_stopping
+from conftest import MLP, REPO, TINY, run_train, run_train_stopping
+
 
 # MLP with dropout and shifted inputs (both draw from the RNG), one-cycle (stepped per batch): 16 batches per
 # epoch, checkpoints every 3 steps and train/loss every 5, so checkpoints fall between log points.
-EXACT = (*TINY, "model=mlp", "model.dropout=0.2", "dataset.augment_shift=2", "scheduler=onecycle",
+EXACT = (*TINY, *MLP, "model.dropout=0.2", "dataset.augment_shift=2", "scheduler=onecycle",
          "trainer.deterministic=true", "trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=3")
 STEPS = 3 * 16
 TIMING = {"epoch/time_s", "epoch/samples_per_s"}  # wall-clock scalars: the only ones allowed to differ

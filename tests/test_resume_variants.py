@@ -20,6 +20,9 @@ import train
 from conftest import REPO, TINY
 from trainer.trainer import Trainer
 
+# pytest-xdist: this module's tests share module-scoped runs, so they run in one worker
+pytestmark = pytest.mark.xdist_group("resume_variants")
+
 # 500 training images in batches of 32: 16 batches an epoch; a checkpoint after every optimizer step.
 COMMON = (*TINY, "trainer.max_epochs=3", "trainer.deterministic=true", "trainer.checkpoint_every_n_steps=1",
           "trainer.log_every_n_steps=3", "model.dropout=0.2", "dataset.augment_shift=2", "optimizer=sgd",

@@ -13,7 +13,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, run_train
+from conftest import MLP, REPO, TINY, run_train
 from trainer.fsutil import lock_run_dir
 from trainer.hydra_callbacks import CLAIM_MARKER, RefuseExistingRunDir
 
@@ -138,14 +138,14 @@ def test_two_train_runs_in_one_dir_one_trains_the_other_stops(tiny_root, tmp_pat
 @pytest.fixture
 def one_epoch_run(tiny_root, tmp_path):
     run = tmp_path / "run"
-    result = run_train(*TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={run}", "model=mlp", "scheduler=step",
+    result = run_train(*TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={run}", *MLP, "scheduler=step",
                        "trainer.max_epochs=1")
     assert result.returncode == 0, result.stderr
     return run
 
 
 def resume(tiny_root, run, i, epochs):
-    return [sys.executable, str(REPO / "train.py"), *TINY, f"dataset.root={tiny_root}", "model=mlp",
+    return [sys.executable, str(REPO / "train.py"), *TINY, f"dataset.root={tiny_root}", *MLP,
             "scheduler=step", f"trainer.max_epochs={epochs}", f"trainer.resume={run}/checkpoints/last.pt",
             f"hydra.run.dir={run.parent}/invocation{i}"]
 

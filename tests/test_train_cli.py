@@ -9,7 +9,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import REPO, TINY, make_tiny_dataset, run_train
+from conftest import MLP, REPO, TINY, make_tiny_dataset, run_train
 from trainer.idx import write_idx
 
 
@@ -20,7 +20,7 @@ def tiny(root, run_dir, *more):
 @pytest.fixture(scope="module")
 def finished_run(tiny_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "first"
-    result = run_train(*tiny(tiny_root, run_dir, "model=mlp", "trainer.max_epochs=3", "scheduler=step",
+    result = run_train(*tiny(tiny_root, run_dir, *MLP, "trainer.max_epochs=3", "scheduler=step",
                                      "dataset.augment_shift=2"))
     assert result.returncode == 0, result.stderr
     return run_dir, result
@@ -71,7 +71,7 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
 
 def test_resume_continues_at_the_right_epoch_with_the_same_state(tiny_root, tmp_path):
     straight, part = tmp_path / "straight", tmp_path / "part"
-    common = ("model=mlp", "scheduler=step", "trainer.deterministic=true")
+    common = (*MLP, "scheduler=step", "trainer.deterministic=true")
     assert run_train(*tiny(tiny_root, straight, *common, "trainer.max_epochs=3")).returncode == 0
     assert run_train(*tiny(tiny_root, part, *common, "trainer.max_epochs=1")).returncode == 0
     resumed = run_train(*tiny(tiny_root, tmp_path / "resume_invocation", *common, "trainer.max_epochs=3",
@@ -97,8 +97,8 @@ def test_resume_continues_at_the_right_epoch_with_the_same_state(tiny_root, tmp_
 def test_an_epoch_end_checkpoint_resumes_with_another_batch_size(tiny_root, tmp_path):
     # Mid-epoch, the batching decides which samples are left (refused, see BAD); at an epoch's end nothing is left.
     part = tmp_path / "part"
-    assert run_train(*tiny(tiny_root, part, "model=mlp", "scheduler=step", "trainer.max_epochs=1")).returncode == 0
-    resumed = run_train(*tiny(tiny_root, tmp_path / "again", "model=mlp", "scheduler=step", "trainer.max_epochs=2",
+    assert run_train(*tiny(tiny_root, part, *MLP, "scheduler=step", "trainer.max_epochs=1")).returncode == 0
+    resumed = run_train(*tiny(tiny_root, tmp_path / "again", *MLP, "scheduler=step", "trainer.max_epochs=2",
                               "dataset.batch_size=64", f"trainer.resume={part}/checkpoints/last.pt"))
     assert resumed.returncode == 0, resumed.stderr
     assert "config changed, dataset.batch_size: 32 -> 64" in resumed.stdout
@@ -215,7 +215,8 @@ def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_pa
     before = tree_digest(earlier.parent)  # the whole output root the earlier run lives in
     overrides = [o.format(**bad_paths) for o in overrides]
     run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else [f"hydra.run.dir={tmp_path / 'bad'}"]
-    result = run_train(*TINY, f"dataset.root={tiny_root}", *run_dir, "model=mlp", *overrides, env=OFFLINE)
+    model = () if any(o.startswith("model=") for o in overrides) else MLP  # the row's own model, else the small MLP
+    result = run_train(*TINY, f"dataset.root={tiny_root}", *run_dir, *model, *overrides, env=OFFLINE)
     assert result.returncode == 1
     assert names_value in result.stderr and says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
@@ -233,7 +234,7 @@ def test_at_least_51_bad_inputs():
 
 
 def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_path):
-    result = run_train(*tiny(tiny_root, tmp_path / "run", "model=mlp", "optimizer=sgd", "optimizer.lr=1e6",
+    result = run_train(*tiny(tiny_root, tmp_path / "run", *MLP, "optimizer=sgd", "optimizer.lr=1e6",
                              "scheduler=none"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "training loss is" in result.stderr and "at epoch 1, batch" in result.stderr, result.stderr
@@ -287,7 +288,7 @@ def flat(node, prefix=""):
 
 
 def test_debug_overfit_memorises_a_few_batches(tiny_root, tmp_path):
-    result = run_train(*tiny(tiny_root, tmp_path / "run", "model=mlp", "debug=overfit"))
+    result = run_train(*tiny(tiny_root, tmp_path / "run", *MLP, "debug=overfit"))
     assert result.returncode == 0, result.stderr
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()

@@ -12,7 +12,8 @@ from typing import BinaryIO, Iterator
 
 from trainer.errors import OutputError
 
-CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
+CLAIM_MARKER = ".run_dir_claim"
+RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_dir)  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
 
 # mkstemp creates files 0600; give the final file the mode a plain open() would (0666 minus umask).
 _UMASK = os.umask(0)
@@ -78,11 +79,12 @@ def os_error_in(error: BaseException) -> OSError | None:
 def discard_refused_run(run_dir: Path, output_root: Path) -> None:
     """Remove the directory Hydra made for a run that was refused before training (a bad value, a missing
     file), and the dated folders above it that this leaves empty, so refused runs do not pile up beside
-    real ones. Only a directory holding nothing but Hydra's own `.hydra/`, log files and TensorBoard event
-    files (the config text) is removed: a run that wrote anything else (a checkpoint, metrics) is left alone.
+    real ones. Only a directory holding nothing but Hydra's own `.hydra/`, log files, TensorBoard event
+    files (the config text) and the run's lock is removed: a run that wrote anything else (a checkpoint, metrics)
+    is left alone.
     """
     run_dir = Path(run_dir)
-    ours = (lambda p: p.name in (".hydra", CLAIM_MARKER) or p.suffix == ".log" or p.name.startswith("events.out.tfevents."))
+    ours = (lambda p: p.name in (".hydra", CLAIM_MARKER, RUN_LOCK) or p.suffix == ".log" or p.name.startswith("events.out.tfevents."))
     if not run_dir.is_dir() or not all(ours(p) for p in run_dir.iterdir()):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -93,9 +95,6 @@ def discard_refused_run(run_dir: Path, output_root: Path) -> None:
         except OSError:
             return
         parent = parent.parent
-
-
-RUN_LOCK = ".lock"
 
 
 def lock_run_dir(run_dir: Path) -> BinaryIO | None:
