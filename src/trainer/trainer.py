@@ -545,6 +545,11 @@ class Trainer:
         """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`; return the run dir to continue."""
         state = load_checkpoint(path)
         require_same_data(state["data"], self.data.identity(), path)  # before the config lines: a refusal is one line
+        saved_world = state.get("world_size", 1)  # checkpoints before DDP support: single-process
+        if state["batch_in_epoch"] and saved_world != self.dist.world_size:
+            raise UserError(f"trainer.resume={str(path)!r} stopped mid-epoch in a run of {saved_world} process(es); "
+                            f"resume it with {saved_world}, not {self.dist.world_size} (an epoch-end checkpoint, "
+                            "e.g. best.pt, resumes with any number)")
         for change in config_changes(state["config"], self.config_yaml, mid_epoch=state["batch_in_epoch"] > 0):
             log.info("resume: config changed, %s", change)
         run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
@@ -556,11 +561,6 @@ class Trainer:
                                 f"tested; raise trainer.max_epochs (now {self.max_epochs}) to train on")
             log.info("resume: training ended at epoch %d, but the run has no test result; running just the test",
                      state["epoch"])
-        saved_world = state.get("world_size", 1)  # checkpoints before DDP support: single-process
-        if state["batch_in_epoch"] and saved_world != self.dist.world_size:
-            raise UserError(f"trainer.resume={str(path)!r} stopped mid-epoch in a run of {saved_world} process(es); "
-                            f"resume it with {saved_world}, not {self.dist.world_size} (an epoch-end checkpoint, "
-                            "e.g. best.pt, resumes with any number)")
         if state["batch_in_epoch"] > self.batches_per_epoch:
             raise UserError(f"trainer.resume={str(path)!r} stopped after batch {state['batch_in_epoch']} of its "
                             f"epoch, but an epoch now has {self.batches_per_epoch} batches")
