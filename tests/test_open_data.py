@@ -338,7 +338,7 @@ def test_image_folder_end_to_end(tmp_path):
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     inputs = Image.open(io.BytesIO(events.Images("inputs/train")[-1].encoded_image_string))
-    assert inputs.mode == "RGB" and len(set(inputs.getdata())) > 100  # the colour images, as the model sees them
+    assert inputs.mode == "RGB" and len(np.unique(np.asarray(inputs).reshape(-1, 3), axis=0)) > 100  # the colour images, as the model sees them
     ckpt = run / "checkpoints" / "best.pt"
     data = torch.load(ckpt, weights_only=True)["data"]
     assert (data["name"], data["in_shape"], data["classes"]) == ("shapes", [3, 12, 18], ["left top", "middle", "right"])
@@ -370,7 +370,10 @@ def test_image_folder_end_to_end(tmp_path):
     exported = run_train(str(ckpt), "--format", "torchscript", "--data-root", str(root), "--out", str(tmp_path / "x"),
                          script="scripts/export.py")
     assert exported.returncode == 0, exported.stderr
-    assert (tmp_path / "x" / "best.ts").is_file() or list((tmp_path / "x").glob("best.*"))
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["best.torchscript.pt"]
+    scripted = torch.jit.load(str(tmp_path / "x" / "best.torchscript.pt"))
+    images = torch.stack([torch.from_numpy(pattern(k, 12, 18, rng)).permute(2, 0, 1) for k in range(3)])  # uint8
+    assert scripted(images).argmax(dim=1).tolist() == [0, 1, 2]  # the exported model classifies raw uint8 images
 
 
 @pytest.mark.slow
