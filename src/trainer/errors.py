@@ -54,11 +54,14 @@ def one_line_config_errors() -> None:
     import os
     import sys
 
-    from hydra._internal import utils as hydra_utils
     from hydra.errors import CompactHydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    report = hydra_utils.run_and_report
+    try:  # a private function of hydra-core 1.3: another version keeps Hydra's own several-line messages
+        from hydra._internal import utils as hydra_utils
+        report = hydra_utils.run_and_report
+    except (ImportError, AttributeError):
+        return
     if getattr(report, "one_line", False):
         return
 
