@@ -184,8 +184,11 @@ def test_channels_last_matches_contiguous(tiny_root, tmp_path):
     nchw, _ = fit(tiny_root, tmp_path, schedulers.none, make_model=small_cnn)
     nhwc, _ = fit(tiny_root, tmp_path, schedulers.none, make_model=small_cnn, channels_last=True)
     assert nhwc.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # The same training up to float rounding: the layouts run different convolution kernels, whose sums differ in
+    # order. Measured over these 16 steps: at most 2.3e-5 with two threads, 1.1e-3 (a batch-norm running_var) with
+    # one (pytest-xdist workers run one). A layout bug (a wrong permute) moves weights by about 0.1.
     for k, v in nchw.model.state_dict().items():
-        assert torch.allclose(v.float(), nhwc.model.state_dict()[k].float(), atol=1e-4), k
+        assert torch.allclose(v.float(), nhwc.model.state_dict()[k].float(), rtol=1e-2, atol=2e-3), k
 
 
 @pytest.mark.slow
