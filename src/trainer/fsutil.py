@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from trainer.errors import OutputError
+from trainer.errors import OutputError, UserError
 
-CLAIM_MARKER = ".run_dir_claim"
-RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_dir)  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
+CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
+RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_dir)
 
 # mkstemp creates files 0600; give the final file the mode a plain open() would (0666 minus umask).
 _UMASK = os.umask(0)
@@ -110,8 +110,6 @@ def lock_run_dir(run_dir: Path) -> BinaryIO | None:
         import fcntl
     except ImportError:  # Windows: no advisory locks; runs are not guarded
         return None
-    from trainer.errors import UserError
-
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / RUN_LOCK, "ab")
     try:

@@ -294,11 +294,14 @@ class Trainer:
         self._stop_signal_at = 0.0  # time.monotonic() of that signal
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
-        self._run_lock = None  # held by rank 0 while this process trains in the run directory (see _resume)
-        resumed = self._resume(Path(resume).expanduser(), Path(run_dir), checkpoint_dir) if resume else None
-        self.run_dir = resumed or Path(run_dir)
-        if not resumed and dist.is_main:
-            self._run_lock = lock_run_dir(self.run_dir)
+        resumed = Path(resume).expanduser() if resume else None
+        # A checkpoint inside a run directory continues that run there; any other run starts in run_dir.
+        self.run_dir = next((d for d in (resumed.parent, resumed.parent.parent) if (d / ".hydra").is_dir()),
+                            Path(run_dir)) if resumed else Path(run_dir)
+        # Rank 0 holds the run directory while this process trains in it, from before a resume reads its files.
+        self._run_lock = lock_run_dir(self.run_dir) if dist.is_main else None
+        if resumed:
+            self._resume(resumed, checkpoint_dir)
         self.ckpt_dir = self.run_dir / checkpoint_dir
         if dist.is_main:  # a full disk is found now, not after the first epoch
             size = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20  # weights, 2 optimizer
@@ -541,8 +544,8 @@ class Trainer:
             raise NonFiniteLossError(f"weights became non-finite ({bad}) by step {self.global_step} of epoch "
                                      f"{self.epoch + 1}; {consequence}; lower optimizer.lr or set trainer.grad_clip_norm")
 
-    def _resume(self, path: Path, new_run_dir: Path, checkpoint_dir: str) -> Path:
-        """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`; return the run dir to continue."""
+    def _resume(self, path: Path, checkpoint_dir: str) -> None:
+        """Restore model, optimizer, schedule, counters, metrics and RNGs from `path`, continuing in self.run_dir."""
         state = load_checkpoint(path)
         require_same_data(state["data"], self.data.identity(), path)  # before the config lines: a refusal is one line
         saved_world = state.get("world_size", 1)  # checkpoints before DDP support: single-process
@@ -552,9 +555,7 @@ class Trainer:
                             "e.g. best.pt, resumes with any number)")
         for change in config_changes(state["config"], self.config_yaml, mid_epoch=state["batch_in_epoch"] > 0):
             log.info("resume: config changed, %s", change)
-        run_dir = next((d for d in (path.parent, path.parent.parent) if (d / ".hydra").is_dir()), new_run_dir)
-        if self.dist.is_main:  # before anything below reads or changes the run's files
-            self._run_lock = lock_run_dir(run_dir)
+        run_dir = self.run_dir
         if state["epoch"] >= self.max_epochs:
             if (run_dir / "metrics.json").is_file():
                 raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs and been "
@@ -582,7 +583,6 @@ class Trainer:
         where = (f"epoch {self.epoch + 1}, after batch {self.batch_in_epoch}" if self.batch_in_epoch
                  else f"the start of epoch {self.epoch + 1}")
         log.info("resumed %s at %s (step %d); continuing in %s", path, where, self.global_step, run_dir)
-        return run_dir
 
     def _improves(self, value: float, margin: float = 0.0) -> bool:
         """Whether `value` of the monitored metric beats the best so far by more than `margin`."""
