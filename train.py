@@ -86,6 +86,7 @@ def option_names() -> dict[str, str | None]:
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Fit, then return the test metrics of the best checkpoint and `best/<monitor>`, the best validation value.
     A run refused while it is set up (a bad value, a missing file, Ctrl-C) leaves no run directory behind."""
+    trainer = None
     try:
         trainer = setup(cfg, run_dir)
         if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
@@ -93,6 +94,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of "
                             f"{', '.join(trainer.result_keys)} (best/ follows trainer.monitor={trainer.monitor})")
     except BaseException:
+        if trainer is not None:  # TensorBoard's writer thread would write its queued events into a removed directory
+            trainer.logger.close()
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN and rank_from_env() == 0:
             discard_refused_run(run_dir, Path(cfg.output_root))  # a sweep keeps its failed job (summarize.py)
         raise

@@ -16,7 +16,12 @@ is written and the script exits 1.
 
 from __future__ import annotations
 
-import argparse
+from trainer.allocator import preload_mimalloc
+
+if __name__ == "__main__":
+    preload_mimalloc()  # before torch is imported, as in train.py
+
+import argparse  # noqa: E402
 import contextlib
 import io
 import json

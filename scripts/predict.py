@@ -15,7 +15,12 @@ Prints, per file, the predicted class index, its name and its probability.
 
 from __future__ import annotations
 
-import argparse
+from trainer.allocator import preload_mimalloc
+
+if __name__ == "__main__":
+    preload_mimalloc()  # before torch is imported, as in train.py
+
+import argparse  # noqa: E402
 import sys
 from pathlib import Path
 

@@ -4,9 +4,14 @@ and a helper that runs train.py as a user would."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,11 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full-grid", action="store_true",
+                     help="tests/test_compose.py: train all 576 option combinations, not the 48 pairwise rows")
 SHARED_MIRROR = REPO.parent / "shared" / "data"  # developers' and CI's local copy; optional
 
 
@@ -90,8 +100,70 @@ MLP = ("model=mlp", "model.hidden_sizes=[64]")
 def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None = None,
               script: str = "train.py") -> subprocess.CompletedProcess:
     """Run `python train.py OVERRIDES...` (or another script) from the repo root, as a user would."""
-    return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return run_python([str(REPO / script), *overrides], env={**os.environ, **(env or {})}, timeout=timeout,
+                      forkable=script in FORKABLE_SCRIPTS)
+
+
+# Scripts that preload mimalloc as their first step, as the fork server's children already run under it.
+FORKABLE_SCRIPTS = ("train.py", "eval.py", "scripts/predict.py", "scripts/export.py")
+# Variables read as a process starts or imports torch (the loader, the allocator, thread pools, Python itself):
+# a run whose environment differs from the fork server's in one of them gets a fresh process.
+STARTUP_ENV = ("LD_", "TRAINER_ALLOCATOR", "_TRAINER_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_",
+               "PYTHON", "TORCH", "HYDRA_")
+
+
+class ForkServer:
+    """Client of tests/forkserver.py: `python ARGV...` as a child forked from a process with the imports done."""
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py")], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env)
+        self.lock = threading.Lock()
+        assert self._answer(120) == "ready"
+
+    def _answer(self, timeout: float) -> str | None:
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        return self.proc.stdout.readline().decode().strip()
+
+    def serves(self, env: dict[str, str]) -> bool:
+        keys = {k for k in set(env) | set(self.env) if k.startswith(STARTUP_ENV)}
+        return self.proc.poll() is None and all(env.get(k) == self.env.get(k) for k in keys)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float, tmp: Path) -> subprocess.CompletedProcess:
+        out, err = tmp / "stdout", tmp / "stderr"
+        request = {"argv": argv, "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err)}
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.proc.stdin.flush()
+        pid = int(self._answer(60))
+        status = self._answer(timeout)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            self._answer(60)
+            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess([sys.executable, *argv], os.waitstatus_to_exitcode(int(status)),
+                                           out.read_text(), err.read_text())
+
+
+_fork_server: ForkServer | None = None
+
+
+def run_python(argv: list[str], env: dict[str, str], timeout: float, forkable: bool) -> subprocess.CompletedProcess:
+    """`python ARGV...` from the repo root with output captured: forked from the fork server when it can run
+    this exactly as a fresh process would (see tests/forkserver.py), else a fresh process."""
+    global _fork_server
+    if forkable and os.environ.get("FORKSERVER", "1") != "0":
+        if _fork_server is None or _fork_server.proc.poll() is not None:
+            _fork_server = ForkServer()
+        if _fork_server.serves(env) and _fork_server.lock.acquire(blocking=False):  # busy: another thread's run
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    return _fork_server.run(argv, env, timeout, Path(tmp))
+            finally:
+                _fork_server.lock.release()
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 # train.py, except that the process (under torchrun: only rank STOP_RANK, if set) sends itself a signal right
@@ -164,5 +236,5 @@ runpy.run_path(train_py, run_name="__main__")
 
 def run_train_stopping(*overrides: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     """`run_train`, with the process stopping itself as `env` says (see _STOPPING_TRAIN)."""
-    return subprocess.run([sys.executable, "-c", _STOPPING_TRAIN, str(REPO / "train.py"), *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+    return run_python(["-c", _STOPPING_TRAIN, str(REPO / "train.py"), *overrides], env={**os.environ, **env},
+                      timeout=timeout, forkable=True)

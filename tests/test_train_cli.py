@@ -224,7 +224,8 @@ def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_pa
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr  # Hydra's config errors too
     assert tree_digest(earlier.parent) == before
     # refused before training: nothing left behind (a run that diverged keeps its directory, without checkpoints)
-    assert not (tmp_path / "bad").exists() or "training loss is nan" in result.stderr
+    assert not (tmp_path / "bad").exists() or "training loss is nan" in result.stderr, \
+        sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "bad").rglob("*"))
     assert not list(tmp_path.rglob("checkpoints")) and not list(tmp_path.rglob("*.pt"))
     assert not (bad_paths["junk"].parent / "written").exists()
 
