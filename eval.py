@@ -33,7 +33,7 @@ from trainer.config import build, check_fits, data_config, model_from_checkpoint
 from trainer.errors import UserError, one_line_config_errors
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device
-from trainer.trainer import EpochMetrics, evaluate, per_class_accuracy
+from trainer.metrics import EpochMetrics, evaluate, per_class_accuracy
 
 log = logging.getLogger("eval")
 logging.raiseExceptions = False  # as in train.py: no traceback for a log line a full disk drops

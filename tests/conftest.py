@@ -181,7 +181,7 @@ if "STOP_AT_STEP" in os.environ:
     at, sig, step = int(os.environ["STOP_AT_STEP"]), int(os.environ["STOP_SIGNAL"]), Trainer._optimizer_step
     def stepping(self):
         lr = step(self)
-        if self.global_step == at and os.environ.get("STOP_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
+        if self.progress.global_step == at and os.environ.get("STOP_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
             os.kill(os.getpid(), sig)
         return lr
     Trainer._optimizer_step = stepping
@@ -189,7 +189,7 @@ if "FILL_DISK_AT_STEP" in os.environ:  # after that optimizer step, a file fills
     fill_at, unfilled_step = int(os.environ["FILL_DISK_AT_STEP"]), Trainer._optimizer_step
     def filling(self):
         used = unfilled_step(self)
-        if self.global_step == fill_at:
+        if self.progress.global_step == fill_at:
             fd = os.open(self.run_dir / "filler", os.O_WRONLY | os.O_CREAT)
             try:
                 while os.write(fd, bytes(1 << 16)):
@@ -200,7 +200,7 @@ if "FILL_DISK_AT_STEP" in os.environ:  # after that optimizer step, a file fills
         return used
     Trainer._optimizer_step = filling
 if "SIGNAL_DURING" in os.environ:  # val, test, log_graph, log_hparams or metrics_json: a signal as it starts
-    import trainer.logger, trainer.trainer
+    import trainer.logger, trainer.report
     phase, sig = os.environ["SIGNAL_DURING"], int(os.environ["STOP_SIGNAL"])
     def signalling(fn, when=lambda *args: True):
         def wrapped(*args, **kwargs):
@@ -210,8 +210,8 @@ if "SIGNAL_DURING" in os.environ:  # val, test, log_graph, log_hparams or metric
         return wrapped
     if phase in ("val", "test"):
         Trainer.evaluate = signalling(Trainer.evaluate, lambda self, loader, prefix: prefix == phase)
-    elif phase == "metrics_json":  # the Trainer's only atomic_write is metrics.json (checkpoints have their own)
-        trainer.trainer.atomic_write = signalling(trainer.trainer.atomic_write)
+    elif phase == "metrics_json":  # the report's only atomic_write is metrics.json (checkpoints have their own)
+        trainer.report.atomic_write = signalling(trainer.report.atomic_write)
     else:
         setattr(trainer.logger.TensorBoardLogger, phase, signalling(getattr(trainer.logger.TensorBoardLogger, phase)))
 if "CHECKPOINT_WRITE" in os.environ:

@@ -27,7 +27,7 @@ DDP = "dataset.batch_size=16"  # per process: 2 x 16 = the single process's 32
 # What DDP gives is equality up to float rounding, not bit for bit: each rank's gradient is the mean over its 16
 # samples and the all-reduce averages the two, where one process takes the mean over 32 at once, so the sums run
 # in another order. Adam then turns a rounding-sized difference in a near-zero gradient into a step of up to lr.
-# Over 45 steps the largest difference of any weight stays below this (measured: see the README's torchrun section).
+# Over 45 steps the largest difference of any weight stays below this (measured: see docs/distributed.md).
 DDP_MAX_DIFF = 2e-3
 
 
@@ -197,7 +197,7 @@ del sys.argv[1]
 at, step = int(os.environ["DIE_AT_STEP"]), Trainer._optimizer_step
 def stepping(self):
     used = step(self)
-    if self.global_step == at and os.environ["RANK"] == os.environ["DIE_RANK"]:
+    if self.progress.global_step == at and os.environ["RANK"] == os.environ["DIE_RANK"]:
         time.sleep(15)
     return used
 Trainer._optimizer_step = stepping
@@ -251,7 +251,7 @@ def rank_of(proc: Path) -> str | None:
 
 
 def test_two_processes_on_real_mnist_reach_the_single_process_accuracy(real_root, tmp_path):
-    # The README's one-epoch MLP (97.19%, floor 0.97), with its batch of 128 split over two processes.
+    # The one-epoch MLP of docs/performance.md (97.19%, floor 0.97), with its batch of 128 split over two processes.
     common = ("model=mlp", "trainer.max_epochs=1", "trainer.device=cpu", f"dataset.root={real_root}")
     result = torchrun(*common, "dataset.batch_size=64", f"output_root={tmp_path}/ddp")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -63,7 +63,7 @@ def straight(request, faint_root, tmp_path_factory):
     def saving(self, name):
         path = save(self, name)
         for moment, (step, mid) in moments.items():
-            if name == "last.pt" and self.global_step == step and (self.batch_in_epoch > 0) == mid:
+            if name == "last.pt" and self.progress.global_step == step and (self.progress.batch_in_epoch > 0) == mid:
                 copy = base / f"resumed {moment}"
                 shutil.copytree(path.parent, copy / "checkpoints")
                 (copy / ".hydra").mkdir()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import trainer.trainer as trainer_module
+import trainer.report as report_module
 from data_args import tiny_mnist
 from trainer.data import MNIST
 from trainer import schedulers
@@ -144,7 +144,7 @@ def test_grad_clip_norm_bounds_every_update(tiny_root, tmp_path):
 def test_gradient_accumulation_equals_the_larger_batch(tiny_root, tmp_path):
     big, _ = fit(tiny_root, tmp_path, schedulers.none, batch_size=100)
     acc, _ = fit(tiny_root, tmp_path, schedulers.none, batch_size=50, accumulate_grad_batches=2)
-    assert big.global_step == acc.global_step == EPOCHS * 5
+    assert big.progress.global_step == acc.progress.global_step == EPOCHS * 5
     for k, v in big.model.state_dict().items():
         assert torch.allclose(v, acc.model.state_dict()[k], atol=1e-6), k
 
@@ -154,7 +154,7 @@ def test_accumulation_and_batch_limit_set_the_schedule_length(tiny_root, tmp_pat
                                                final_div_factor=100.0, anneal_strategy="linear", cycle_momentum=True,
                                                **kw)
     trainer, scalars = fit(tiny_root, tmp_path, make, batch_size=25, limit_train_batches=7, accumulate_grad_batches=3)
-    assert trainer.steps_per_epoch == 3 and trainer.global_step == EPOCHS * 3  # ceil(7 / 3) steps an epoch
+    assert trainer.steps_per_epoch == 3 and trainer.progress.global_step == EPOCHS * 3  # ceil(7 / 3) steps an epoch
     lrs = [lr for _, lr in scalars["lr"]]
     assert lrs[-1] == pytest.approx(1.0 / 10 / 100)  # the one-cycle ends exactly at the run's last step
 
@@ -206,7 +206,7 @@ def test_compiled_model_checkpoints_load_uncompiled(tiny_root, tmp_path):
 
 
 def test_buffered_metrics_equal_per_batch_updates_and_survive_a_state_dict_roundtrip(tmp_path):
-    from trainer.trainer import EpochMetrics
+    from trainer.metrics import EpochMetrics
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand((), generator=g), torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
                for n in (32, 32, 7, 32)]
@@ -258,7 +258,7 @@ def test_nonfinite_loss_stops_naming_the_batch_and_keeps_the_checkpoints(tiny_ro
 def test_nonfinite_loss_skip_drops_that_batch_only(tiny_root, tmp_path):
     trainer, scalars = fit(tiny_root, tmp_path, schedulers.none, loss_fn=NaNOnBatch(at=STEPS_PER_EPOCH + 2),
                            nonfinite_loss="skip")
-    assert trainer.skipped_batches == 1 and trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    assert trainer.progress.skipped_batches == 1 and trainer.progress.global_step == EPOCHS * STEPS_PER_EPOCH
     assert [v for _, v in scalars["train/skipped_batches"]] == [0, 1, 1, 1]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert math.isfinite(scalars["train/loss_epoch"][1][1]) and scalars["val/acc"][-1][1] > 0.5
@@ -286,9 +286,9 @@ def test_early_stopping_counts_epochs_without_improvement(tiny_root, tmp_path, m
                        early_stopping_min_delta=min_delta)
     monkeypatch.setattr(trainer, "evaluate", lambda loader, prefix: next(scripted))
     trainer.fit()
-    assert (trainer.epoch, trainer.best_epoch) == (epochs_run, best_epoch)
+    assert (trainer.progress.epoch, trainer.progress.best_epoch) == (epochs_run, best_epoch)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert state["epochs_without_improvement"] == trainer.epochs_without_improvement
+    assert state["epochs_without_improvement"] == trainer.progress.epochs_without_improvement
 
 
 def test_limit_eval_batches(tiny_root, tmp_path):
@@ -313,8 +313,8 @@ def test_momentum_is_logged_with_the_value_each_step_used(tiny_root, tmp_path):
 
 def test_each_validation_logs_its_confusion_matrix_and_first_misclassified_images(tiny_root, tmp_path, monkeypatch):
     grids = []  # (images, captions) of each misclassified grid, in the order logged
-    draw = trainer_module.labelled_grid
-    monkeypatch.setattr(trainer_module, "labelled_grid", lambda images, captions: grids.append((images, captions))
+    draw = report_module.labelled_grid
+    monkeypatch.setattr(report_module, "labelled_grid", lambda images, captions: grids.append((images, captions))
                         or draw(images, captions))
     trainer, _ = build(tiny_root, tmp_path, schedulers.none, misclassified_images=5)
     # The tiny dataset is learnt perfectly, so mislabel some validation images: the model will "miss" them.

@@ -44,6 +44,15 @@ class Dist:
     def active(self) -> bool:
         return self.world_size > 1
 
+    def for_training(self, net: torch.nn.Module) -> torch.nn.Module:
+        """`net` as the training steps call it: through DDP, which averages gradients across ranks in backward.
+        Evaluation calls `net` itself (no collectives per batch, so ranks with fewer batches do not wait)."""
+        if not self.active:
+            return net
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None)
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (a picklable value)."""
         if not self.active:

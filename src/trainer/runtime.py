@@ -66,3 +66,21 @@ def seconds_since_process_start() -> float:
 
 
 _IMPORTED_AT = time.perf_counter()
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device (what the data may take, less the margin)."""
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def size_text(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError

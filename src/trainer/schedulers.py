@@ -14,6 +14,8 @@ from typing import Any, Callable, Literal
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
+from trainer.errors import UserError
+
 
 class Schedule:
     """A torch LR scheduler (or none) and when to step it: after every batch or after every epoch.
@@ -54,6 +56,14 @@ class Schedule:
             for group, lr in zip(self.scheduler.optimizer.param_groups, new):
                 group["lr"] = lr
             self.scheduler._last_lr = [group["lr"] for group in self.scheduler.optimizer.param_groups]
+
+
+def bind(scheduler: Callable[..., Schedule], optimizer: Optimizer, steps_per_epoch: int, max_epochs: int) -> Schedule:
+    """The schedule of a run of this length: `scheduler` is one of the functions below (a config's partial)."""
+    try:
+        return scheduler(optimizer, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"scheduler={getattr(scheduler, 'func', scheduler).__name__}: {e}") from None
 
 
 def none(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int) -> Schedule:

@@ -23,6 +23,7 @@ import torch
 from trainer.data.batches import BatchLoader, BatchTransform
 from trainer.errors import OutputError, UserError, require_int
 from trainer.fsutil import atomic_write
+from trainer.runtime import device_free_bytes, host_memory_bytes, size_text
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +78,6 @@ def as_labels(array: Any, count: int, num_classes: int, where: str) -> torch.Ten
         bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
         raise UserError(f"{where}: label {bad} is out of range for {num_classes} classes (0 to {num_classes - 1})")
     return y.contiguous()
-
-
-def host_memory_bytes() -> int:
-    """This machine's physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def device_free_bytes(device: torch.device) -> int:
-    """Free memory on a CUDA device (what the data may take, less the margin)."""
-    return torch.cuda.mem_get_info(device)[0]
-
-
-def size_text(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError
 
 
 class ImageDataset:

@@ -1,0 +1,97 @@
+"""What a run leaves for people to read beside its checkpoints: pictures after each evaluation, and after the test
+the per-class accuracy, the confusion counts, the model graph, the HParams entry and metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.allocator import allocator_in_use
+from trainer.data import BatchLoader, ImageDataset
+from trainer.distributed import Dist
+from trainer.figures import confusion_matrix_image, labelled_grid
+from trainer.fsutil import atomic_write
+from trainer.logger import TensorBoardLogger, hparams_of
+from trainer.metrics import EpochMetrics, per_class_accuracy
+from trainer.run_state import Progress
+from trainer.runtime import seconds_since_process_start
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class RunReport:
+    """Writes the run's pictures and results through `logger` (rank 0's; other ranks hold a NullLogger) and
+    `metrics.json` into `run_dir`. `misclassified_images`: how many wrong predictions each validation shows."""
+
+    def __init__(self, *, logger: TensorBoardLogger, data: ImageDataset, run_dir: Path, config_yaml: str,
+                 device: torch.device, dist: Dist, misclassified_images: int, log_graph: bool, channels_last: bool,
+                 limit_eval_batches: int | None) -> None:
+        self.logger, self.data, self.run_dir, self.config_yaml = logger, data, run_dir, config_yaml
+        self.device, self.dist = device, dist
+        self.misclassified_images, self.log_graph, self.channels_last = misclassified_images, log_graph, channels_last
+        self.limit_eval_batches = limit_eval_batches
+
+    def start(self) -> None:
+        """A new run's config, and the first training images as the model gets them before normalising."""
+        self.logger.log_text("config", self.config_yaml)
+        self.logger.log_images("inputs/train", self.data.train.raw(slice(64))[0])
+
+    def evaluation(self, metrics: EpochMetrics, loader: BatchLoader, prefix: str, step: int) -> None:
+        """The confusion matrix of the evaluation `metrics` just computed and, for validation, a captioned grid
+        of its first misclassified images."""
+        if not self.dist.is_main:  # the pictures go to TensorBoard, which only rank 0 writes
+            return
+        confusion = confusion_matrix_image(metrics.last_confusion, self.data.classes)
+        self.logger.log_image(f"{prefix}/confusion_matrix", confusion, step)
+        if prefix != "val" or not self.misclassified_images:
+            return
+        predicted = metrics.last_predictions  # (N,) this rank's samples, in the loader's stored order
+        wrong = (predicted != metrics.last_targets).nonzero().squeeze(1)[:self.misclassified_images]
+        if not wrong.numel():
+            return
+        positions = loader.positions(self.limit_eval_batches).to(wrong.device)  # (N,) where they are stored
+        images, labels = loader.raw(positions[wrong])  # (n, C, H, W) uint8, (n,)
+        names = self.data.classes
+        captions = [(f"pred {names[p]}", f"true {names[t]}") for p, t in zip(predicted[wrong].tolist(), labels.tolist())]
+        self.logger.log_image(f"{prefix}/misclassified", labelled_grid(images, captions), step)
+
+    def test_results(self, model: nn.Module, metrics: dict[str, float], confusion: torch.Tensor, monitor: str,
+                     progress: Progress, startup_s: float | None) -> None:
+        """Everything the test leaves: per-class accuracy and confusion counts (`confusion`: (classes, classes),
+        rows true), the graph, the HParams entry with the final metrics, and metrics.json (rank 0)."""
+        step = progress.global_step
+        per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
+        self.logger.log_metrics({f"test/acc_class/{name.replace('/', '-')}": acc for name, acc in per_class.items()},
+                                step)
+        self.logger.log_confusion_matrix("test/confusion_matrix_counts", confusion, self.data.classes, step)
+        if self.log_graph:
+            images, _ = self.data.test.raw(slice(2))
+            example = self.data.test.transform(images)  # (2, C, H, W) float, as the model gets it
+            self.logger.log_graph(model, example.contiguous(memory_format=torch.channels_last)
+                                  if self.channels_last else example)
+        best = {f"best/{monitor}": progress.best_metric} if progress.best_metric is not None else {}
+        self.logger.log_hparams(hparams_of(self.config_yaml), {**metrics, **best}, step)
+        summary = {**metrics, f"best/{monitor}": progress.best_metric, "best/epoch": progress.best_epoch,
+                   "epochs": progress.epoch, "global_step": step, "peak_rss_mib": peak_rss_mib(),
+                   "allocator": allocator_in_use(), "startup_s": startup_s,
+                   "seconds_since_start": seconds_since_process_start(), "per_class_acc": per_class}
+        if self.device.type == "cuda":
+            summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.dist.is_main:
+            summary["world_size"] = self.dist.world_size
+            with atomic_write(self.run_dir / "metrics.json") as f:
+                f.write(json.dumps(summary, indent=2).encode())
+        log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
+                 metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])

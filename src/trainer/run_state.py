@@ -1,0 +1,149 @@
+"""Where a run is, and everything needed to continue it exactly: one object whose `state_dict()` is the checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.checkpoint import (config_changes, load_checkpoint, require_same_data, rng_state, save_checkpoint,
+                                set_rng_state)
+from trainer.distributed import Dist
+from trainer.errors import UserError
+from trainer.fsutil import require_free_space
+from trainer.metrics import EpochMetrics, to_cpu
+from trainer.schedulers import Schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """The run's counters and its best validation value so far."""
+
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of epoch `epoch` already trained (non-zero only mid-epoch)
+    global_step: int = 0  # optimizer steps taken
+    skipped_batches: int = 0  # with trainer.nonfinite_loss=skip
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    epochs_without_improvement: int = 0  # by more than trainer.early_stopping_min_delta
+
+    def improves(self, value: float, mode: str, margin: float = 0.0) -> bool:
+        """Whether `value` of the monitored metric beats the best so far by more than `margin`."""
+        if not math.isfinite(value):
+            return False
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric + margin if mode == "max" else value < self.best_metric - margin
+
+    def record(self, value: float, mode: str, min_delta: float) -> bool:
+        """Count epoch `epoch`'s value of the monitored metric; return whether it is the best so far."""
+        improved = self.improves(value, mode)
+        significant = self.improves(value, mode, margin=min_delta)
+        self.epochs_without_improvement = 0 if significant else self.epochs_without_improvement + 1
+        if improved:
+            self.best_metric, self.best_epoch = value, self.epoch
+        return improved
+
+    def patience_exhausted(self, patience: int | None, monitor: str, min_delta: float) -> bool:
+        """Whether early stopping ends the run now (`patience`: epochs without an improvement by > min_delta)."""
+        if patience is None or self.epochs_without_improvement < patience:
+            return False
+        log.info("early stopping after epoch %d: %s has not improved by more than %g for %d epochs (best %.4f at "
+                 "epoch %s)", self.epoch, monitor, min_delta, self.epochs_without_improvement, self.best_metric,
+                 self.best_epoch)
+        return True
+
+
+class RunState:
+    """The model, optimizer, schedule, gradient scaler, unfinished epoch metrics, progress and RNG states of a
+    run, with the config and data it was started on. `state_dict()` is a checkpoint: a plain dict of tensors
+    and primitives that `torch.load(weights_only=True)` reads.
+
+    Under torchrun each rank holds its own; `state_dict()` gathers the ranks' unfinished epoch metrics, so every
+    rank must call it. The RNG states are this rank's: all ranks share the seed and draw alike.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+                 scaler: torch.amp.GradScaler, train_metrics: EpochMetrics, monitor: str, config_yaml: str,
+                 choices: dict[str, str | None] | None, data_identity: dict, dist: Dist) -> None:
+        self.model, self.optimizer, self.schedule, self.scaler = model, optimizer, schedule, scaler
+        self.train_metrics, self.monitor, self.dist = train_metrics, monitor, dist
+        self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
+        self.progress = Progress()
+
+    def state_dict(self) -> dict:
+        train_metrics = self.dist.all_gather_object(to_cpu(self.train_metrics.state_dict()))  # one per rank
+        p = self.progress
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "global_step": p.global_step,
+            "world_size": self.dist.world_size, "train_metrics_of_ranks": train_metrics,
+            "train_metrics": train_metrics[0], "skipped_batches": p.skipped_batches,
+            "best_metric": p.best_metric, "best_epoch": p.best_epoch, "monitor": self.monitor,
+            "epochs_without_improvement": p.epochs_without_improvement,
+            "rng": rng_state(), "config": self.config_yaml, "choices": self.choices, "data": self.data_identity}
+
+    def save(self, path: Path) -> None:
+        """Write the checkpoint atomically (rank 0; every rank must call it)."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+
+    def require_room(self, checkpoint_dir: Path) -> None:
+        """Raise OutputError now, not after the first epoch, if the disk cannot hold the run's checkpoints."""
+        size = 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) + 2**20  # weights, 2 optimizer
+        require_free_space(checkpoint_dir, 3 * size, f"this run's checkpoints (last.pt and best.pt of about "
+                           f"{size / 2**20:.1f} MiB each, and a temporary copy while one is written)")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        p = self.progress
+        p.epoch, p.batch_in_epoch, p.global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
+        saved_world = state.get("world_size", 1)  # checkpoints before DDP support: single-process
+        self.train_metrics.load_state_dict(state["train_metrics_of_ranks"][self.dist.rank] if saved_world > 1
+                                           else state["train_metrics"])
+        p.skipped_batches = state["skipped_batches"]
+        if state["monitor"] == self.monitor:
+            p.best_metric, p.best_epoch = state["best_metric"], state["best_epoch"]
+            p.epochs_without_improvement = state["epochs_without_improvement"]
+        set_rng_state(state["rng"])
+
+    def resume(self, path: Path, *, max_epochs: int, batches_per_epoch: int, run_dir: Path,
+               checkpoint_dir: str) -> None:
+        """Restore from `path`, refusing in one line what cannot continue exactly, and continue in `run_dir`."""
+        state = load_checkpoint(path)
+        require_same_data(state["data"], self.data_identity, path)  # before the config lines: a refusal is one line
+        saved_world = state.get("world_size", 1)
+        if state["batch_in_epoch"] and saved_world != self.dist.world_size:
+            raise UserError(f"trainer.resume={str(path)!r} stopped mid-epoch in a run of {saved_world} process(es); "
+                            f"resume it with {saved_world}, not {self.dist.world_size} (an epoch-end checkpoint, "
+                            "e.g. best.pt, resumes with any number)")
+        for change in config_changes(state["config"], self.config_yaml, mid_epoch=state["batch_in_epoch"] > 0):
+            log.info("resume: config changed, %s", change)
+        if state["epoch"] >= max_epochs:
+            if (run_dir / "metrics.json").is_file():
+                raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs and been "
+                                f"tested; raise trainer.max_epochs (now {max_epochs}) to train on")
+            log.info("resume: training ended at epoch %d, but the run has no test result; running just the test",
+                     state["epoch"])
+        if state["batch_in_epoch"] > batches_per_epoch:
+            raise UserError(f"trainer.resume={str(path)!r} stopped after batch {state['batch_in_epoch']} of its "
+                            f"epoch, but an epoch now has {batches_per_epoch} batches")
+        self.load_state_dict(state)
+        for stale in (run_dir / checkpoint_dir).glob(".*.tmp") if self.dist.is_main else ():
+            stale.unlink()  # left by a kill during a checkpoint write
+        p = self.progress
+        where = (f"epoch {p.epoch + 1}, after batch {p.batch_in_epoch}" if p.batch_in_epoch
+                 else f"the start of epoch {p.epoch + 1}")
+        log.info("resumed %s at %s (step %d); continuing in %s", path, where, p.global_step, run_dir)

@@ -1,0 +1,66 @@
+"""The Trainer's settings (configs/trainer/*.yaml) checked before anything is built: one line per bad value.
+
+Hand-written rather than a structured-config schema: each rule here is a range or a combination (an integer
+>= 1, fp16 only on CUDA, skip only in one process), which a type cannot say, and each message names the
+allowed values in the same line.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainer.distributed import Dist
+from trainer.errors import UserError, require_int
+
+MONITORABLE = ("val/loss", "val/acc", "val/f1")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_POLICIES = ("error", "skip")
+
+
+def check_settings(*, max_epochs: int, log_every_n_steps: int, accumulate_grad_batches: int,
+                   misclassified_images: int, optional_counts: dict[str, int | None], precision: str, monitor: str,
+                   mode: str, nonfinite_loss: str, early_stopping_min_delta: float, grad_clip_norm: float | None,
+                   device: torch.device, dist: Dist) -> None:
+    """Raise UserError naming the first bad trainer setting. `optional_counts`: settings that are null or an
+    integer >= 1, by name."""
+    require_int("trainer.max_epochs", max_epochs, 1)
+    require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
+    require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)
+    require_int("trainer.misclassified_images", misclassified_images, 0)
+    for key, value in optional_counts.items():
+        if value is not None:
+            require_int(f"trainer.{key}", value, 1)
+    if precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"trainer.precision=fp16 needs CUDA (it trains with a gradient scaler); on {device.type} "
+                        "use bf16 or fp32")
+    if monitor not in MONITORABLE:
+        raise UserError(f"trainer.monitor={monitor!r}: not a validation metric; use one of {', '.join(MONITORABLE)}")
+    if mode not in ("min", "max"):
+        raise UserError(f"trainer.mode={mode!r}: use min or max")
+    if nonfinite_loss not in NONFINITE_POLICIES:
+        raise UserError(f"trainer.nonfinite_loss={nonfinite_loss!r}: use error or skip")
+    if nonfinite_loss == "skip" and dist.active:  # a rank skipping a backward would leave the others waiting
+        raise UserError("trainer.nonfinite_loss=skip does not work with several processes (torchrun); use error")
+    if not (isinstance(early_stopping_min_delta, (int, float)) and early_stopping_min_delta >= 0):
+        raise UserError(f"trainer.early_stopping_min_delta={early_stopping_min_delta!r}: must be a number >= 0")
+    if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
+        raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
+
+
+def check_optimizer_and_loss(optimizer: torch.optim.Optimizer, loss_fn: nn.Module, num_classes: int,
+                             device: torch.device) -> None:
+    """Refuse what torch accepts but cannot train with: lr=0 (learns nothing), lr=inf (weights gone at the first
+    step), and loss settings that fail only when the loss is called (label_smoothing=2)."""
+    lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        raise UserError(f"optimizer.lr={lrs[0] if len(set(lrs)) == 1 else lrs}: must be a finite number > 0")
+    try:
+        with torch.no_grad():  # not a training batch
+            loss_fn(torch.zeros(2, num_classes, device=device), torch.zeros(2, dtype=torch.long, device=device))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"loss={type(loss_fn).__name__}: {' '.join(str(e).split())}") from None
