@@ -26,3 +26,15 @@ def test_labelled_grid_enlarges_each_image_and_wraps_rows():
                           (i % 8) * cell_w + pad:(i % 8) * cell_w + pad + 84]
     assert (tile(3) == 255).all() and (tile(2) == 0).all() and (tile(9) == 0).all()  # each image 84x84, in order
     assert labelled_grid(images[:2], [("a",), ("b",)], columns=8).shape[2] < grid.shape[2]  # 2 columns only
+
+
+def test_misclassified_captions_are_legible_at_the_size_tensorboard_shows_them():
+    """32 MNIST images as a validation logs them: the grid fits a TensorBoard card (about 500 px) unshrunk,
+    and the caption glyphs under the first image stand at least 11 px tall."""
+    images = torch.zeros(32, 1, 28, 28, dtype=torch.uint8)
+    grid = labelled_grid(images, [("pred 7", "true 2")] * 32)  # (3, H, W)
+    assert grid.shape[2] <= 500
+    below = grid[0, 4 + 28 * 4:grid.shape[1] // 8, :grid.shape[2] // 4]  # the first cell, under its image
+    inked = (below < 128).any(dim=1).nonzero().squeeze(1)  # rows with dark caption pixels
+    first_line = inked[inked < inked[0] + 18]  # the first caption line's rows
+    assert first_line.max() - first_line.min() + 1 >= 11
