@@ -2,7 +2,7 @@
 
 The composition root: every object is built here from its config group, in the order a reader
 expects, and handed to the Trainer. Nothing else in the project reads the config.
-`torchrun --nproc_per_node=N train.py ...` trains with N processes (README: "Multiple processes").
+`torchrun --nproc_per_node=N train.py ...` trains with N processes (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from trainer.allocator import preload_mimalloc
 
 if __name__ == "__main__":
-    preload_mimalloc()  # before torch is imported: re-executes this process once (README "Memory and start-up")
+    preload_mimalloc()  # before torch is imported: re-executes this process once (docs/performance.md "Memory and start-up")
 
 import logging  # noqa: E402  (every import below runs after the re-exec)
 import os

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's TensorBoard screenshots (docs/tensorboard_*.png), taken from a real run directory.
+# The TensorBoard screenshots of README.md and docs/tensorboard.md (docs/tensorboard_*.png), taken from a real run directory.
 #
 #   PYTHON=.venv/bin/python scripts/screenshot_tensorboard.sh outputs/multirun/2026-11-23/18-41-31-368350 docs
 #

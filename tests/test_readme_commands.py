@@ -161,8 +161,8 @@ SKIP = {
         "files in torchvision's layout",
     "PYTHONPATH=. python path/to/hydra-torch-trainer/train.py dataset=custom dataset._target_=mydata.Stripes "
     "model=custom model._target_=mydata.TinyNet":
-        "runs from a user's directory beside the README's mydata.py: tests/test_open_data.py writes that file "
-        "from the README and runs this command there",
+        "runs from a user's directory beside the mydata.py of docs/data.md: tests/test_open_data.py writes that "
+        "file from docs/data.md and runs this command there",
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
@@ -206,8 +206,8 @@ SUBSTITUTIONS: dict[str, Made | Fixture] = {
     # A finished default (CNN, Adam, one-cycle) run: trainer.resume=... trainer.max_epochs=10 trains it on.
     "outputs/2026-11-23/13-00-00-123456/checkpoints/last.pt": Made("python train.py", "checkpoints/last.pt"),
     # `model=mlp trainer.resume=...`: a finished single MLP run with the default optimizer and scheduler, which
-    # the README's next line makes (it finds no unfinished run, so it starts one). Not a sweep job's: their
-    # directory names hold `=` and `,`, which Hydra's override grammar rejects in trainer.resume=PATH.
+    # the next line of docs/checkpoints.md makes (it finds no unfinished run, so it starts one). Not a sweep
+    # job's: their directory names hold `=` and `,`, which Hydra's override grammar rejects in trainer.resume=PATH.
     "outputs/2026-11-23/10-00-00-123456/checkpoints/last.pt":
         Made("python train.py model=mlp trainer.resume=auto", "checkpoints/last.pt"),
     "outputs/2026-11-23/10-00-00-123456/checkpoints/best.pt": QUICKSTART_BEST,
@@ -217,7 +217,7 @@ SUBSTITUTIONS: dict[str, Made | Fixture] = {
     "outputs/multirun/2026-11-23/10-00-00-123456":
         Made("python train.py -m model=logistic,mlp,cnn optimizer=sgd,adam trainer.max_epochs=3"),
     # "Training on": a finished default (CNN) run of 1 epoch, which `trainer.resume=auto` starts when it finds no
-    # unfinished run (`python train.py`'s own run has trained 10 epochs by then: the Running section trains it on).
+    # unfinished run (`python train.py`'s own run, the other one with the same overrides, has finished by then).
     "outputs/2026-11-23/11-00-00-123456/checkpoints/last.pt":
         Made("python train.py trainer.resume=auto", "checkpoints/last.pt"),
     "/path/to/photos": Fixture("image_folder"),

@@ -7,7 +7,7 @@ import pytest
 from conftest import run_train
 
 # (overrides, test accuracy floor): one epoch on the defaults; the mnist_fast preset; the logistic and MLP presets,
-# which must beat the Fashion-MNIST paper's baselines (the CNN presets take 12-35 min: measured, in the README)
+# which must beat the Fashion-MNIST paper's baselines (the CNN presets take 12-35 min: measured, in docs/configs.md)
 FLOORS = [
     (["model=logistic", "trainer.max_epochs=1"], 0.91),
     (["model=mlp", "trainer.max_epochs=1"], 0.97),

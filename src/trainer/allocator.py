@@ -3,8 +3,8 @@
 Why: glibc's malloc serves PyTorch's CPU tensors badly. Training and evaluation batches of different sizes
 fragment its heap, so a one-epoch MNIST CNN run peaked anywhere from 1100 to 1390 MiB from run to run, and
 memory it hands back to the kernel is faulted in again a few steps later. mimalloc keeps and reuses its
-pages: the same run peaks at 965-974 MiB every time and its epoch is about 18% faster (README "Memory and
-start-up"). malloc can only be replaced before a process starts (LD_PRELOAD), hence the re-exec. It happens
+pages: the same run peaks at 965-974 MiB every time and its epoch is about 18% faster (docs/performance.md
+"Memory and start-up"). malloc can only be replaced before a process starts (LD_PRELOAD), hence the re-exec. It happens
 before torch is imported and keeps the process id, so it costs a few tens of milliseconds and nothing else.
 
 This module imports nothing heavy: scripts call `preload_mimalloc()` before their other imports.
