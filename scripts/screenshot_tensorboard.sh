@@ -41,9 +41,8 @@ shot() {  # NAME WIDTH,HEIGHT PATH [CHROMIUM FLAGS]
 }
 # Time Series, filtered to train|val/acc|loss, unsmoothed; forceSVG: headless Chromium draws no WebGL lines.
 shot scalars 1400,1060 '?tagFilter=%5E(train%7Cval)%2F(acc%7Closs)%24&smoothing=0&forceSVG=true#timeseries'
-# At 1.87x so that the misclassified grid's pred/true captions stay legible (it is drawn to fit its card).
-shot images 1400,700 '#images&regexInput=cnn&tagFilter=%5Eval%2F(confusion_matrix%7Cmisclassified)%24' \
-    --force-device-scale-factor=1.87
+# At 100% zoom, as a user sees it: the misclassified grid is drawn to fit its card unshrunk (trainer/figures.py).
+shot images 1400,1500 '#images&regexInput=cnn&tagFilter=%5Eval%2F(confusion_matrix%7Cmisclassified)%24'
 shot hparams 2250,330 '#hparams'   # wide enough for every metric column after the first five hyperparameters
 
 # Crop (pixels, for the window sizes above: left, top, right, bottom), fit into 1400 px, 256 colours.
@@ -53,7 +52,7 @@ from pathlib import Path
 from PIL import Image
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
 for name, box in {"scalars": (0, 0, 1146, 1044),     # the runs and the four cards, not the settings pane
-                  "images": (660, 0, 2060, 1230),    # the two cards and the tab bar above them
+                  "images": (358, 0, 1100, 1500),  # the two cards at 100% zoom, the tab bar above them
                   "hparams": (456, 0, 2250, 330)}.items():  # right of the 20 % filter sidebar
     image = Image.open(src / f"{name}.png").convert("RGB")
     image = image.crop(box)

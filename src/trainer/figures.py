@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 FONT_SIZE = 11
-# TensorBoard fits an image into its card, about 500 px wide: a grid of 4 columns of 112 px stays at full size,
-# so its 16 px captions read at 100% zoom (8 columns of 84 px were shrunk to captions about 5 px high).
+# TensorBoard fits an image into its card, about 300 px wide at 100% zoom: a grid of 3 columns of 92 px stays at
+# full size, so its 16 px captions read as drawn (8 columns were shrunk to captions about 5 px high).
 CAPTION_SIZE = 16
 PAD = 4
 INK, PAPER, FAINT = (20, 20, 20), (255, 255, 255), (90, 90, 90)
@@ -72,8 +72,8 @@ def confusion_matrix_image(confusion: torch.Tensor, classes: Sequence[str]) -> t
     return _to_tensor(image)
 
 
-def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], columns: int = 4,
-                  scale: int = 4) -> torch.Tensor:
+def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], columns: int = 3,
+                  scale: int = 3) -> torch.Tensor:
     """uint8 images (N, C, h, w), each enlarged `scale` times, with its caption lines underneath."""
     from PIL import Image, ImageDraw
 
