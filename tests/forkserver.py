@@ -82,6 +82,16 @@ def become(request: dict) -> None:
     # train.py's preload_mimalloc() returns at once for a process that already runs under mimalloc (this one).
     os.environ["_TRAINER_MIMALLOC_PRELOADED"] = request["env"].get("LD_PRELOAD", "")
     sys.argv = list(request["argv"])
+    # An uncaught exception's traceback starts in the script, as a fresh process prints it, not in this file.
+    show = sys.excepthook
+
+    def from_the_script(kind, value, tb):
+        while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>")
+                                  or tb.tb_frame.f_code.co_filename.endswith("runpy.py")):
+            tb = tb.tb_next
+        show(kind, value.with_traceback(tb), tb)  # the default hook prints value.__traceback__
+
+    sys.excepthook = from_the_script
 
 
 if __name__ == "__main__":

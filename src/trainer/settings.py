@@ -2,7 +2,10 @@
 
 Hand-written rather than a structured-config schema: each rule here is a range or a combination (an integer
 >= 1, fp16 only on CUDA, skip only in one process), which a type cannot say, and each message names the
-allowed values in the same line.
+allowed values in the same line. Measured with a dataclass schema for `trainer` in Hydra's ConfigStore:
+`trainer.max_epochs=abc` gave "Value 'abc' of type 'str' could not be converted to Integer / full_key: ... /
+object_type=..." (three lines, no allowed range), and `trainer.max_epochs=0` passed it, so the checks below would
+stay anyway.
 """
 
 from __future__ import annotations
