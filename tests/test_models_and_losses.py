@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from trainer.errors import UserError
-from trainer.losses import MSEOnSoftmax, NLLOnLogSoftmax
+from trainer.losses import BCEOneVsRest, MSEOnSoftmax, NLLOnLogSoftmax
 from trainer.models.cnn import CNN
 from trainer.models.logistic import LogisticRegression
 from trainer.models.mlp import MLP
@@ -61,3 +61,9 @@ def test_losses_take_logits():
     assert torch.allclose(NLLOnLogSoftmax()(logits, y), torch.nn.functional.cross_entropy(logits, y))
     expected = ((logits.softmax(1) - torch.nn.functional.one_hot(y, 10)) ** 2).mean()
     assert torch.allclose(MSEOnSoftmax()(logits, y), expected)
+    one_hot = torch.nn.functional.one_hot(y, 10).float()
+    p = logits.sigmoid()
+    by_hand = -(one_hot * p.log() + (1 - one_hot) * (1 - p).log()).mean()  # BCE over all B x K outputs
+    assert torch.allclose(BCEOneVsRest()(logits, y), by_hand, atol=1e-6)
+    weighted = -(9 * one_hot * p.log() + (1 - one_hot) * (1 - p).log()).mean()
+    assert torch.allclose(BCEOneVsRest(pos_weight=9.0)(logits, y), weighted, atol=1e-6)

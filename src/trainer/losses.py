@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.errors import UserError
+
 
 class NLLOnLogSoftmax(nn.Module):
     """Negative log-likelihood of log_softmax(logits) (numerically the same as cross-entropy)."""
@@ -19,3 +21,19 @@ class MSEOnSoftmax(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         probs = logits.softmax(dim=1)  # (B, K)
         return F.mse_loss(probs, F.one_hot(targets, probs.shape[1]).to(probs.dtype))
+
+
+class BCEOneVsRest(nn.Module):
+    """One-vs-rest binary cross-entropy: each of the K logits is a sigmoid "is it this class?" against the one-hot
+    target, averaged over the B x K outputs (torch's BCEWithLogitsLoss, numerically stable)."""
+
+    def __init__(self, pos_weight: float | None = None) -> None:
+        super().__init__()
+        if pos_weight is not None and not (isinstance(pos_weight, (int, float)) and pos_weight > 0):
+            raise UserError(f"loss.pos_weight={pos_weight!r}: must be null or a number > 0")
+        self.pos_weight = pos_weight  # weight of the one positive output against the K - 1 negatives; null: 1
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        one_hot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)  # (B, K)
+        weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits, one_hot, pos_weight=weight)
