@@ -65,7 +65,12 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert start.hparams["model"].string_value == "MLP" and start.hparams["scheduler"].string_value == "step"
     assert start.hparams["dataset.augment_shift"].number_value == 2 and "dataset.root" not in start.hparams
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} == {"test/loss", "test/acc", "test/f1", "best/val/acc"}
+    assert {m.name.tag for m in experiment.metric_infos} == {"test/loss", "test/acc", "test/f1", "best/val/acc", "params"}
+    # the model summary: an MLP of one 64-unit layer on 28x28 images, 784*64 + 64 + 64*10 + 10 parameters
+    assert metrics["params"] == metrics["params_trainable"] == 50_890 == events.Scalars("params")[-1].value
+    assert metrics["macs_per_image"] == 784 * 64 + 64 * 10
+    assert "model/text_summary" in events.Tags()["tensors"]
+    assert "MLP: 50,890 parameters (50,890 trainable), 0.05 M MACs per image" in result.stdout
     assert events.Scalars("best/val/acc")[-1].value == pytest.approx(metrics["best/val/acc"])
 
 

@@ -21,6 +21,7 @@ from trainer.logger import TensorBoardLogger, hparams_of
 from trainer.metrics import EpochMetrics, per_class_accuracy
 from trainer.run_state import Progress
 from trainer.runtime import seconds_since_process_start
+from trainer.summary import summarize
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,16 @@ class RunReport:
         self.misclassified_images, self.log_graph, self.channels_last = misclassified_images, log_graph, channels_last
         self.limit_eval_batches = limit_eval_batches
 
-    def start(self) -> None:
-        """A new run's config, and the first training images as the model gets them before normalising."""
+    def start(self, model: nn.Module, resumed: bool) -> None:
+        """The model summary in the log; for a new run also in TensorBoard, with the config and the first training
+        images as the model gets them before normalising."""
+        images, _ = self.data.test.raw(slice(1))
+        # torch.utils.flop_counter costs about 0.1 s here, where torchmetrics has already imported what it needs
+        self.summary = summarize(model, self.data.test.transform(images))  # (1, C, H, W) as the model gets it
+        log.info("model:\n%s", self.summary.text())
+        if resumed:
+            return
+        self.logger.log_text("model", self.summary.text())
         self.logger.log_text("config", self.config_yaml)
         self.logger.log_images("inputs/train", self.data.train.raw(slice(64))[0])
 
@@ -82,9 +91,12 @@ class RunReport:
             self.logger.log_graph(model, example.contiguous(memory_format=torch.channels_last)
                                   if self.channels_last else example)
         best = {f"best/{monitor}": progress.best_metric} if progress.best_metric is not None else {}
-        self.logger.log_hparams(hparams_of(self.config_yaml), {**metrics, **best}, step)
+        # `params` beside the metrics, so a sweep's HParams table sorts by model size
+        self.logger.log_hparams(hparams_of(self.config_yaml), {**metrics, **best, "params": self.summary.params}, step)
         summary = {**metrics, f"best/{monitor}": progress.best_metric, "best/epoch": progress.best_epoch,
-                   "epochs": progress.epoch, "global_step": step, "peak_rss_mib": peak_rss_mib(),
+                   "epochs": progress.epoch, "global_step": step, "params": self.summary.params,
+                   "params_trainable": self.summary.trainable, "macs_per_image": self.summary.macs_per_image,
+                   "peak_rss_mib": peak_rss_mib(),
                    "allocator": allocator_in_use(), "startup_s": startup_s,
                    "seconds_since_start": seconds_since_process_start(), "per_class_acc": per_class}
         if self.device.type == "cuda":

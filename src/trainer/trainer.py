@@ -104,8 +104,7 @@ class Trainer:
         self.report = RunReport(logger=self.logger, data=data, run_dir=self.run_dir, config_yaml=config_yaml,
                                 device=device, dist=dist, misclassified_images=misclassified_images,
                                 log_graph=log_graph, channels_last=channels_last, limit_eval_batches=limit_eval_batches)
-        if not resume:
-            self.report.start()
+        self.report.start(model, resumed=bool(resume))
 
     def _open_run(self, resumed: Path | None, run_dir: Path, checkpoint_dir: str) -> None:
         """Find the run directory (a checkpoint inside one continues that run there), lock it, resume."""
