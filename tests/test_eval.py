@@ -79,3 +79,22 @@ def test_eval_bad_input(trained, tmp_path, overrides, says):
     assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "e").exists()  # a refused evaluation leaves no directory behind
+
+
+def test_with_ema_eval_and_exports_read_the_average_that_the_run_tested(faint_root, tmp_path):
+    """trainer.ema_decay: best.pt's "model" is the weights' average (batch-norm statistics included), which
+    train.py's own test, eval.py and model_from_checkpoint (predict.py, export.py) all use."""
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY, f"dataset.root={faint_root}", f"hydra.run.dir={run_dir}", "model=cnn",
+                       "model.channels=[8,16]", "trainer.max_epochs=2", "trainer.ema_decay=0.9",
+                       "trainer.ema_warmup=true")
+    assert result.returncode == 0, result.stderr
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert any(not torch.equal(best["model"][k], v) for k, v in best["train_model"].items() if v.is_floating_point())
+    restored = model_from_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert all(torch.equal(restored.model.state_dict()[k], v) for k, v in best["model"].items())
+    result = run_eval(f"ckpt={run_dir}/checkpoints/best.pt", f"data_root={faint_root}", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 0, result.stderr
+    ours, theirs = (json.loads(p.read_text()) for p in (tmp_path / "eval" / "metrics.json", run_dir / "metrics.json"))
+    for k in ("test/loss", "test/acc", "test/f1"):
+        assert ours[k] == pytest.approx(theirs[k], abs=1e-6), k

@@ -37,6 +37,9 @@ VARIANTS = {  # overrides, optimizer steps per epoch
                         "trainer.early_stopping_min_delta=1.0"), 16),
     "batch-norm CNN": (("model=cnn", "model.channels=[4,8]", "model.hidden=16", "model.batch_norm=true",
                         "scheduler=cosine"), 16),
+    # EMA of parameters and batch-norm buffers, with the warm-up: "model" is the average, "train_model" the weights
+    "EMA": (("model=cnn", "model.channels=[4,8]", "model.hidden=16", "model.batch_norm=true", "scheduler=onecycle",
+             "trainer.ema_decay=0.9", "trainer.ema_warmup=true"), 16),
 }
 
 
@@ -89,8 +92,13 @@ def test_resume_is_bitwise_exact(straight, faint_root, moment):
     assert (a["epoch"], a["global_step"], a["batch_in_epoch"]) == (b["epoch"], b["global_step"], b["batch_in_epoch"])
     if variant == "early stopping":
         assert a["epoch"] == 2 and a["epochs_without_improvement"] == 1  # it did stop early (patience 1), in both
-    for k in a["model"]:  # parameters and buffers (running mean/var, batches tracked)
-        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs"
+    weights = ("model", "train_model") if variant == "EMA" else ("model",)
+    assert set(weights) <= set(a) and set(weights) <= set(b) and ("ema_updates" in a) == (variant == "EMA")
+    for w in weights:
+        for k in a[w]:  # parameters and buffers (running mean/var, batches tracked)
+            assert torch.equal(a[w][k], b[w][k]), f"{w} {k} differs"
+    if variant == "EMA":
+        assert int(a["ema_updates"]) == int(b["ema_updates"]) == a["global_step"]
     for p, state in a["optimizer"]["state"].items():
         for k, v in state.items():
             assert torch.equal(v, b["optimizer"]["state"][p][k]), f"optimizer state {p}.{k} differs"

@@ -10,6 +10,7 @@ import trainer.report as report_module
 from data_args import tiny_mnist
 from trainer.data import MNIST
 from trainer import schedulers
+from trainer.errors import UserError
 from trainer.trainer import NonFiniteLossError, Trainer
 
 STEPS_PER_EPOCH, EPOCHS, LR = 4, 4, 0.1
@@ -38,6 +39,15 @@ class RecordingLogger:
         assert all(p.grad is not None for p in model.parameters())  # the epoch's last gradients, not cleared yet
         self.histogram_steps.append(step)
 
+    def log_confusion_matrix(self, tag, confusion, classes, step):
+        pass
+
+    def log_graph(self, model, example):
+        pass
+
+    def log_hparams(self, hparams, metrics, step):
+        self.log_metrics(metrics, step)
+
     def flush(self):
         pass
 
@@ -48,7 +58,7 @@ class RecordingLogger:
 OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_grad_batches=1, num_threads=None,
                limit_train_batches=None, limit_eval_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error",
                early_stopping_patience=None, early_stopping_min_delta=0.0, log_every_n_steps=1,
-               misclassified_images=0, histogram_every_n_epochs=None, log_graph=False,
+               misclassified_images=0, histogram_every_n_epochs=None, log_graph=False, ema_decay=None, ema_warmup=False,
                loss_fn=torch.nn.CrossEntropyLoss())
 
 
@@ -343,3 +353,61 @@ def test_each_validation_logs_its_confusion_matrix_and_first_misclassified_image
 def test_histograms_every_n_epochs_with_the_epochs_last_gradients(tiny_root, tmp_path, every, steps):
     trainer, _ = fit(tiny_root, tmp_path, schedulers.none, histogram_every_n_epochs=every)
     assert trainer.logger.histogram_steps == steps  # RecordingLogger checks the gradients were still there
+
+
+def test_ema_is_the_average_of_every_step_and_is_what_validation_test_and_best_pt_use(tiny_root, tmp_path,
+                                                                                      monkeypatch):
+    """trainer.ema_decay: after each optimizer step the average moves towards the weights (decay 0.5, warm-up
+    off: ema = 0.5 ema + 0.5 w, starting at the first step's weights); evaluation runs on the average."""
+    trainer, _ = build(tiny_root, tmp_path, schedulers.none, ema_decay=0.5, ema_warmup=False)
+    expected, step = {}, trainer._optimizer_step
+
+    def stepping():
+        used = step()
+        w = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        for k, v in w.items():
+            expected[k] = v if k not in expected else 0.5 * expected[k] + 0.5 * v
+        return used
+
+    monkeypatch.setattr(trainer, "_optimizer_step", stepping)
+    evaluated = []
+    forward = trainer._forward
+    monkeypatch.setattr(trainer, "_forward", lambda images, targets, net=None: evaluated.append(net) or
+                        forward(images, targets, net))
+    trainer.fit()
+    average = trainer.ema.module.state_dict()
+    assert all(torch.allclose(average[k], expected[k], atol=1e-6) for k in expected)
+    assert not all(torch.equal(average[k], v) for k, v in trainer.model.state_dict().items())  # not the weights
+    assert {id(n) for n in evaluated if n is not trainer.train_net} == {id(trainer.ema.module)}  # val: the average
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(last["model"][k], average[k]) for k in average)  # "model": what eval/predict/export load
+    assert all(torch.equal(last["train_model"][k], v) for k, v in trainer.model.state_dict().items())
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    test = trainer.test()  # evaluates best.pt's "model", the average as it was at the best epoch
+    reference = linear()
+    reference.load_state_dict(best["model"])
+    logits = reference(trainer.data.test.transform(trainer.data.test.raw(slice(None))[0]))  # (N, 10)
+    acc = (logits.argmax(1) == trainer.data.test.raw(slice(None))[1]).float().mean()
+    assert test["test/acc"] == pytest.approx(float(acc), abs=1e-6)
+
+
+def test_ema_warmup_starts_fast(tiny_root, tmp_path):
+    """With the warm-up the n-th update uses min(decay, (1 + n) / (10 + n)): 2/11 for the second step."""
+    trainer, _ = build(tiny_root, tmp_path, schedulers.none, ema_decay=0.999, ema_warmup=True)
+    first = None
+    for step in range(2):
+        images, targets = next(iter(trainer.data.train))
+        _, loss = trainer._forward(images, targets, trainer.train_net)
+        loss.backward()
+        trainer._optimizer_step()
+        if step == 0:
+            first = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    d = 2 / 11
+    for k, v in trainer.model.state_dict().items():
+        assert torch.allclose(trainer.ema.module.state_dict()[k], d * first[k] + (1 - d) * v, atol=1e-6)
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.0, -0.5, 2, "0.9"])
+def test_ema_decay_outside_0_1_is_refused(tiny_root, tmp_path, decay):
+    with pytest.raises(UserError, match=rf"trainer.ema_decay={decay!r}: must be null \(off\) or a number between 0 and 1"):
+        build(tiny_root, tmp_path, schedulers.none, ema_decay=decay, ema_warmup=False)

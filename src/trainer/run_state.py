@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from trainer.checkpoint import (config_changes, load_checkpoint, require_same_data, rng_state, save_checkpoint,
                                 set_rng_state)
@@ -70,9 +71,9 @@ class RunState:
     """
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 scaler: torch.amp.GradScaler, train_metrics: EpochMetrics, monitor: str, config_yaml: str,
+                 scaler: torch.amp.GradScaler, ema: AveragedModel | None, train_metrics: EpochMetrics, monitor: str, config_yaml: str,
                  choices: dict[str, str | None] | None, data_identity: dict, dist: Dist) -> None:
-        self.model, self.optimizer, self.schedule, self.scaler = model, optimizer, schedule, scaler
+        self.model, self.optimizer, self.schedule, self.scaler, self.ema = model, optimizer, schedule, scaler, ema
         self.train_metrics, self.monitor, self.dist = train_metrics, monitor, dist
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
         self.progress = Progress()
@@ -80,8 +81,13 @@ class RunState:
     def state_dict(self) -> dict:
         train_metrics = self.dist.all_gather_object(to_cpu(self.train_metrics.state_dict()))  # one per rank
         p = self.progress
+        # "model" holds the weights to use (eval, predict, export read it): the EMA's when it is on, and then
+        # "train_model" the trained weights that a resume continues from.
+        weights = ({"model": self.ema.module.state_dict(), "train_model": self.model.state_dict(),
+                    "ema_updates": self.ema.n_averaged.clone()} if self.ema is not None
+                   else {"model": self.model.state_dict()})
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **weights, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "global_step": p.global_step,
             "world_size": self.dist.world_size, "train_metrics_of_ranks": train_metrics,
@@ -103,7 +109,10 @@ class RunState:
                            f"{size / 2**20:.1f} MiB each, and a temporary copy while one is written)")
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("train_model", state["model"]))
+        if self.ema is not None:  # a checkpoint written without EMA starts the average at its weights
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.n_averaged.copy_(state.get("ema_updates", torch.tensor(0)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         if state["scaler"]:

@@ -5,6 +5,7 @@ stop signals (trainer.signals) and the pictures and results (trainer.report)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -21,6 +22,7 @@ from trainer.allocator import allocator_in_use
 from trainer.checkpoint import load_checkpoint
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
+from trainer.ema import make_ema
 from trainer.fsutil import lock_run_dir
 from trainer.logger import TensorBoardLogger
 from trainer.metrics import EpochMetrics, evaluate
@@ -61,7 +63,8 @@ class Trainer:
                  deterministic: bool, precision: str, compile: bool, channels_last: bool,
                  accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
                  limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
-                 log_graph: bool, dist: Dist = Dist(), config_choices: dict[str, str | None] | None = None) -> None:
+                 log_graph: bool, ema_decay: float | None, ema_warmup: bool, dist: Dist = Dist(),
+                 config_choices: dict[str, str | None] | None = None) -> None:
         check_settings(max_epochs=max_epochs, log_every_n_steps=log_every_n_steps,
                        accumulate_grad_batches=accumulate_grad_batches, misclassified_images=misclassified_images,
                        optional_counts={"limit_train_batches": limit_train_batches,
@@ -87,6 +90,9 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         # Checkpoints save self.model (no "_orig_mod." keys); training and evaluation call the compiled one.
         self.net = torch.compile(model) if compile else model
+        self.ema = make_ema(model, ema_decay, ema_warmup)  # validation, test and best.pt use it when on
+        self.eval_model = self.ema.module if self.ema is not None else model
+        self.eval_net = self.ema.module if self.ema is not None else self.net
         self.dist, self.train_net = dist, dist.for_training(self.net)
         # per-step schedules need the run's length in optimizer steps, which only the Trainer knows
         self.schedule = schedulers.bind(scheduler, optimizer, self.steps_per_epoch, max_epochs)
@@ -96,7 +102,7 @@ class Trainer:
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
         self.state = RunState(model=model, optimizer=optimizer, schedule=self.schedule, scaler=self.scaler,
-                              train_metrics=self.train_metrics, monitor=monitor, config_yaml=config_yaml,
+                              ema=self.ema, train_metrics=self.train_metrics, monitor=monitor, config_yaml=config_yaml,
                               choices=config_choices, data_identity=data.identity(), dist=dist)
         self.progress = self.state.progress
         self._open_run(Path(resume).expanduser() if resume else None, Path(run_dir), checkpoint_dir)
@@ -228,6 +234,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         group = self.optimizer.param_groups[0]
         used = {"lr": group["lr"]}
         momentum = group.get("momentum", group.get("betas", (None,))[0])
@@ -240,8 +248,9 @@ class Trainer:
     def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
         """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc.; the report
         draws the confusion matrix and, for validation, the misclassified images."""
-        self.model.eval()
-        metrics = evaluate(self._forward, loader, self.eval_metrics, prefix, self.limit_eval_batches)
+        self.eval_net.eval()
+        metrics = evaluate(functools.partial(self._forward, net=self.eval_net), loader, self.eval_metrics, prefix,
+                           self.limit_eval_batches)
         self.report.evaluation(self.eval_metrics, loader, prefix, self.progress.global_step)
         return metrics
 
@@ -252,12 +261,12 @@ class Trainer:
         checkpoint runs just the test (see RunState.resume)."""
         with self.signals.catching(lambda: "during the test", at_once=True):
             best = self.ckpt_dir / "best.pt"
-            if self.dist.is_main and best.is_file():
-                self.model.load_state_dict(load_checkpoint(best)["model"])
-            self.dist.broadcast_module(self.model)  # rank 0 wrote best.pt; other nodes may not see its file
+            if self.dist.is_main and best.is_file():  # its "model" is the EMA's weights when EMA is on
+                self.eval_model.load_state_dict(load_checkpoint(best)["model"])
+            self.dist.broadcast_module(self.eval_model)  # rank 0 wrote best.pt; other nodes may not see its file
             metrics = self.evaluate(self.data.test, "test")
             confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
-            self.report.test_results(self.model, metrics, confusion, self.monitor, self.progress, self.startup_s)
+            self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress, self.startup_s)
             self.logger.close()
             if self._run_lock is not None:  # the run is complete: another process may train on from it
                 self._run_lock.close()
