@@ -185,3 +185,19 @@ def test_bce_learns_the_tiny_digits(combo_root, tmp_path):
     OmegaConf.update(cfg, "trainer.max_epochs", 6)
     metrics = train.train(cfg, tmp_path)
     assert metrics["test/acc"] >= 0.9, metrics
+
+
+def test_rotation_shift_and_cutout_train_end_to_end(combo_root, tmp_path, monkeypatch):
+    """dataset.augment_rotate/augment_shift/augment_cutout through train.py's own setup: every training batch is
+    augmented in one resampling pass, the run still learns the tiny digits, and evaluation is left alone."""
+    from trainer.data import batches
+
+    augmented, sample = [], torch.nn.functional.grid_sample
+    monkeypatch.setattr(batches.F, "grid_sample", lambda x, *a, **k: augmented.append(len(x)) or sample(x, *a, **k))
+    cfg = combination(combo_root, model="mlp", loss="cross_entropy", optimizer="adam", scheduler="none")
+    for key, value in (("dataset.augment_rotate", 10), ("dataset.augment_shift", 1), ("dataset.augment_cutout", 4),
+                       ("trainer.max_epochs", 6)):
+        OmegaConf.update(cfg, key, value)
+    metrics = train.train(cfg, tmp_path)
+    assert augmented == [32, 32, 32, 32] * 6, augmented  # the 4 training batches of each epoch: none at evaluation
+    assert metrics["test/acc"] >= 0.8, metrics

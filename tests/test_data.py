@@ -122,3 +122,73 @@ def test_cache_is_hit_then_rebuilt_when_a_raw_file_changes(tiny_root, tmp_path, 
     assert len(reads) == 2  # the changed file was parsed again, not served stale
     assert int(rebuilt.test.images[-1, 0, -1, -1]) == int(first.test.images[-1, 0, -1, -1]) ^ 0xFF
     assert rebuilt.digest != first.digest
+
+
+def _always(value):
+    """torch.rand that returns `value` everywhere (the rotation angle's draw), to pin an augmentation down."""
+    return lambda *size, **kw: torch.full(size if len(size) != 1 or not isinstance(size[0], tuple) else size[0],
+                                          float(value), device=kw.get("device"))
+
+
+def test_rotation_turns_each_image_about_its_centre(monkeypatch):
+    from trainer.data.batches import random_rotate_and_shift
+
+    images = torch.randint(0, 256, (3, 2, 6, 6), dtype=torch.uint8)
+    monkeypatch.setattr(torch, "rand", _always(1.0))  # the largest angle: +max_degrees
+    turned = random_rotate_and_shift(images, 90.0, 0)  # (3, 2, 6, 6) float
+    assert turned.dtype == torch.float32
+    assert torch.allclose(turned, torch.rot90(images, 1, (2, 3)).float(), atol=1e-3)  # counter-clockwise, no loss
+    monkeypatch.setattr(torch, "rand", _always(0.0))
+    assert torch.allclose(random_rotate_and_shift(images, 90.0, 0), torch.rot90(images, -1, (2, 3)).float(), atol=1e-3)
+
+
+def test_shift_inside_the_rotation_pass_is_whole_pixels_filled_with_zero(monkeypatch):
+    from trainer.data.batches import random_rotate_and_shift
+
+    images = torch.randint(1, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    monkeypatch.setattr(torch, "rand", _always(0.5))  # angle 0
+    shifted = random_rotate_and_shift(images, 10.0, 2)
+    for image, out in zip(images, shifted):  # each is its image moved by some (dy, dx) in [-2, 2]^2
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.allclose(out, _translated(image.float(), dy, dx), atol=1e-3)]
+        assert len(matches) == 1
+    assert len({tuple(_offset(i, o)) for i, o in zip(images, shifted)}) > 10  # many different shifts
+
+
+def _translated(image, dy, dx):
+    out = torch.zeros_like(image)
+    h, w = image.shape[1:]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[:, max(-dy, 0):h - max(dy, 0),
+                                                                         max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def _offset(image, out):
+    return next((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.allclose(out, _translated(image.float(), dy, dx), atol=1e-3))
+
+
+def test_rotation_and_shift_are_one_batched_resampling(monkeypatch):
+    from trainer.data import batches
+
+    calls = []
+    sample = torch.nn.functional.grid_sample
+    monkeypatch.setattr(batches.F, "grid_sample", lambda x, *a, **k: calls.append(x.shape) or sample(x, *a, **k))
+    out = batches.BatchTransform(0.1307, 0.3081, max_shift=2, max_degrees=15)(
+        torch.randint(0, 256, (128, 1, 28, 28), dtype=torch.uint8))
+    assert calls == [(128, 1, 28, 28)] and out.shape == (128, 1, 28, 28)  # the whole batch in one call
+
+
+def test_cutout_zeroes_one_square_per_image():
+    from trainer.data.batches import random_cutout
+
+    images = torch.full((400, 3, 12, 12), 255, dtype=torch.uint8)
+    out = random_cutout(images, 4)
+    assert out.dtype == torch.uint8
+    zero = (out == 0).all(dim=1)  # (400, 12, 12): every channel of a pixel is cut together
+    assert ((out == 0).any(dim=1) == zero).all() and ((out == 255) | (out == 0)).all()
+    for mask in zero:
+        rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
+        assert 1 <= mask.sum() <= 16 and mask.sum() == len(rows) * len(cols)  # one rectangle, at most 4x4
+        assert (rows.diff() == 1).all() and (cols.diff() == 1).all()
+    assert (zero.sum(dim=(1, 2)) == 16).float().mean() > 0.5  # squares inside the image are whole

@@ -125,6 +125,8 @@ BAD = [
     (["loss=hinge"], "Could not find 'loss/hinge'", "multi_margin"),
     (["loss=bce", "loss.pos_weight=-1"], "loss.pos_weight=-1", "must be null or a number > 0"),
     (["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5", "must be null (off) or a number between 0 and 1"),
+    (["dataset.augment_rotate=200"], "dataset.augment_rotate=200", "must be a number of degrees from 0 to 180"),
+    (["dataset.augment_cutout=-1"], "dataset.augment_cutout=-1", "must be an integer >= 0"),
     (["scheduler=linear"], "Could not find 'scheduler/linear'", "onecycle"),
     (["logger=wandb"], "Could not find 'logger/wandb'", "tensorboard"),
     (["trainer=fast"], "Could not find 'trainer/fast'", "default"),
@@ -237,8 +239,8 @@ def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_pa
     assert not (bad_paths["junk"].parent / "written").exists()
 
 
-def test_at_least_53_bad_inputs():
-    assert len(BAD) >= 53
+def test_at_least_55_bad_inputs():
+    assert len(BAD) >= 55
 
 
 def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_path):

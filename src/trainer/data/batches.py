@@ -28,16 +28,18 @@ class BatchTransform:
     """uint8 images -> normalised float images, with optional batched augmentation (training only).
 
     `mean` and `std` are one value, or one per channel, in units of the 0-1 range. Augmentations, in the
-    order applied: `max_shift` (translate by up to that many pixels, filling with 0: digits),
-    `crop_padding` (a random crop of the image padded by that many pixels, by reflection: the usual
-    CIFAR augmentation), `hflip` (a left-right mirror of half the images).
+    order applied: `max_shift` (translate by up to that many pixels, filling with 0: digits) and `max_degrees`
+    (rotate by up to that many degrees either way) in one affine resampling, `crop_padding` (a random crop of
+    the image padded by that many pixels, by reflection: the usual CIFAR augmentation), `hflip` (a left-right
+    mirror of half the images), `cutout` (a square of that side set to 0 at a random place in each image).
     """
 
     def __init__(self, mean: float | Sequence[float], std: float | Sequence[float], max_shift: int = 0,
-                 crop_padding: int = 0, hflip: bool = False) -> None:
+                 crop_padding: int = 0, hflip: bool = False, max_degrees: float = 0.0, cutout: int = 0) -> None:
         self.mean = [float(m) for m in mean] if isinstance(mean, (list, tuple)) else [float(mean)]
         self.std = [float(s) for s in std] if isinstance(std, (list, tuple)) else [float(std)]
         self.max_shift, self.crop_padding, self.hflip = max_shift, crop_padding, hflip
+        self.max_degrees, self.cutout = max_degrees, cutout
         # One value for every channel: the exact arithmetic MNIST runs have always used (same results per seed).
         self.uniform = len(set(self.mean)) == 1 and len(set(self.std)) == 1
         self.scale = 1.0 / (255.0 * self.std[0])
@@ -55,12 +57,16 @@ class BatchTransform:
         return consts
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) uint8 -> float32
-        if self.max_shift:
+        if self.max_degrees:
+            images = random_rotate_and_shift(images, self.max_degrees, self.max_shift)  # float, 0-255
+        elif self.max_shift:  # an exact gather of whole pixels (what runs without rotation always did)
             images = random_shift(images, self.max_shift)
         if self.crop_padding:
             images = random_crop(images, self.crop_padding)
         if self.hflip:
             images = random_hflip(images)
+        if self.cutout:
+            images = random_cutout(images, self.cutout)
         scale, bias = self._on(images.device)
         if self.uniform:
             # bias + scale * x in one pass: a float32 0-dim tensor makes the result float32, and the kernel converts
@@ -104,6 +110,36 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     batch = torch.arange(b, device=dev).view(b, 1, 1)
     shifted = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (B, H, W, C)
     return shifted.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W), NCHW like the unaugmented batches
+
+
+def random_rotate_and_shift(images: torch.Tensor, max_degrees: float, max_shift: int) -> torch.Tensor:
+    """Rotate each image about its centre by its own random angle in [-max_degrees, max_degrees] and translate
+    it by its own whole-pixel (dy, dx) in [-max_shift, max_shift], in one batched affine_grid/grid_sample pass
+    (bilinear, 0 outside). uint8 (B, C, H, W) in, float32 (B, C, H, W) in 0-255 out."""
+    b, c, h, w = images.shape
+    dev = images.device
+    angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(max_degrees)  # (B,)
+    cos, sin = angle.cos(), angle.sin()
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), device=dev).float()  # (B, 2): dx, dy in pixels
+    # theta maps output to input coordinates in [-1, 1] (x right, y down): rotation, then the translation in
+    # those units (a pixel is 2/W wide); the aspect ratio is kept by scaling sin with H/W and W/H.
+    theta = torch.stack([torch.stack([cos, -sin * h / w, -shift[:, 0] * 2 / w], dim=1),
+                         torch.stack([sin * w / h, cos, -shift[:, 1] * 2 / h], dim=1)], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_cutout(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Cutout (DeVries and Taylor, 2017): a size x size square, centred at a random pixel of each image (so it may
+    lie partly outside), set to 0. Any dtype (B, C, H, W) in and out."""
+    b, _, h, w = images.shape
+    dev = images.device
+    top = torch.randint(0, h, (b, 1, 1), device=dev) - size // 2  # (B, 1, 1): the square's first row
+    left = torch.randint(0, w, (b, 1, 1), device=dev) - size // 2
+    rows = torch.arange(h, device=dev).view(1, h, 1) - top  # (B, H, 1): 0 .. size-1 inside the square
+    cols = torch.arange(w, device=dev).view(1, 1, w) - left
+    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)  # (B, H, W)
+    return images.masked_fill(inside.unsqueeze(1), 0)
 
 
 def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:

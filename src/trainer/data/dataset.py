@@ -93,11 +93,15 @@ class ImageDataset:
 
     def __init__(self, *, batch_size: int, eval_batch_size: int, val_size: int | float, test_size: int | float,
                  split_seed: int, mean: str | float | list[float], std: str | float | list[float],
-                 augment_shift: int, random_crop: int, hflip: bool, shuffle: bool, drop_last: bool, cache: bool,
+                 augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int, hflip: bool,
+                 shuffle: bool, drop_last: bool, cache: bool,
                  device_margin_gib: float, device: torch.device | str = "cpu", seed: int = 0) -> None:
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
-                                ("augment_shift", augment_shift, 0), ("random_crop", random_crop, 0)):
+                                ("augment_shift", augment_shift, 0), ("random_crop", random_crop, 0),
+                                ("augment_cutout", augment_cutout, 0)):
             require_int(f"dataset.{key}", value, low)
+        if not (isinstance(augment_rotate, (int, float)) and 0 <= augment_rotate <= 180):
+            raise UserError(f"dataset.augment_rotate={augment_rotate!r}: must be a number of degrees from 0 to 180")
         for key, value in (("val_size", val_size), ("test_size", test_size)):
             _split_size(key, value, 1)  # the type check; the count is checked once the data is known
         if not isinstance(device_margin_gib, (int, float)) or device_margin_gib < 0:
@@ -118,7 +122,7 @@ class ImageDataset:
         if random_crop >= min(self.in_shape[1:]):
             raise UserError(f"dataset.random_crop={random_crop}: the padding (by reflection) must be smaller than "
                             f"the {self.in_shape[1]}x{self.in_shape[2]} images")
-        train_tf = BatchTransform(self.mean, self.std, augment_shift, random_crop, hflip)
+        train_tf = BatchTransform(self.mean, self.std, augment_shift, random_crop, hflip, augment_rotate, augment_cutout)
         eval_tf = BatchTransform(self.mean, self.std)
 
         test_x, test_y, val_x, val_y = (record.get(k) for k in ("test_x", "test_y", "val_x", "val_y"))
