@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require_int
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -22,6 +22,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed seed for one epoch's shuffle, so any epoch's order can be rebuilt from (seed, epoch)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def check_augmentation(augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int) -> None:
+    """Raise UserError naming the first bad `dataset.` augmentation setting."""
+    for key, value in (("augment_shift", augment_shift), ("random_crop", random_crop), ("augment_cutout", augment_cutout)):
+        require_int(f"dataset.{key}", value, 0)
+    if not (isinstance(augment_rotate, (int, float)) and 0 <= augment_rotate <= 180):
+        raise UserError(f"dataset.augment_rotate={augment_rotate!r}: must be a number of degrees from 0 to 180")
 
 
 class BatchTransform:

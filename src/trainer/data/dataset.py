@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from trainer.data.batches import BatchLoader, BatchTransform
+from trainer.data.batches import BatchLoader, BatchTransform, check_augmentation
 from trainer.errors import OutputError, UserError, require_int
 from trainer.fsutil import atomic_write
 from trainer.runtime import device_free_bytes, host_memory_bytes, size_text
@@ -96,12 +96,9 @@ class ImageDataset:
                  augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int, hflip: bool,
                  shuffle: bool, drop_last: bool, cache: bool,
                  device_margin_gib: float, device: torch.device | str = "cpu", seed: int = 0) -> None:
-        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
-                                ("augment_shift", augment_shift, 0), ("random_crop", random_crop, 0),
-                                ("augment_cutout", augment_cutout, 0)):
-            require_int(f"dataset.{key}", value, low)
-        if not (isinstance(augment_rotate, (int, float)) and 0 <= augment_rotate <= 180):
-            raise UserError(f"dataset.augment_rotate={augment_rotate!r}: must be a number of degrees from 0 to 180")
+        require_int("dataset.batch_size", batch_size, 1)
+        require_int("dataset.eval_batch_size", eval_batch_size, 1)
+        check_augmentation(augment_shift, augment_rotate, augment_cutout, random_crop)
         for key, value in (("val_size", val_size), ("test_size", test_size)):
             _split_size(key, value, 1)  # the type check; the count is checked once the data is known
         if not isinstance(device_margin_gib, (int, float)) or device_margin_gib < 0:
