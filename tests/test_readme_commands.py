@@ -166,6 +166,9 @@ SKIP = {
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
+    "python scripts/lr_find_check.py":
+        "21 processes (3 LR range tests, 18 one-epoch runs, about 5 min): its table is in docs/configs.md; "
+        "tests/test_lr_find.py runs scripts/lr_find.py itself",
     ".venv/bin/python scripts/benchmark.py --mnist-fast 3":
         "three whole experiment=mnist_fast runs (about 1.5 min); tests/test_real_data.py runs that preset and "
         "asserts its accuracy floor",

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""The LR range test: `python scripts/lr_find.py [overrides]`, with the overrides train.py would take.
+
+Builds the dataset, model, loss and optimizer exactly as `python train.py OVERRIDES` would, trains a copy of the
+model for `lr_find.num_steps` steps while the LR grows exponentially from `lr_find.start_lr` to `lr_find.end_lr`
+(stopping once the smoothed loss diverges), and suggests an LR (src/trainer/lr_find.py says by which rule).
+Writes lr_find.png, lr_find.json and a TensorBoard event file to outputs/lr_find/<date>/<time>/, and prints the
+train.py command with the suggested `optimizer.lr`. Nothing is trained or written for a run of train.py.
+"""
+
+from __future__ import annotations
+
+from trainer.allocator import preload_mimalloc
+
+if __name__ == "__main__":
+    preload_mimalloc()  # before torch is imported, as in train.py
+
+import json  # noqa: E402
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from PIL import Image
+
+import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
+from trainer.config import build
+from trainer.errors import UserError, one_line_config_errors
+from trainer.figures import lr_find_plot
+from trainer.fsutil import atomic_write, discard_refused_run
+from trainer.lr_find import RangeTest, lr_range_test
+from trainer.runtime import resolve_device, seed_everything
+
+log = logging.getLogger("lr_find")
+logging.raiseExceptions = False  # as in train.py: no traceback for a log line a full disk drops
+
+
+def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
+    """Seed, data, model, loss, optimizer as train.py builds them; then the range test, and its files."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    data = build(cfg.dataset, device=device, seed=cfg.seed)
+    model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
+    loss_fn = build(cfg.loss)
+    optimizer = build(cfg.optimizer, params=model.parameters())
+    passes = iter(range(sys.maxsize))
+
+    def batches():  # a new shuffled pass over the training split, as each epoch of train.py is
+        data.train.set_epoch(next(passes))
+        return iter(data.train)
+
+    log.info("LR range test: %s, %s on %s, %d steps from %g to %g", type(model).__name__,
+             type(optimizer).__name__, data.name, cfg.lr_find.num_steps, cfg.lr_find.start_lr, cfg.lr_find.end_lr)
+    result = lr_range_test(model, loss_fn, optimizer, batches, start_lr=cfg.lr_find.start_lr,
+                           end_lr=cfg.lr_find.end_lr, num_steps=cfg.lr_find.num_steps,
+                           smoothing=cfg.lr_find.smoothing, diverge=cfg.lr_find.diverge)
+    plot = lr_find_plot(result.lrs, result.losses, result.smoothed, result.suggestion)  # (3, H, W) uint8
+    with atomic_write(out_dir / "lr_find.png") as f:
+        Image.fromarray(plot.permute(1, 2, 0).numpy()).save(f, format="PNG")
+    with atomic_write(out_dir / "lr_find.json") as f:
+        f.write(json.dumps({"suggestion": result.suggestion, "diverged": result.diverged, "lr": result.lrs,
+                            "loss": result.losses, "smoothed_loss": result.smoothed}, indent=1).encode())
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out_dir)) as writer:
+        for step, (lr, loss, smooth) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
+            # against the step: TensorBoard's x axis is linear, so the lr is a curve of its own (the PNG plots
+            # loss against a log-scale lr)
+            writer.add_scalar("lr_find/loss", loss, step)
+            writer.add_scalar("lr_find/smoothed_loss", smooth, step)
+            writer.add_scalar("lr_find/lr", lr, step)
+        writer.add_image("lr_find/curve", plot, 0)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="lr_find")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = find(cfg, out_dir)
+    except UserError as e:
+        discard_refused_run(out_dir, Path(cfg.output_root))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("optimizer.lr=", "lr_find."))]
+    steps = len(result.lrs)
+    log.info("%d steps, %s; the smoothed loss was lowest at lr %.2e", steps,
+             "stopped when the loss diverged" if result.diverged else "no divergence", result.suggestion * 5)
+    log.info("wrote %s, %s and the TensorBoard curve in %s", out_dir / "lr_find.png", out_dir / "lr_find.json", out_dir)
+    print(f"suggested learning rate: {result.suggestion:.2e} (a fifth of the LR at the smoothed loss's minimum)\n"
+          f"  python train.py {shlex.join([*overrides, f'optimizer.lr={result.suggestion:.2e}'])}")
+
+
+if __name__ == "__main__":
+    one_line_config_errors()
+    main()

@@ -1,0 +1,77 @@
+"""The LR range test (Leslie Smith, "Cyclical Learning Rates for Training Neural Networks", 2017): train a copy of
+the model for a few hundred steps while the learning rate grows exponentially, and read a good LR off the loss.
+
+The suggestion rule: the LR at which the smoothed loss is lowest, divided by 5. The steepest-slope point that
+Lightning's finder suggests moves with the noise of a few batches; the minimum is stable, and a fifth of it keeps
+a run away from the edge where the loss starts to climb. fastai's "minimum / 10" was the first rule tried: it
+landed 0.56 points below the grid's best for MNIST MLP with SGD (a fifth lands within 0.1 in all three cases).
+docs/configs.md "LR range test" has the table that checks the rule against one-epoch runs on a grid of LRs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+
+
+@dataclass
+class RangeTest:
+    lrs: list[float] = field(default_factory=list)  # the LR of each step
+    losses: list[float] = field(default_factory=list)  # its training loss
+    smoothed: list[float] = field(default_factory=list)  # exponential moving average, bias-corrected
+    diverged: bool = False  # stopped because the smoothed loss passed `diverge` x its minimum
+
+    @property
+    def suggestion(self) -> float:
+        """A fifth of the LR at the smoothed loss's minimum."""
+        best = min(range(len(self.smoothed)), key=self.smoothed.__getitem__)
+        return self.lrs[best] / 5
+
+
+def lr_range_test(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                  batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], *, start_lr: float,
+                  end_lr: float, num_steps: int, smoothing: float, diverge: float) -> RangeTest:
+    """Sweep the LR from `start_lr` to `end_lr` over `num_steps` optimizer steps, exponentially, on a copy of
+    `model` and a new optimizer of `optimizer`'s class and settings (the model and optimizer given are not
+    changed). `batches()` starts a new pass over the training data; the sweep takes as many as it needs."""
+    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
+        raise UserError(f"lr_find.start_lr={start_lr!r}, lr_find.end_lr={end_lr!r}: need 0 < start_lr < end_lr")
+    if not (isinstance(num_steps, int) and num_steps >= 10):
+        raise UserError(f"lr_find.num_steps={num_steps!r}: must be an integer >= 10")
+    if not 0 <= smoothing < 1 or diverge <= 1:
+        raise UserError(f"lr_find.smoothing={smoothing!r} must be in [0, 1) and lr_find.diverge={diverge!r} > 1")
+    net = copy.deepcopy(model).train()
+    opt = type(optimizer)(net.parameters(), **optimizer.defaults)
+    out, average, data = RangeTest(), 0.0, batches()
+    for step in range(num_steps):
+        lr = start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            images, targets = next(data)
+        except StopIteration:
+            data = batches()
+            images, targets = next(data)
+        loss = loss_fn(net(images), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())  # a host sync per step: this is a diagnostic, not the training loop
+        if not math.isfinite(value):
+            out.diverged = True
+            break
+        average = smoothing * average + (1 - smoothing) * value
+        out.lrs.append(lr)
+        out.losses.append(value)
+        out.smoothed.append(average / (1 - smoothing ** (step + 1)))
+        if out.smoothed[-1] > diverge * min(out.smoothed):
+            out.diverged = True
+            break
+    return out
