@@ -15,7 +15,7 @@ from trainer.checkpoint import (config_changes, load_checkpoint, require_same_da
                                 set_rng_state)
 from trainer.distributed import Dist
 from trainer.errors import UserError
-from trainer.fsutil import require_free_space
+from trainer.fsutil import lock_run_dir, require_free_space
 from trainer.metrics import EpochMetrics, to_cpu
 from trainer.schedulers import Schedule
 
@@ -77,6 +77,7 @@ class RunState:
         self.train_metrics, self.monitor, self.dist = train_metrics, monitor, dist
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
         self.progress = Progress()
+        self._lock = None  # the run directory's, while this run trains in it (open)
 
     def state_dict(self) -> dict:
         train_metrics = self.dist.all_gather_object(to_cpu(self.train_metrics.state_dict()))  # one per rank
@@ -101,6 +102,26 @@ class RunState:
         state = self.state_dict()
         if self.dist.is_main:
             save_checkpoint(path, state)
+
+    def open(self, resumed: Path | None, run_dir: Path, checkpoint_dir: str, *, max_epochs: int,
+             batches_per_epoch: int) -> Path:
+        """The run directory (a checkpoint inside one continues that run there; else `run_dir`), locked by rank 0
+        for as long as this run trains in it, from before a resume reads its files; then the resume, if any."""
+        if resumed:
+            run_dir = next((d for d in (resumed.parent, resumed.parent.parent) if (d / ".hydra").is_dir()), run_dir)
+        self._lock = lock_run_dir(run_dir) if self.dist.is_main else None
+        if resumed:
+            self.resume(resumed, max_epochs=max_epochs, batches_per_epoch=batches_per_epoch, run_dir=run_dir,
+                        checkpoint_dir=checkpoint_dir)
+        if self.dist.is_main:  # a full disk is found now, not after the first epoch
+            self.require_room(run_dir / checkpoint_dir)
+        return run_dir
+
+    def close(self) -> None:
+        """Release the run directory (another process may train on from it)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def require_room(self, checkpoint_dir: Path) -> None:
         """Raise OutputError now, not after the first epoch, if the disk cannot hold the run's checkpoints."""

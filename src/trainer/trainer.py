@@ -23,7 +23,6 @@ from trainer.checkpoint import load_checkpoint
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.ema import make_ema
-from trainer.fsutil import lock_run_dir
 from trainer.logger import TensorBoardLogger
 from trainer.metrics import EpochMetrics, evaluate
 from trainer.nonfinite import NonFiniteLossError, mean_finite_loss, require_finite_weights
@@ -42,16 +41,12 @@ __all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted"]
 class Trainer:
     """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing as it goes.
 
-    Settings come from `configs/trainer/*.yaml`, objects from `train.py`; `model` is already on `device`.
-    `scheduler` is `(optimizer, steps_per_epoch, max_epochs) -> Schedule` and `logger` is
-    `(log_dir, purge_step) -> TensorBoardLogger`: the run's length in steps and where it logs are known only
-    here (after accumulation, batch limits and a resumed checkpoint). `config_yaml` is the resolved config.
-
-    `last.pt` is written at every epoch end and every `checkpoint_every_n_steps` steps, `best.pt` when the
-    monitored metric improves. `resume=PATH` restores everything down to the batch and the RNG states, so the
-    run ends as if it had never stopped, in the run directory the checkpoint is in. SIGINT/SIGTERM stop after
-    the current optimizer step, with a checkpoint. Under torchrun every rank trains its shard of `data`
-    through DDP; metrics cover all ranks; rank 0 alone writes files. `self.model` stays the plain module.
+    Settings come from `configs/trainer/*.yaml`, objects from `train.py` (`model` already on `device`).
+    `scheduler(optimizer, steps_per_epoch, max_epochs)` and `logger(log_dir, purge_step)` are called here, where
+    the run's length in steps and its directory (a resumed checkpoint's) are known. `last.pt` is written every
+    epoch and `checkpoint_every_n_steps` steps, `best.pt` on improvement; `resume=PATH` continues exactly, down
+    to the batch and the RNGs. SIGINT/SIGTERM stop after the current step, with a checkpoint. Under torchrun
+    each rank trains its shard through DDP and rank 0 alone writes files; `self.model` stays the plain module.
     """
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -65,13 +60,11 @@ class Trainer:
                  limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
                  log_graph: bool, ema_decay: float | None, ema_warmup: bool, dist: Dist = Dist(),
                  config_choices: dict[str, str | None] | None = None) -> None:
-        check_settings(max_epochs=max_epochs, log_every_n_steps=log_every_n_steps,
-                       accumulate_grad_batches=accumulate_grad_batches, misclassified_images=misclassified_images,
-                       optional_counts={"limit_train_batches": limit_train_batches,
-                                        "limit_eval_batches": limit_eval_batches,
-                                        "checkpoint_every_n_steps": checkpoint_every_n_steps,
-                                        "num_threads": num_threads, "early_stopping_patience": early_stopping_patience,
-                                        "histogram_every_n_epochs": histogram_every_n_epochs},
+        check_settings(max_epochs=max_epochs, log_every_n_steps=log_every_n_steps, misclassified_images=misclassified_images,
+                       accumulate_grad_batches=accumulate_grad_batches, optional_counts=dict(
+                           limit_train_batches=limit_train_batches, limit_eval_batches=limit_eval_batches,
+                           checkpoint_every_n_steps=checkpoint_every_n_steps, num_threads=num_threads,
+                           early_stopping_patience=early_stopping_patience, histogram_every_n_epochs=histogram_every_n_epochs),
                        precision=precision, monitor=monitor, mode=mode, nonfinite_loss=nonfinite_loss,
                        early_stopping_min_delta=early_stopping_min_delta, grad_clip_norm=grad_clip_norm,
                        device=device, dist=dist)
@@ -105,26 +98,15 @@ class Trainer:
                               ema=self.ema, train_metrics=self.train_metrics, monitor=monitor, config_yaml=config_yaml,
                               choices=config_choices, data_identity=data.identity(), dist=dist)
         self.progress = self.state.progress
-        self._open_run(Path(resume).expanduser() if resume else None, Path(run_dir), checkpoint_dir)
+        self.run_dir = self.state.open(Path(resume).expanduser() if resume else None, Path(run_dir), checkpoint_dir,
+                                       max_epochs=max_epochs, batches_per_epoch=self.batches_per_epoch)
+        self.ckpt_dir = self.run_dir / checkpoint_dir
+        self.signals = StopSignals(dist, self.ckpt_dir / "last.pt")
         self.logger = logger(log_dir=self.run_dir, purge_step=self.progress.global_step + 1 if resume else None)
         self.report = RunReport(logger=self.logger, data=data, run_dir=self.run_dir, config_yaml=config_yaml,
                                 device=device, dist=dist, misclassified_images=misclassified_images,
                                 log_graph=log_graph, channels_last=channels_last, limit_eval_batches=limit_eval_batches)
         self.report.start(model, resumed=bool(resume))
-
-    def _open_run(self, resumed: Path | None, run_dir: Path, checkpoint_dir: str) -> None:
-        """Find the run directory (a checkpoint inside one continues that run there), lock it, resume."""
-        self.run_dir = next((d for d in (resumed.parent, resumed.parent.parent) if (d / ".hydra").is_dir()),
-                            run_dir) if resumed else run_dir
-        # Rank 0 holds the run directory while this process trains in it, from before a resume reads its files.
-        self._run_lock = lock_run_dir(self.run_dir) if self.dist.is_main else None
-        if resumed:
-            self.state.resume(resumed, max_epochs=self.max_epochs, batches_per_epoch=self.batches_per_epoch,
-                              run_dir=self.run_dir, checkpoint_dir=checkpoint_dir)
-        self.ckpt_dir = self.run_dir / checkpoint_dir
-        self.signals = StopSignals(self.dist, self.ckpt_dir / "last.pt")
-        if self.dist.is_main:  # a full disk is found now, not after the first epoch
-            self.state.require_room(self.ckpt_dir)
 
     def fit(self) -> dict[str, float]:
         """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
@@ -268,9 +250,7 @@ class Trainer:
             confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
             self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress, self.startup_s)
             self.logger.close()
-            if self._run_lock is not None:  # the run is complete: another process may train on from it
-                self._run_lock.close()
-                self._run_lock = None
+            self.state.close()  # the run is complete: another process may train on from it
             return metrics
 
     @property
