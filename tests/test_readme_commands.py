@@ -617,6 +617,11 @@ def check_result(s: ReadmeSession, r: Result) -> None:
         assert "samples/s" in r.stdout, r.stdout
         for model in models:
             assert re.search(rf"^cpu\s+{model}\s", r.stdout, re.M), r.stdout
+    elif program == "scripts/lr_find.py":  # its suggestion, the train.py command with it, and its files
+        suggested = re.search(r"suggested learning rate: (\S+)", r.stdout)
+        assert suggested and f"optimizer.lr={suggested[1]}" in r.stdout.splitlines()[-1], r.stdout
+        (run_dir,) = sorted((s.copy / "outputs" / "lr_find").glob("*/*"))[-1:]
+        assert {"lr_find.png", "lr_find.json"} <= {p.name for p in run_dir.iterdir()}, list(run_dir.iterdir())
     elif program == "tensorboard":
         assert r.extra.get("url"), "no 'TensorBoard ... at http://...' line"
         assert r.extra.get("runs"), f"the server listed no runs: {r.extra}"
