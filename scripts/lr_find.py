@@ -31,7 +31,8 @@ from trainer.config import build
 from trainer.errors import UserError, one_line_config_errors
 from trainer.figures import lr_find_plot
 from trainer.fsutil import atomic_write, discard_refused_run
-from trainer.lr_find import RangeTest, lr_range_test
+from trainer.logger import NullLogger
+from trainer.lr_find import RangeTest, check_range_settings, lr_range_test
 from trainer.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("lr_find")
@@ -39,13 +40,19 @@ logging.raiseExceptions = False  # as in train.py: no traceback for a log line a
 
 
 def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
-    """Seed, data, model, loss, optimizer as train.py builds them; then the range test, and its files."""
+    """Seed, data, model, loss, optimizer as train.py builds them, with the Trainer's checks of its settings
+    (so the printed train.py command is one train.py takes); then the range test, and its files."""
+    check_range_settings(**cfg.lr_find)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     data = build(cfg.dataset, device=device, seed=cfg.seed)
     model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
+    # The Trainer checks its settings where it is built; build it (without training: no run directory of its
+    # own, no logger) so a setting train.py would refuse is refused here too.
+    build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=build(cfg.scheduler, _partial_=True),
+          data=data, logger=NullLogger, device=device, run_dir=out_dir, resume=None, config_yaml="{}")
     passes = iter(range(sys.maxsize))
 
     def batches():  # a new shuffled pass over the training split, as each epoch of train.py is
@@ -85,7 +92,8 @@ def main(cfg: DictConfig) -> None:
         discard_refused_run(out_dir, Path(cfg.output_root))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("optimizer.lr=", "lr_find."))]
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if not o.lstrip("+~").startswith(("optimizer.lr=", "lr_find."))]
     steps = len(result.lrs)
     log.info("%d steps, %s; the smoothed loss was lowest at lr %.2e", steps,
              "stopped when the loss diverged" if result.diverged else "no divergence", result.suggestion * 5)

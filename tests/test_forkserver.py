@@ -9,6 +9,9 @@ import pytest
 import conftest
 from conftest import REPO, run_python
 
+# Every case also starts a fresh interpreter (about 5 s of imports each): the slow tier, which CI runs.
+pytestmark = pytest.mark.slow
+
 CASES = {
     "refused override": [str(REPO / "train.py"), "model=nope"],
     "argv, path, cwd and exit code": ["-c", "import os, sys; print(sys.argv, repr(sys.path[0]), os.getcwd()); "

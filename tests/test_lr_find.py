@@ -67,7 +67,10 @@ def test_a_non_finite_loss_ends_the_sweep(tiny_root):
 @pytest.mark.parametrize("settings, says", [
     (dict(start_lr=1.0, end_lr=0.1), "need 0 < start_lr < end_lr"),
     (dict(num_steps=3), "lr_find.num_steps=3: must be an integer >= 10"),
-    (dict(smoothing=1.0), "lr_find.smoothing=1.0 must be in [0, 1)"),
+    (dict(smoothing=1.0), "lr_find.smoothing=1.0: must be a number in [0, 1)"),
+    (dict(smoothing="abc"), "lr_find.smoothing='abc': must be a number in [0, 1)"),
+    (dict(diverge=1), "lr_find.diverge=1: must be a number > 1"),
+    (dict(num_steps=2.5), "lr_find.num_steps=2.5: must be an integer >= 10"),
 ])
 def test_bad_settings_are_refused(tiny_root, settings, says):
     data, model, opt, batches = setup(tiny_root)
@@ -100,9 +103,16 @@ def test_the_script_writes_its_curve_and_prints_the_override(tiny_root, tmp_path
     assert "lr_find/curve" in events.Tags()["images"]
 
 
-def test_the_script_refuses_a_bad_setting_in_one_line_and_leaves_nothing(tiny_root, tmp_path):
+@pytest.mark.parametrize("bad, says", [
+    ("lr_find.num_steps=2.5", "error: lr_find.num_steps=2.5: must be an integer >= 10"),
+    ("lr_find.smoothing=abc", "error: lr_find.smoothing='abc': must be a number in [0, 1)"),
+    # a setting train.py refuses is refused here too, so the printed train.py command is one train.py takes
+    ("trainer.ema_decay=2", "error: trainer.ema_decay=2: must be null (off) or a number strictly between 0 and 1, "
+                            "e.g. 0.999"),
+])
+def test_the_script_refuses_a_bad_setting_in_one_line_and_leaves_nothing(tiny_root, tmp_path, bad, says):
     out = tmp_path / "out"
-    result = run_train(*TINY, f"dataset.root={tiny_root}", "model=mlp", "lr_find.num_steps=3", f"output_root={out}",
+    result = run_train(*TINY, f"dataset.root={tiny_root}", "model=mlp", bad, f"output_root={out}",
                        script="scripts/lr_find.py")
-    assert result.returncode == 1 and result.stderr.strip() == "error: lr_find.num_steps=3: must be an integer >= 10"
-    assert not list((out / "lr_find").glob("*/*")) if (out / "lr_find").exists() else True
+    assert result.returncode == 1 and result.stderr.strip() == says and not result.stdout.strip(), result
+    assert not (out / "lr_find").exists() or not list((out / "lr_find").rglob("*.log"))

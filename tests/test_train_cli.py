@@ -123,8 +123,14 @@ BAD = [
     (["optimizer=adamm"], "Could not find 'optimizer/adamm'", "adamw"),
     (["dataset=cifar"], "Could not find 'dataset/cifar'", "fashion_mnist"),
     (["loss=hinge"], "Could not find 'loss/hinge'", "multi_margin"),
-    (["loss=bce", "loss.pos_weight=-1"], "loss.pos_weight=-1", "must be null or a number > 0"),
-    (["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5", "must be null (off) or a number between 0 and 1"),
+    (["loss=bce", "loss.pos_weight=-1"], "loss.pos_weight=-1", "must be null or a finite number > 0"),
+    (["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5", "must be null (off) or a number strictly between 0 and 1"),
+    (["trainer.ema_decay=0.9", "trainer.ema_warmup=abc"], "trainer.ema_warmup='abc'", "must be true or false"),
+    (["trainer.ema_warmup=true"], "trainer.ema_warmup=true", "set trainer.ema_decay"),
+    (["loss=bce", "loss.pos_weight=inf"], "loss.pos_weight=inf", "must be null or a finite number > 0"),
+    (["dataset.augment_rotate=true"], "dataset.augment_rotate=True", "must be a number of degrees from 0 to 180"),
+    (["dataset.augment_cutout=28"], "dataset.augment_cutout=28", "must be smaller than the 28x28 images"),
+    (["dataset.augment_shift=28"], "dataset.augment_shift=28", "must be smaller than the 28x28 images"),
     (["dataset.augment_rotate=200"], "dataset.augment_rotate=200", "must be a number of degrees from 0 to 180"),
     (["dataset.augment_cutout=-1"], "dataset.augment_cutout=-1", "must be an integer >= 0"),
     (["scheduler=linear"], "Could not find 'scheduler/linear'", "onecycle"),
@@ -239,8 +245,8 @@ def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_pa
     assert not (bad_paths["junk"].parent / "written").exists()
 
 
-def test_at_least_55_bad_inputs():
-    assert len(BAD) >= 55
+def test_at_least_61_bad_inputs():
+    assert len(BAD) >= 61
 
 
 def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_path):

@@ -409,5 +409,5 @@ def test_ema_warmup_starts_fast(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("decay", [1.0, 0.0, -0.5, 2, "0.9"])
 def test_ema_decay_outside_0_1_is_refused(tiny_root, tmp_path, decay):
-    with pytest.raises(UserError, match=rf"trainer.ema_decay={decay!r}: must be null \(off\) or a number between 0 and 1"):
+    with pytest.raises(UserError, match=rf"trainer.ema_decay={decay!r}: must be null \(off\) or a number strictly between 0 and 1"):
         build(tiny_root, tmp_path, schedulers.none, ema_decay=decay, ema_warmup=False)

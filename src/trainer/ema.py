@@ -19,10 +19,15 @@ from trainer.errors import UserError
 
 def make_ema(model: nn.Module, decay: float | None, warmup: bool) -> AveragedModel | None:
     """The average of `model`'s weights, or None when `decay` is null (EMA off)."""
+    if not isinstance(warmup, bool):
+        raise UserError(f"trainer.ema_warmup={warmup!r}: must be true or false")
     if decay is None:
+        if warmup:
+            raise UserError("trainer.ema_warmup=true needs an average to warm up: set trainer.ema_decay (e.g. 0.999)")
         return None
     if not (isinstance(decay, float) and 0 < decay < 1):
-        raise UserError(f"trainer.ema_decay={decay!r}: must be null (off) or a number between 0 and 1, e.g. 0.999")
+        raise UserError(f"trainer.ema_decay={decay!r}: must be null (off) or a number strictly between 0 and 1, "
+                        "e.g. 0.999")
 
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:

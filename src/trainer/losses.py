@@ -1,6 +1,8 @@
 """Losses that need more than raw logits. Each takes (logits (B, K), targets (B,)) like the built-in ones,
 so models always return logits and the loss applies what it needs (log-softmax, softmax)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,8 +31,9 @@ class BCEOneVsRest(nn.Module):
 
     def __init__(self, pos_weight: float | None = None) -> None:
         super().__init__()
-        if pos_weight is not None and not (isinstance(pos_weight, (int, float)) and pos_weight > 0):
-            raise UserError(f"loss.pos_weight={pos_weight!r}: must be null or a number > 0")
+        if pos_weight is not None and not (isinstance(pos_weight, (int, float)) and not isinstance(pos_weight, bool)
+                                           and math.isfinite(pos_weight) and pos_weight > 0):
+            raise UserError(f"loss.pos_weight={pos_weight!r}: must be null or a finite number > 0")
         self.pos_weight = pos_weight  # weight of the one positive output against the K - 1 negatives; null: 1
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

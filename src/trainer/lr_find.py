@@ -35,18 +35,28 @@ class RangeTest:
         return self.lrs[best] / 5
 
 
+def check_range_settings(*, start_lr: float, end_lr: float, num_steps: int, smoothing: float, diverge: float) -> None:
+    """Raise UserError naming the first bad `lr_find.` setting and what is allowed."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 10):
+        raise UserError(f"lr_find.num_steps={num_steps!r}: must be an integer >= 10")
+    if not (number(start_lr) and number(end_lr) and 0 < start_lr < end_lr):
+        raise UserError(f"lr_find.start_lr={start_lr!r}, lr_find.end_lr={end_lr!r}: need 0 < start_lr < end_lr")
+    if not (number(smoothing) and 0 <= smoothing < 1):
+        raise UserError(f"lr_find.smoothing={smoothing!r}: must be a number in [0, 1)")
+    if not (number(diverge) and diverge > 1):
+        raise UserError(f"lr_find.diverge={diverge!r}: must be a number > 1")
+
+
 def lr_range_test(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                   batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], *, start_lr: float,
                   end_lr: float, num_steps: int, smoothing: float, diverge: float) -> RangeTest:
     """Sweep the LR from `start_lr` to `end_lr` over `num_steps` optimizer steps, exponentially, on a copy of
     `model` and a new optimizer of `optimizer`'s class and settings (the model and optimizer given are not
     changed). `batches()` starts a new pass over the training data; the sweep takes as many as it needs."""
-    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
-        raise UserError(f"lr_find.start_lr={start_lr!r}, lr_find.end_lr={end_lr!r}: need 0 < start_lr < end_lr")
-    if not (isinstance(num_steps, int) and num_steps >= 10):
-        raise UserError(f"lr_find.num_steps={num_steps!r}: must be an integer >= 10")
-    if not 0 <= smoothing < 1 or diverge <= 1:
-        raise UserError(f"lr_find.smoothing={smoothing!r} must be in [0, 1) and lr_find.diverge={diverge!r} > 1")
+    check_range_settings(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, smoothing=smoothing, diverge=diverge)
     net = copy.deepcopy(model).train()
     opt = type(optimizer)(net.parameters(), **optimizer.defaults)
     out, average, data = RangeTest(), 0.0, batches()

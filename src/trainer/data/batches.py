@@ -28,8 +28,20 @@ def check_augmentation(augment_shift: int, augment_rotate: float, augment_cutout
     """Raise UserError naming the first bad `dataset.` augmentation setting."""
     for key, value in (("augment_shift", augment_shift), ("random_crop", random_crop), ("augment_cutout", augment_cutout)):
         require_int(f"dataset.{key}", value, 0)
-    if not (isinstance(augment_rotate, (int, float)) and 0 <= augment_rotate <= 180):
+    if not (isinstance(augment_rotate, (int, float)) and not isinstance(augment_rotate, bool)
+            and 0 <= augment_rotate <= 180):
         raise UserError(f"dataset.augment_rotate={augment_rotate!r}: must be a number of degrees from 0 to 180")
+
+
+def check_augmentation_fits(in_shape: tuple[int, int, int], augment_shift: int, augment_cutout: int,
+                            random_crop: int) -> None:
+    """Raise UserError if a shift, cut-out square or crop padding is as large as the (C, H, W) images: each would
+    leave some images blank, or nothing of them."""
+    for key, value, what in (("random_crop", random_crop, "the padding (by reflection)"),
+                             ("augment_shift", augment_shift, "the shift"),
+                             ("augment_cutout", augment_cutout, "the cut-out square's side")):
+        if value >= min(in_shape[1:]):
+            raise UserError(f"dataset.{key}={value}: {what} must be smaller than the {in_shape[1]}x{in_shape[2]} images")
 
 
 class BatchTransform:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from trainer.data.batches import BatchLoader, BatchTransform, check_augmentation
+from trainer.data.batches import BatchLoader, BatchTransform, check_augmentation, check_augmentation_fits
 from trainer.errors import OutputError, UserError, require_int
 from trainer.fsutil import atomic_write
 from trainer.runtime import device_free_bytes, host_memory_bytes, size_text
@@ -116,9 +116,7 @@ class ImageDataset:
         channels = self.in_shape[0]
         self.mean = _per_channel("mean", record["mean"] if mean == "auto" else mean, channels)
         self.std = _per_channel("std", record["std"] if std == "auto" else std, channels)
-        if random_crop >= min(self.in_shape[1:]):
-            raise UserError(f"dataset.random_crop={random_crop}: the padding (by reflection) must be smaller than "
-                            f"the {self.in_shape[1]}x{self.in_shape[2]} images")
+        check_augmentation_fits(self.in_shape, augment_shift, augment_cutout, random_crop)
         train_tf = BatchTransform(self.mean, self.std, augment_shift, random_crop, hflip, augment_rotate, augment_cutout)
         eval_tf = BatchTransform(self.mean, self.std)
 
