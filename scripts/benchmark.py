@@ -2,7 +2,8 @@
 """Training throughput, side by side in one process: bare floor vs this framework vs the tutorial loop.
 
 For each device x model x batch size, the same number of training steps is timed for:
-  floor      a bare loop over pre-normalised tensors already on the device: forward, loss, backward, step;
+  floor      a bare loop over pre-normalised tensors already on the device, in the Trainer's memory format
+             (channels-last, model and input, unless trainer.channels_last=false): forward, loss, backward, step;
   +data      the same bare loop fed by the framework's input pipeline (shuffled gather, normalisation);
   framework  the real Trainer.train_epoch (shuffling, batched normalisation, metrics, TensorBoard logging,
              progress bar) plus its checkpoint save;
@@ -76,15 +77,17 @@ class Row:
                           f"trainer.device={device}")
         self.data = build(self.cfg.dataset, device=device, seed=self.cfg.seed)
         self.run_dir = run_dir
+        # The floor gets the best layout too: channels-last (NHWC) for model and input when the Trainer uses it.
+        self.memory_format = torch.channels_last if self.cfg.trainer.channels_last else torch.contiguous_format
         # floor: every training image normalised once, in the order the loop will slice it
         images, self.floor_y = self.data.train.raw()
-        self.floor_x = self.data.train.transform(images)  # (N, C, H, W) float32
+        self.floor_x = self.data.train.transform(images).contiguous(memory_format=self.memory_format)  # (N, C, H, W)
         self.epoch = 0
 
     def fresh(self):
         seed_everything(self.cfg.seed)  # the initialisation train.setup() gives the framework's model
         model = build(self.cfg.model, in_shape=self.data.in_shape,
-                            num_classes=self.data.num_classes).to(self.device)
+                      num_classes=self.data.num_classes).to(self.device, memory_format=self.memory_format)
         return model, build(self.cfg.loss), train.build(self.cfg.optimizer, params=model.parameters())
 
     def _bare_loop(self, batches) -> float:
@@ -110,7 +113,8 @@ class Row:
         """The floor, fed by the framework's input pipeline (shuffled gather + normalisation on the device):
         what any loop that shuffles its data pays on top of the floor."""
         self.data.train.set_epoch(self.epoch)
-        return self._bare_loop(batch for _, batch in zip(range(self.steps), self.data.train))
+        return self._bare_loop((x.contiguous(memory_format=self.memory_format), y)
+                               for _, (x, y) in zip(range(self.steps), self.data.train))
 
     def framework(self) -> float:
         trainer = train.setup(self.cfg, self.run_dir)  # exactly what train.py builds (data from its cache)
@@ -177,7 +181,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc: {allocator_in_use()}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     header = (f"{'device':6} {'model':8} {'batch':>5} {'steps':>5} | {'floor':>8} {'+data':>8} {'framework':>9} "
-              f"{'tutorial':>8} samples/s | {'fw/floor':>8} {'fw/+data':>8} {'tut/fw':>6} | {'noise':>5} | {'cuda MiB':>8}")
+              f"{'tutorial':>8} samples/s | {'fw/floor':>8} {'fw/+data':>8} {'tut/fw':>6} | {'fw-floor':>8} "
+              f"{'fw-data':>7} us/step | {'noise':>5} | {'cuda MiB':>8}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,11 +212,16 @@ def main() -> int:
                     print(f"{device.type:6} {model:8} {bs:5} {steps:5} | {rate['floor']:8.0f} {rate['floor_data']:8.0f}"
                           f" {rate['framework']:9.0f} {rate['tutorial']:8.0f}           |"
                           f" {med['framework'] / med['floor']:8.2f} {med['framework'] / med['floor_data']:8.2f}"
-                          f" {med['tutorial'] / med['framework']:6.2f} | {noise:5.0%} | {cuda_mib:8.0f}", flush=True)
+                          f" {med['tutorial'] / med['framework']:6.2f} |"
+                          f" {(med['framework'] - med['floor']) / steps * 1e6:8.1f}"
+                          f" {(med['framework'] - med['floor_data']) / steps * 1e6:7.1f}         |"
+                          f" {noise:5.0%} | {cuda_mib:8.0f}", flush=True)
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print("fw/floor: framework time / floor time (1.00 = no overhead); fw/+data: framework / floor fed by the same\n"
           "input pipeline (the Trainer's own cost: metrics, logging, checkpoint); tut/fw: tutorial / framework;\n"
-          "noise: spread of the floor's repetitions")
+          "fw-floor, fw-data: what the framework adds per training step, in microseconds, over the floor and over\n"
+          "the floor fed by the same input pipeline; noise: spread of the floor's repetitions.\n"
+          "floor and +data use the Trainer's memory format (channels-last unless trainer.channels_last=false).")
     return 0
 
 

@@ -11,7 +11,7 @@ MODELS = {
     "logistic": lambda: LogisticRegression((1, 28, 28), 10),
     "mlp": lambda: MLP((1, 28, 28), 10, hidden_sizes=[64, 32], activation="GELU", dropout=0.0),
     "cnn": lambda: CNN((1, 28, 28), 10, channels=[8, 16], kernel_sizes=[3, 5], hidden=32, dropout=0.0,
-                       batch_norm=True, activation="ReLU"),
+                       batch_norm=True, activation="ReLU", convs_per_stage=1),
 }
 
 
@@ -37,9 +37,19 @@ def test_can_overfit_one_batch(name):
 
 def test_cnn_takes_other_input_shapes_and_no_batch_norm():
     model = CNN((3, 32, 32), 7, channels=[4], kernel_sizes=[3], hidden=8, dropout=0.5, batch_norm=False,
-                activation="SiLU")
+                activation="SiLU", convs_per_stage=1)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_convs_per_stage_stacks_convolutions_before_each_pool():
+    model = CNN((1, 28, 28), 10, channels=[4, 8], kernel_sizes=[3, 3], hidden=8, dropout=0.0, batch_norm=True,
+                activation="ReLU", convs_per_stage=2)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 4), (4, 8), (8, 8)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.features) == 4
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.features) == 2
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("build, message", [
@@ -47,9 +57,11 @@ def test_cnn_takes_other_input_shapes_and_no_batch_norm():
     (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="Relu", dropout=0.0), "'Relu'"),
     (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="Linear", dropout=0.0), "'Linear'"),
     (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="ReLU", dropout=1.0), "dropout"),
-    (lambda: CNN((1, 28, 28), 10, [8, 8], [3], 8, 0.0, True, "ReLU"), "same length"),
-    (lambda: CNN((1, 28, 28), 10, [8], [4], 8, 0.0, True, "ReLU"), "odd"),
-    (lambda: CNN((1, 28, 28), 10, [8] * 6, [3] * 6, 8, 0.0, True, "ReLU"), "shrink"),
+    (lambda: CNN((1, 28, 28), 10, [8, 8], [3], 8, 0.0, True, "ReLU", 1), "same length"),
+    (lambda: CNN((1, 28, 28), 10, [8], [4], 8, 0.0, True, "ReLU", 1), "odd"),
+    (lambda: CNN((1, 28, 28), 10, [8] * 6, [3] * 6, 8, 0.0, True, "ReLU", 1), "shrink"),
+    (lambda: CNN((1, 28, 28), 10, [8], [3], 8, 0.0, True, "ReLU", 0), "convs_per_stage=0"),
+    (lambda: CNN((1, 28, 28), 10, [8], [3], 8, 0.0, True, "ReLU", 1.5), "convs_per_stage=1.5"),
 ])
 def test_bad_model_settings_are_named(build, message):
     with pytest.raises(UserError, match=message):

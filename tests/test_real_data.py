@@ -18,6 +18,11 @@ FLOORS = [
     (["experiment=fashion_logistic"], 0.842),
     (["experiment=mnist_mlp"], 0.972),
     (["experiment=fashion_mlp"], 0.871),
+    # The two *_best presets take 13-20 min in full (docs/configs.md); here 150 batches of one epoch under the same
+    # recipe, about 25 s each. Measured at seed 42 (seeds 0 and 1): mnist_best 98.54% (98.70%, 98.48%),
+    # fashion_best 82.13% (seed 1: 82.92%).
+    (["experiment=mnist_best", "trainer.max_epochs=1", "trainer.limit_train_batches=150"], 0.982),
+    (["experiment=fashion_best", "trainer.max_epochs=1", "trainer.limit_train_batches=150"], 0.815),
 ]
 
 

@@ -268,7 +268,8 @@ def test_debug_fast_dev_run_runs_a_few_batches_of_everything(tiny_root, tmp_path
 
 def test_every_experiment_preset_runs_end_to_end(tiny_root, tmp_path):
     presets = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
-    assert {"mnist_fast", "mnist_cnn", "fashion_cnn", "mnist_mlp", "fashion_logistic"} <= set(presets)
+    assert {"mnist_fast", "mnist_cnn", "fashion_cnn", "mnist_mlp", "fashion_logistic", "mnist_best",
+            "fashion_best"} <= set(presets)
     result = run_train("-m", *TINY, f"dataset.root={tiny_root}", f"output_root={tmp_path}", "debug=fast_dev_run",
                        f"experiment={','.join(presets)}")
     assert result.returncode == 0, result.stderr

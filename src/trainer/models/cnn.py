@@ -6,11 +6,12 @@ from trainer.models.activation import activation as make_activation
 
 
 class CNN(nn.Module):
-    """Convolutional network: per stage Conv(k, same padding) [+ BatchNorm] + activation + MaxPool(2),
-    then Dropout, Linear(hidden), activation, Dropout, Linear(classes)."""
+    """Convolutional network: per stage `convs_per_stage` x (Conv(k, same padding) [+ BatchNorm] + activation),
+    then MaxPool(2); then Dropout, Linear(hidden), activation, Dropout, Linear(classes)."""
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, channels: list[int], kernel_sizes: list[int],
-                 hidden: int, dropout: float, batch_norm: bool, activation: str) -> None:
+                 hidden: int, dropout: float, batch_norm: bool, activation: str,
+                 convs_per_stage: int) -> None:
         super().__init__()
         if len(channels) != len(kernel_sizes) or not channels:
             raise UserError(f"model.channels={list(channels)} and model.kernel_sizes={list(kernel_sizes)} "
@@ -19,16 +20,21 @@ class CNN(nn.Module):
             raise UserError(f"model.kernel_sizes={list(kernel_sizes)}: must be odd positive integers")
         if not 0 <= dropout < 1:
             raise UserError(f"model.dropout={dropout}: must be in [0, 1)")
+        if isinstance(convs_per_stage, bool) or not isinstance(convs_per_stage, int) or convs_per_stage < 1:
+            raise UserError(f"model.convs_per_stage={convs_per_stage!r}: must be an integer >= 1")
         c, h, w = in_shape
         if h >> len(channels) < 1 or w >> len(channels) < 1:
             raise UserError(f"model.channels: {len(channels)} pooling stages shrink a {h}x{w} input to nothing")
         stages: list[nn.Module] = []
         for out, k in zip(channels, kernel_sizes):
-            stages.append(nn.Conv2d(c, out, k, padding=k // 2, bias=not batch_norm))
-            if batch_norm:
-                stages.append(nn.BatchNorm2d(out))
-            stages += [make_activation(activation), nn.MaxPool2d(2)]
-            c, h, w = out, h // 2, w // 2
+            for _ in range(convs_per_stage):
+                stages.append(nn.Conv2d(c, out, k, padding=k // 2, bias=not batch_norm))
+                if batch_norm:
+                    stages.append(nn.BatchNorm2d(out))
+                stages.append(make_activation(activation))
+                c = out
+            stages.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
         self.features = nn.Sequential(*stages)  # (B, C, H, W) -> (B, c, h, w)
         self.head = nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, hidden),
