@@ -4,8 +4,9 @@ exports use in place of the trained weights.
 It is torch's `AveragedModel` (parameters and buffers, so batch-norm statistics are averaged too), updated
 after every optimizer step. Only the decay is ours: with `trainer.ema_warmup`, step n uses
 min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the random initial weights.
-Under torchrun every rank averages its own copy of the same weights (DDP keeps them equal), so the averages
-are equal too, with no communication.
+Under torchrun every rank averages its own copy. The parameters are equal on every rank (DDP averages the
+gradients), but batch-norm statistics are each rank's own between DDP's syncs, so the Trainer sends rank 0's
+average to every rank before each evaluation: every rank validates and tests the average best.pt holds.
 """
 
 from __future__ import annotations

@@ -230,6 +230,7 @@ class Trainer:
     def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
         """Loss, accuracy and macro F1 of the model over `loader`, with keys `<prefix>/loss` etc.; the report
         draws the confusion matrix and, for validation, the misclassified images."""
+        self.dist.broadcast_module(self.eval_model)  # rank 0's: DDP syncs batch-norm buffers only in forward (ema.py)
         self.eval_net.eval()
         metrics = evaluate(functools.partial(self._forward, net=self.eval_net), loader, self.eval_metrics, prefix,
                            self.limit_eval_batches)
@@ -244,8 +245,7 @@ class Trainer:
         with self.signals.catching(lambda: "during the test", at_once=True):
             best = self.ckpt_dir / "best.pt"
             if self.dist.is_main and best.is_file():  # its "model" is the EMA's weights when EMA is on
-                self.eval_model.load_state_dict(load_checkpoint(best)["model"])
-            self.dist.broadcast_module(self.eval_model)  # rank 0 wrote best.pt; other nodes may not see its file
+                self.eval_model.load_state_dict(load_checkpoint(best)["model"])  # evaluate() sends it to every rank
             metrics = self.evaluate(self.data.test, "test")
             confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
             self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress, self.startup_s)
