@@ -311,3 +311,17 @@ def test_debug_overfit_memorises_a_few_batches(tiny_root, tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss_epoch")][-1] == 30 * 4
     assert events.Scalars("train/acc")[-1].value == 1.0 and events.Scalars("train/loss_epoch")[-1].value < 0.01
+
+
+@pytest.mark.parametrize("first, then, turned", [((), ("trainer.ema_decay=0.9",), "on"),
+                                                 (("trainer.ema_decay=0.9",), (), "off")])
+def test_turning_ema_on_or_off_on_resume_chooses_best_afresh(tiny_root, tmp_path, first, then, turned):
+    """Raw and averaged validation values do not compare: the resumed run's first validation sets best.pt."""
+    run = tmp_path / "run"
+    assert run_train(*tiny(tiny_root, run, *MLP, "trainer.max_epochs=1", *first)).returncode == 0
+    result = run_train(*tiny(tiny_root, tmp_path / "resuming", *MLP, "trainer.max_epochs=2", *then,
+                             f"trainer.resume={run / 'checkpoints' / 'last.pt'}"))
+    assert result.returncode == 0, result.stderr
+    assert f"trainer.ema_decay turned {turned}; best.pt is chosen afresh" in result.stdout
+    assert json.loads((run / "metrics.json").read_text())["best/epoch"] == 2
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 2

@@ -144,9 +144,15 @@ class RunState:
         self.train_metrics.load_state_dict(state["train_metrics_of_ranks"][self.dist.rank] if saved_world > 1
                                            else state["train_metrics"])
         p.skipped_batches = state["skipped_batches"]
-        if state["monitor"] == self.monitor:
+        # The best so far counts only if it was measured on the same kind of weights: raw and averaged (EMA)
+        # validation values do not compare, so turning EMA on or off starts best.pt (and early stopping) afresh.
+        same_ema = ("ema_updates" in state) == (self.ema is not None)
+        if state["monitor"] == self.monitor and same_ema:
             p.best_metric, p.best_epoch = state["best_metric"], state["best_epoch"]
             p.epochs_without_improvement = state["epochs_without_improvement"]
+        elif not same_ema:
+            log.info("resume: trainer.ema_decay turned %s; best.pt is chosen afresh from the next validation",
+                     "on" if self.ema is not None else "off")
         set_rng_state(state["rng"])
 
     def resume(self, path: Path, *, max_epochs: int, batches_per_epoch: int, run_dir: Path,
