@@ -66,8 +66,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
                     logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, config_choices=option_names())
-    log.info("%s on %s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
-             device, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
+    threads = f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ""  # joblib sweeps share cores
+    log.info("%s on %s%s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
+             device, threads, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
     if dist.active:
         log.info("%d processes (%s): each trains on batches of %d, %d together; the learning rate is not scaled "

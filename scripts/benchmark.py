@@ -19,6 +19,7 @@ ratio closer to 1.00 than that is within this machine's timing noise.
     python scripts/benchmark.py --data rgb32 --models mlp cnn --batch-sizes 128 512   # 50,000 3x32x32 images
     python scripts/benchmark.py --decode 50000               # image_folder: first decode, then cached start-up
     python scripts/benchmark.py --mnist-fast 3               # experiment=mnist_fast, whole process, 3 seeds
+    python scripts/benchmark.py --sweep 3 --reps 2           # a 6-job MLP sweep: basic vs joblib launcher
 
 `--data rgb32` times 50,000 generated 3x32x32 images (a `dataset=tensors` file) in place of MNIST; it has no
 tutorial column (the quickstart loop reads MNIST). `--decode N` writes N generated 32x32 PNGs in class folders
@@ -37,6 +38,7 @@ if __name__ == "__main__":
     preload_mimalloc()  # the allocator train.py runs with, for every loop timed here
 
 import argparse  # noqa: E402
+import os
 import resource
 import statistics
 import sys
@@ -170,11 +172,15 @@ def main() -> int:
                         help="mnist (from --root), or rgb32: 50,000 generated 3x32x32 images")
     parser.add_argument("--decode", type=int, metavar="N", help="time decoding N PNGs instead (see above)")
     parser.add_argument("--mnist-fast", type=int, metavar="N", help="time experiment=mnist_fast for N seeds instead")
+    parser.add_argument("--sweep", type=int, metavar="EPOCHS",
+                        help="time a 6-job MLP sweep of EPOCHS epochs: basic launcher vs hydra/launcher=joblib instead")
     args = parser.parse_args()
     if args.decode:
         return decode_times(args.decode, args.root)
     if args.mnist_fast:
         return mnist_fast_times(args.mnist_fast, args.root)
+    if args.sweep:
+        return sweep_times(args.sweep, args.root, args.reps)
     args.samples = args.samples or (45_000 if args.data == "rgb32" else 55_000)  # the training split: one epoch
 
     methods = ("floor", "floor_data", "framework", "tutorial")
@@ -263,7 +269,6 @@ def decode_times(n: int, root: str) -> int:
 def mnist_fast_times(seeds: int, root: str) -> int:
     """Whole-process wall time, peak RSS, start-up and test accuracy of `train.py experiment=mnist_fast`, per seed."""
     import json
-    import os
     import subprocess
 
     rows = []
@@ -286,6 +291,44 @@ def mnist_fast_times(seeds: int, root: str) -> int:
             print(f"{seed:4} {wall:7.1f} {metrics['startup_s']:9.1f} {metrics['test/acc']:8.4f} {rows[-1][3]:12.0f}")
     means = [statistics.mean(column) for column in zip(*rows)]
     print(f"mean {means[0]:7.1f} {means[1]:9.1f} {means[2]:8.4f} {means[3]:12.0f}")
+    return 0
+
+
+SWEEP = ("model=mlp", "optimizer.lr=0.0003,0.001,0.003", "model.dropout=0.0,0.2")  # 6 jobs
+
+
+def sweep_times(epochs: int, root: str, reps: int) -> int:
+    """Wall time of `train.py -m` over SWEEP with Hydra's basic launcher (one job after another, in one process)
+    and with hydra/launcher=joblib (one worker process per core, each job's torch limited to cores / workers
+    threads by joblib), interleaved, as whole processes; and whether each job's test metrics are the same."""
+    import json
+    import subprocess
+
+    def sweep(launcher: list[str], out: Path) -> tuple[float, dict]:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *launcher, *SWEEP, f"trainer.max_epochs={epochs}",
+                        f"dataset.root={root}", f"output_root={out}"], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        jobs = {m.parent.name.split("_", 1)[1]: json.loads(m.read_text()) for m in out.rglob("metrics.json")}
+        return wall, {job: (m["test/acc"], m["test/loss"]) for job, m in jobs.items()}
+
+    times: dict[str, list[float]] = {"basic": [], "joblib": []}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(reps):
+            for name, launcher in (("basic", []), ("joblib", ["hydra/launcher=joblib"])):
+                wall, results[name] = sweep(launcher, Path(tmp) / f"{name}{rep}")
+                times[name].append(wall)
+                print(f"rep {rep} {name:6} {wall:6.1f} s  ({len(results[name])} jobs)", flush=True)
+    basic, joblib = (statistics.median(times[k]) for k in ("basic", "joblib"))
+    same = results["basic"] == results["joblib"]
+    print(f"6-job MLP sweep, {epochs} epoch(s) a job, {os.cpu_count()} cores: basic {basic:.1f} s, joblib {joblib:.1f} s "
+          f"(medians of {reps}); basic/joblib {basic / joblib:.2f}x; test metrics of every job "
+          f"{'identical' if same else 'DIFFERENT'}")
+    if not same:
+        for job in sorted(results["basic"]):
+            print(f"  {job}: basic {results['basic'][job]}, joblib {results['joblib'].get(job)}")
     return 0
 
 
