@@ -53,3 +53,26 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
 def test_summarize_explains_an_empty_directory(tmp_path):
     result = summarize(str(tmp_path))
     assert result.returncode == 1 and "no runs under" in result.stderr
+
+
+def test_the_joblib_launcher_runs_jobs_in_parallel_workers_that_share_the_cores(tiny_root, tmp_path):
+    """hydra/launcher=joblib: each job in its own directory, a failing job reported like the basic launcher's,
+    each worker's torch on cores / workers threads, and the same numbers as a serial sweep on that many threads."""
+    import json
+    import os
+
+    sweep = (*TINY, f"dataset.root={tiny_root}", "trainer.max_epochs=1", "scheduler=none", "model=mlp",
+             "optimizer.lr=0,0.01,0.003")
+    parallel = run_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *sweep,
+                         f"output_root={tmp_path / 'parallel'}")
+    assert parallel.returncode != 0 and "error: optimizer.lr=0.0: must be a finite number > 0" in parallel.stderr
+    threads = max(os.cpu_count() // 2, 1)
+    assert parallel.stdout.count(f"MLP on cpu ({threads} CPU threads)") == 2, parallel.stdout[-3000:]
+    serial = run_train("-m", *sweep, f"trainer.num_threads={threads}", f"output_root={tmp_path / 'serial'}")
+
+    def results(root):
+        return {m.parent.name.split("_", 1)[1].replace(f",trainer.num_threads={threads}", ""):
+                json.loads(m.read_text())["test/loss"] for m in root.rglob("metrics.json")}
+
+    got, want = results(tmp_path / "parallel"), results(tmp_path / "serial")
+    assert len(got) == 2 and got == want, (got, want, serial.stderr[-2000:])
