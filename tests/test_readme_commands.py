@@ -133,8 +133,6 @@ COMMANDS = readme_commands()
 
 # ------------------------------------------------------------------------------ what is not run, and why
 
-JOBLIB_SKIP = ("tests/test_sweep.py runs the joblib launcher end to end (threads, a failing job, the same "
-               "numbers as a serial sweep); a run here takes minutes of the two cores the other tests share")
 SKIP = {
     "make test":
         "this test suite itself (it would run this module again, for an hour on 2 cores); CI runs it",
@@ -146,9 +144,6 @@ SKIP = {
     "pip install -e '.[optuna]'":
         "`pip install -e .` in the copy would re-point the shared venv's editable install at the temporary "
         "copy; the extra is already in the venv ('.[dev]' includes it): test_skipped_installs_are_installed",
-    "python train.py -m hydra/launcher=joblib model=mlp optimizer.lr=0.0003,0.001,0.003 model.dropout=0.0,0.2":
-        JOBLIB_SKIP,
-    "python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=4 model=logistic,mlp,cnn": JOBLIB_SKIP,
     "pip install -e '.[parallel]'":
         "`pip install -e .` in the copy would re-point the shared venv's editable install at the temporary "
         "copy; the extra is already in the venv ('.[dev]' includes it): test_skipped_installs_are_installed",
