@@ -81,7 +81,7 @@ class EpochMetrics:
             return
         sizes = [t.numel() for t in self._targets]
         c, k = self.counts, self.num_classes
-        losses = torch.stack(self._losses).float()  # (k,) batch means, weighted below by their batch sizes
+        losses = torch.stack(self._losses).float()  # (batches,) batch means, weighted below by their sizes
         c["loss_sum"] += (losses * torch.tensor(sizes, dtype=losses.dtype, device=self.device)).sum()
         c["loss_weight"] += sum(sizes)
         self._predict()
