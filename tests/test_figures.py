@@ -1,8 +1,9 @@
 """The pictures logged to TensorBoard: right size, right colours, one cell per class pair."""
 
+import pytest
 import torch
 
-from trainer.figures import confusion_matrix_image, labelled_grid
+from trainer.figures import confusion_matrix_image, image_grid, labelled_grid
 
 
 def test_confusion_matrix_image_shades_each_cell_by_its_share_of_the_row():
@@ -38,3 +39,11 @@ def test_misclassified_captions_are_legible_at_the_size_tensorboard_shows_them()
     inked = (below < 128).any(dim=1).nonzero().squeeze(1)  # rows with dark caption pixels
     first_line = inked[inked < inked[0] + 18]  # the first caption line's rows
     assert first_line.max() - first_line.min() + 1 >= 11
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 12, 18), (9, 3, 7, 5)])
+def test_image_grid_draws_what_torchvision_make_grid_draws(shape):
+    from torchvision.utils import make_grid
+
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(image_grid(images), make_grid(images, nrow=8, padding=2, pad_value=128))

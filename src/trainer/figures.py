@@ -72,6 +72,21 @@ def confusion_matrix_image(confusion: torch.Tensor, classes: Sequence[str]) -> t
     return _to_tensor(image)
 
 
+def image_grid(images: torch.Tensor, columns: int = 8, padding: int = 2, pad_value: int = 128) -> torch.Tensor:
+    """uint8 images (N, C, h, w) tiled `columns` to a row with `padding` pixels of `pad_value` around each, as
+    torchvision's make_grid draws them, without importing torchvision (0.1 s before a run's first step)."""
+    images = images.cpu()
+    n, c, h, w = images.shape
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    sheet = torch.full((c, rows * (h + padding) + padding, columns * (w + padding) + padding), pad_value,
+                       dtype=images.dtype)  # (C, H, W)
+    for i in range(n):
+        y, x = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
+        sheet[:, y:y + h, x:x + w] = images[i]
+    return sheet.expand(3, -1, -1) if c == 1 else sheet  # grey images drawn in RGB, as make_grid does
+
+
 def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], columns: int = 3,
                   scale: int = 3) -> torch.Tensor:
     """uint8 images (N, C, h, w), each enlarged `scale` times, with its caption lines underneath."""

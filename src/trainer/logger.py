@@ -98,9 +98,9 @@ class TensorBoardLogger:
 
     def log_images(self, tag: str, images, step: int = 0) -> None:
         """A grid of uint8 images (N, C, H, W), eight per row."""
-        from torchvision.utils import make_grid
+        from trainer.figures import image_grid
 
-        self.writer.add_image(tag, make_grid(images, nrow=8, padding=2, pad_value=128), step)
+        self.writer.add_image(tag, image_grid(images), step)
 
     def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """One picture, (3, H, W) uint8."""
