@@ -11,7 +11,7 @@ MODELS = {
     "logistic": lambda: LogisticRegression((1, 28, 28), 10),
     "mlp": lambda: MLP((1, 28, 28), 10, hidden_sizes=[64, 32], activation="GELU", dropout=0.0),
     "cnn": lambda: CNN((1, 28, 28), 10, channels=[8, 16], kernel_sizes=[3, 5], hidden=32, dropout=0.0,
-                       batch_norm=True, activation="ReLU", convs_per_stage=1),
+                       batch_norm=True, activation="ReLU", convs_per_stage=1, pool_first=False),
 }
 
 
@@ -37,14 +37,14 @@ def test_can_overfit_one_batch(name):
 
 def test_cnn_takes_other_input_shapes_and_no_batch_norm():
     model = CNN((3, 32, 32), 7, channels=[4], kernel_sizes=[3], hidden=8, dropout=0.5, batch_norm=False,
-                activation="SiLU", convs_per_stage=1)
+                activation="SiLU", convs_per_stage=1, pool_first=False)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_convs_per_stage_stacks_convolutions_before_each_pool():
     model = CNN((1, 28, 28), 10, channels=[4, 8], kernel_sizes=[3, 3], hidden=8, dropout=0.0, batch_norm=True,
-                activation="ReLU", convs_per_stage=2)
+                activation="ReLU", convs_per_stage=2, pool_first=False)
     convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 4), (4, 8), (8, 8)]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.features) == 4
@@ -52,16 +52,36 @@ def test_convs_per_stage_stacks_convolutions_before_each_pool():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+
+def test_pool_first_pools_each_stage_straight_after_its_last_convolution():
+    model = CNN((1, 28, 28), 10, channels=[4, 8], kernel_sizes=[3, 3], hidden=8, dropout=0.0, batch_norm=True,
+                activation="ReLU", convs_per_stage=2, pool_first=True)
+    kinds = [type(m).__name__ for m in model.features]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 2
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_pool_first_without_batch_norm_is_the_same_function():
+    # max-pooling commutes with a monotone activation, so only the cost changes
+    torch.manual_seed(0)
+    args = dict(channels=[4, 8], kernel_sizes=[3, 3], hidden=8, dropout=0.0, batch_norm=False, activation="ReLU",
+                convs_per_stage=1)
+    late, early = CNN((1, 28, 28), 10, **args, pool_first=False), CNN((1, 28, 28), 10, **args, pool_first=True)
+    early.load_state_dict(late.state_dict())  # the convolutions keep their indices (0 and 3) in both orders
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(early(x), late(x))
+
 @pytest.mark.parametrize("build, message", [
     (lambda: MLP((1, 28, 28), 10, hidden_sizes=[0], activation="ReLU", dropout=0.0), "hidden_sizes"),
     (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="Relu", dropout=0.0), "'Relu'"),
     (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="Linear", dropout=0.0), "'Linear'"),
     (lambda: MLP((1, 28, 28), 10, hidden_sizes=[8], activation="ReLU", dropout=1.0), "dropout"),
-    (lambda: CNN((1, 28, 28), 10, [8, 8], [3], 8, 0.0, True, "ReLU", 1), "same length"),
-    (lambda: CNN((1, 28, 28), 10, [8], [4], 8, 0.0, True, "ReLU", 1), "odd"),
-    (lambda: CNN((1, 28, 28), 10, [8] * 6, [3] * 6, 8, 0.0, True, "ReLU", 1), "shrink"),
-    (lambda: CNN((1, 28, 28), 10, [8], [3], 8, 0.0, True, "ReLU", 0), "convs_per_stage=0"),
-    (lambda: CNN((1, 28, 28), 10, [8], [3], 8, 0.0, True, "ReLU", 1.5), "convs_per_stage=1.5"),
+    (lambda: CNN((1, 28, 28), 10, [8, 8], [3], 8, 0.0, True, "ReLU", 1, False), "same length"),
+    (lambda: CNN((1, 28, 28), 10, [8], [4], 8, 0.0, True, "ReLU", 1, False), "odd"),
+    (lambda: CNN((1, 28, 28), 10, [8] * 6, [3] * 6, 8, 0.0, True, "ReLU", 1, False), "shrink"),
+    (lambda: CNN((1, 28, 28), 10, [8], [3], 8, 0.0, True, "ReLU", 0, False), "convs_per_stage=0"),
+    (lambda: CNN((1, 28, 28), 10, [8], [3], 8, 0.0, True, "ReLU", 1.5, False), "convs_per_stage=1.5"),
+    (lambda: CNN((1, 28, 28), 10, [8], [3], 8, 0.0, True, "ReLU", 1, 1), "pool_first=1"),
 ])
 def test_bad_model_settings_are_named(build, message):
     with pytest.raises(UserError, match=message):

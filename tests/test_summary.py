@@ -10,7 +10,7 @@ from trainer.summary import summarize
 
 def test_counts_match_the_arithmetic_of_each_layer():
     cnn = CNN((1, 28, 28), 10, channels=[8, 16], kernel_sizes=[3, 3], hidden=32, dropout=0.25, batch_norm=True,
-              activation="ReLU", convs_per_stage=1)
+              activation="ReLU", convs_per_stage=1, pool_first=False)
     s = summarize(cnn, torch.zeros(1, 1, 28, 28))
     convs = 28 * 28 * 8 * 9 + 14 * 14 * 16 * 8 * 9  # same-padded 3x3 convolutions, pooled by 2 after each
     assert s.macs_per_image == convs + 16 * 7 * 7 * 32 + 32 * 10
@@ -28,7 +28,7 @@ def test_counts_match_the_arithmetic_of_each_layer():
 
 def test_the_model_and_the_random_numbers_are_left_as_they_were():
     cnn = CNN((1, 28, 28), 10, channels=[4], kernel_sizes=[3], hidden=8, dropout=0.5, batch_norm=True,
-              activation="ReLU", convs_per_stage=1).train()
+              activation="ReLU", convs_per_stage=1, pool_first=False).train()
     before = {k: v.clone() for k, v in cnn.state_dict().items()}  # BN running stats included
     rng = torch.get_rng_state()
     summarize(cnn, torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)))

@@ -187,7 +187,7 @@ def test_num_threads(tiny_root, tmp_path):
 def small_cnn():
     from trainer.models.cnn import CNN
     return CNN((1, 28, 28), 10, channels=[4, 8], kernel_sizes=[3, 3], hidden=16, dropout=0.0, batch_norm=True,
-               activation="ReLU", convs_per_stage=1)
+               activation="ReLU", convs_per_stage=1, pool_first=False)
 
 
 def test_channels_last_matches_contiguous(tiny_root, tmp_path):
