@@ -127,6 +127,13 @@ BAD = [
     (["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5", "must be null (off) or a number strictly between 0 and 1"),
     (["trainer.ema_decay=0.9", "trainer.ema_warmup=abc"], "trainer.ema_warmup='abc'", "must be true or false"),
     (["trainer.ema_warmup=true"], "trainer.ema_warmup=true", "set trainer.ema_decay"),
+    # a true/false setting given anything else (a string would read as true: trainer.compile=no compiled)
+    (["trainer.deterministic=abc"], "trainer.deterministic='abc'", "must be true or false"),
+    (["trainer.compile=1"], "trainer.compile=1", "must be true or false"),
+    (["trainer.log_graph=null"], "trainer.log_graph=null", "must be true or false"),
+    (["dataset.shuffle=no"], "dataset.shuffle='no'", "must be true or false"),
+    (["dataset.download=abc"], "dataset.download='abc'", "must be true or false"),
+    (["model=cnn", "model.batch_norm=abc"], "model.batch_norm='abc'", "must be true or false"),
     (["loss=bce", "loss.pos_weight=inf"], "loss.pos_weight=inf", "must be null or a finite number > 0"),
     (["dataset.augment_rotate=true"], "dataset.augment_rotate=True", "must be a number of degrees from 0 to 180"),
     (["dataset.augment_cutout=28"], "dataset.augment_cutout=28", "must be smaller than the 28x28 images"),

@@ -15,13 +15,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require_bool
 
 
 def make_ema(model: nn.Module, decay: float | None, warmup: bool) -> AveragedModel | None:
     """The average of `model`'s weights, or None when `decay` is null (EMA off)."""
-    if not isinstance(warmup, bool):
-        raise UserError(f"trainer.ema_warmup={warmup!r}: must be true or false")
+    require_bool("trainer.ema_warmup", warmup)
     if decay is None:
         if warmup:
             raise UserError("trainer.ema_warmup=true needs an average to warm up: set trainer.ema_decay (e.g. 0.999)")

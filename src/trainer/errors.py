@@ -16,6 +16,15 @@ def require_int(name: str, value: object, low: int) -> int:
     return value
 
 
+def require_bool(name: str, value: object) -> bool:
+    """Return `value` if it is true or false, else raise UserError naming `name` and the value (a string such as
+    "abc" would otherwise read as true)."""
+    if not isinstance(value, bool):
+        shown = "null" if value is None else repr(value)
+        raise UserError(f"{name}={shown}: must be true or false")
+    return value
+
+
 def one_line(text: str) -> str:
     """A multi-line message as one line: "a:\n\tx\n\ty\nb" -> "a: x, y; b"."""
     out, listing = "", False

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trainer.distributed import Dist
-from trainer.errors import UserError, require_int
+from trainer.errors import UserError, require_bool, require_int
 
 MONITORABLE = ("val/loss", "val/acc", "val/f1")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,9 +26,11 @@ NONFINITE_POLICIES = ("error", "skip")
 def check_settings(*, max_epochs: int, log_every_n_steps: int, accumulate_grad_batches: int,
                    misclassified_images: int, optional_counts: dict[str, int | None], precision: str, monitor: str,
                    mode: str, nonfinite_loss: str, early_stopping_min_delta: float, grad_clip_norm: float | None,
-                   device: torch.device, dist: Dist) -> None:
+                   switches: dict[str, bool], device: torch.device, dist: Dist) -> None:
     """Raise UserError naming the first bad trainer setting. `optional_counts`: settings that are null or an
-    integer >= 1, by name."""
+    integer >= 1, by name; `switches`: settings that are true or false (a string would read as true)."""
+    for key, value in switches.items():
+        require_bool(f"trainer.{key}", value)
     require_int("trainer.max_epochs", max_epochs, 1)
     require_int("trainer.log_every_n_steps", log_every_n_steps, 1)
     require_int("trainer.accumulate_grad_batches", accumulate_grad_batches, 1)

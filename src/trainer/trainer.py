@@ -67,7 +67,8 @@ class Trainer:
                            early_stopping_patience=early_stopping_patience, histogram_every_n_epochs=histogram_every_n_epochs),
                        precision=precision, monitor=monitor, mode=mode, nonfinite_loss=nonfinite_loss,
                        early_stopping_min_delta=early_stopping_min_delta, grad_clip_norm=grad_clip_norm,
-                       device=device, dist=dist)
+                       switches=dict(deterministic=deterministic, compile=compile, channels_last=channels_last,
+                                     log_graph=log_graph), device=device, dist=dist)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         check_optimizer_and_loss(optimizer, loss_fn, data.num_classes, device)

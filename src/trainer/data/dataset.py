@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from trainer.data.batches import BatchLoader, BatchTransform, check_augmentation, check_augmentation_fits
-from trainer.errors import OutputError, UserError, require_int
+from trainer.errors import OutputError, UserError, require_bool, require_int
 from trainer.fsutil import atomic_write
 from trainer.runtime import device_free_bytes, host_memory_bytes, size_text
 
@@ -98,6 +98,8 @@ class ImageDataset:
                  device_margin_gib: float, device: torch.device | str = "cpu", seed: int = 0) -> None:
         require_int("dataset.batch_size", batch_size, 1)
         require_int("dataset.eval_batch_size", eval_batch_size, 1)
+        for key, value in (("hflip", hflip), ("shuffle", shuffle), ("drop_last", drop_last), ("cache", cache)):
+            require_bool(f"dataset.{key}", value)
         check_augmentation(augment_shift, augment_rotate, augment_cutout, random_crop)
         for key, value in (("val_size", val_size), ("test_size", test_size)):
             _split_size(key, value, 1)  # the type check; the count is checked once the data is known

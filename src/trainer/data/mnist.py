@@ -9,7 +9,7 @@ import torch
 
 from trainer import provision
 from trainer.data.dataset import ImageDataset, Images
-from trainer.errors import UserError
+from trainer.errors import UserError, require_bool
 from trainer.idx import check_idx
 
 
@@ -24,7 +24,7 @@ class IDXImageDataset(ImageDataset):
 
     def __init__(self, *, root: str, download: bool, mirror: str | None, verify: bool, **common: Any) -> None:
         self.root = Path(root).expanduser()
-        self.download, self.verify = download, verify
+        self.download, self.verify = require_bool("dataset.download", download), require_bool("dataset.verify", verify)
         self.mirror = Path(mirror).expanduser() if mirror else None
         super().__init__(**common)
 

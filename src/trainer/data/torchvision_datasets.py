@@ -12,7 +12,7 @@ import torch
 
 from trainer.data.dataset import ImageDataset, Images
 from trainer.data.decode import choose_shape, decode, survey
-from trainer.errors import UserError
+from trainer.errors import UserError, require_bool
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class TorchvisionDataset(ImageDataset):
                             "no such dataset in torchvision.datasets") +
                             f"; the classification datasets are {', '.join(CLASSIFICATION)}")
         # a folder per dataset: torchvision's layouts differ (MNIST/raw/, cifar-10-batches-py/, ...)
-        self.name, self.root, self.download, self.split = name, Path(root).expanduser() / name, download, split
+        self.name, self.root, self.split = name, Path(root).expanduser() / name, split
+        self.download = require_bool("dataset.download", download)
         self.image_size, self.channels = image_size, channels
         super().__init__(**common)
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require_bool
 from trainer.models.activation import activation as make_activation
 
 
@@ -27,8 +27,8 @@ class CNN(nn.Module):
             raise UserError(f"model.dropout={dropout}: must be in [0, 1)")
         if isinstance(convs_per_stage, bool) or not isinstance(convs_per_stage, int) or convs_per_stage < 1:
             raise UserError(f"model.convs_per_stage={convs_per_stage!r}: must be an integer >= 1")
-        if not isinstance(pool_first, bool):
-            raise UserError(f"model.pool_first={pool_first!r}: must be true or false")
+        require_bool("model.pool_first", pool_first)
+        require_bool("model.batch_norm", batch_norm)
         c, h, w = in_shape
         if h >> len(channels) < 1 or w >> len(channels) < 1:
             raise UserError(f"model.channels: {len(channels)} pooling stages shrink a {h}x{w} input to nothing")
