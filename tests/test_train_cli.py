@@ -332,3 +332,14 @@ def test_turning_ema_on_or_off_on_resume_chooses_best_afresh(tiny_root, tmp_path
     assert f"trainer.ema_decay turned {turned}; best.pt is chosen afresh" in result.stdout
     assert json.loads((run / "metrics.json").read_text())["best/epoch"] == 2
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_the_console_says_what_limits_and_averaging_the_run_uses(tiny_root, tmp_path):
+    result = run_train(*tiny(tiny_root, tmp_path / "run", *MLP, "trainer.max_epochs=1", "scheduler=none",
+                             "trainer.limit_train_batches=3", "trainer.limit_eval_batches=1",
+                             "trainer.ema_decay=0.9", "trainer.ema_warmup=true"))
+    assert result.returncode == 0, result.stderr
+    assert "limited: each epoch trains on the first 3 batches; val and test use the first 1 batch" in result.stdout
+    assert "EMA of the weights, decay 0.9 with warm-up: validation, test and best.pt use the average" in result.stdout
+    plain = run_train(*tiny(tiny_root, tmp_path / "plain", *MLP, "trainer.max_epochs=1", "scheduler=none"))
+    assert "limited:" not in plain.stdout and "EMA" not in plain.stdout, plain.stdout
