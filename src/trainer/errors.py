@@ -52,6 +52,9 @@ def unknown_key_message(full_key: str, keys: list[str]) -> str:
     parent, _, key = full_key.rpartition(".")
     close = difflib.get_close_matches(key, keys, n=1)
     hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    if not keys and parent:  # eval.py's dataset before a dataset option is chosen
+        return (f"{full_key}: no such key; {parent} has no keys until an option of the {parent} group is chosen "
+                f"({parent}=<option> {full_key}=...)")
     return (f"{full_key}: no such key{hint}; {parent or 'the config'} has {', '.join(sorted(keys))}; "
             f"to add a key of your own, write +{full_key}=...")
 
