@@ -80,6 +80,9 @@ def test_config_changes_harmless_vs_fatal():
     old = "model:\n  _target_: M\n  hidden: 8\ntrainer:\n  max_epochs: 1\ndataset:\n  _target_: D\n  batch_size: 8\n"
     saved = yaml.safe_load(old)
     assert config_changes(saved, old.replace("max_epochs: 1", "max_epochs: 5")) == ["trainer.max_epochs: 1 -> 5"]
+    # the checkpoint named in trainer.resume is no change worth a line: every resume has it
+    resumed = old.replace("max_epochs: 1", "max_epochs: 1\n  resume: outputs/x/checkpoints/last.pt")
+    assert config_changes(yaml.safe_load(old.replace("max_epochs: 1", "max_epochs: 1\n  resume: null")), resumed) == []
     with pytest.raises(UserError, match="model.hidden: 8 in the checkpoint, 16 now"):
         config_changes(saved, old.replace("hidden: 8", "hidden: 16"))
     with pytest.raises(UserError, match="dataset._target_"):

@@ -84,6 +84,7 @@ def test_resume_continues_at_the_right_epoch_with_the_same_state(tiny_root, tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and "at the start of epoch 2 (step 16)" in resumed.stdout
     assert "config changed, trainer.max_epochs: 1 -> 3" in resumed.stdout
+    assert "config changed, trainer.resume" not in resumed.stdout  # every resume names its checkpoint there
     assert "epoch 1/3" not in resumed.stdout and "epoch 2/3" in resumed.stdout
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)  # the run continued in its own directory

@@ -216,6 +216,9 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {k.rstrip("."): v for k, v in out.items()}
 
 
+NOT_CHANGES = {"trainer.resume"}  # differs in every resume: the checkpoint being resumed is named there
+
+
 def config_changes(saved: dict, current_yaml: str, mid_epoch: bool = False) -> list[str]:
     """Compare a checkpoint's config (as `load_checkpoint` returns it) with the current one.
 
@@ -224,7 +227,7 @@ def config_changes(saved: dict, current_yaml: str, mid_epoch: bool = False) -> l
     `key: old -> new` lines for the harmless differences.
     """
     old, new = flatten(saved), flatten(yaml.safe_load(current_yaml))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    changed = sorted(k for k in (old.keys() | new.keys()) - NOT_CHANGES if old.get(k, "<unset>") != new.get(k, "<unset>"))
 
     def diffs(keys: list[str]) -> str:
         return "; ".join(f"{k}: {old.get(k, '<unset>')!r} in the checkpoint, {new.get(k, '<unset>')!r} now" for k in keys)
