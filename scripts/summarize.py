@@ -5,7 +5,9 @@
     python scripts/summarize.py outputs --sort best/val/acc --format markdown
     python scripts/summarize.py outputs --format csv > runs.csv
 
-A run is any directory with `.hydra/overrides.yaml`. Its status is `finished` (it wrote metrics.json),
+A run is a directory where train.py trained: `.hydra/` says the job was `train` (eval.py's and lr_find.py's
+directories are left out), and a process that resumed a run elsewhere (`trainer.resume=...`, no checkpoint or
+event file of its own; its train.log says where it continued) is that run, not one of its own. Its status is `finished` (it wrote metrics.json),
 `stopped` (it has a checkpoint to resume from, but no metrics.json) or `failed` (neither: it stopped
 before its first checkpoint, e.g. on a bad value; the sweep's console output says why). Finished runs
 come first, best first by `--sort`.
@@ -30,6 +32,8 @@ def runs(root: Path) -> list[dict]:
     for saved in sorted(root.rglob(".hydra/overrides.yaml")):
         run = saved.parent.parent
         overrides = yaml.safe_load(saved.read_text()) or []
+        if not is_training_run(run, overrides):
+            continue
         parts = run.relative_to(root).parts
         # A sweep job's directory is "<n>_<overrides>" (the overrides may even hold "/"): keep "<n>", the
         # overrides get their own column.
@@ -49,6 +53,17 @@ def runs(root: Path) -> list[dict]:
     return rows
 
 
+def is_training_run(run: Path, overrides: list[str]) -> bool:
+    """Whether train.py trained in `run` (see the module docstring)."""
+    saved = run / ".hydra" / "hydra.yaml"
+    hydra = (yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}
+    if (hydra.get("hydra") or {}).get("job", {}).get("name", "train") != "train":
+        return False
+    resumed_elsewhere = any(o.startswith("trainer.resume=") for o in overrides) and not (
+        any(run.glob("*/last.pt")) or any(run.glob("events.out.tfevents.*")))
+    return not resumed_elsewhere
+
+
 def sort_key(column: str):
     lower_is_better = column.endswith("loss") or column == "seconds"
 
@@ -60,9 +75,11 @@ def sort_key(column: str):
     return key
 
 
-def cell(value) -> str:
+def cell(value, column: str = "") -> str:
     if value is None:
         return "-"
+    if column == "seconds":
+        return f"{value:.1f}"
     return f"{value:.4f}" if isinstance(value, float) and value < 10 else str(value)
 
 
@@ -79,9 +96,9 @@ def main() -> int:
         return 1
     rows = sorted(runs(root), key=sort_key(args.sort))
     if not rows:
-        print(f"error: no runs under {root} (a run directory holds .hydra/overrides.yaml)", file=sys.stderr)
+        print(f"error: no train.py runs under {root} (a run directory holds .hydra/overrides.yaml)", file=sys.stderr)
         return 1
-    table = [[cell(row.get(c)) for c in COLUMNS] for row in rows]
+    table = [[cell(row.get(c), c) for c in COLUMNS] for row in rows]
     if args.format == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(COLUMNS)

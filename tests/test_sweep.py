@@ -49,10 +49,24 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
     assert [r["status"] for r in rows if r["run"] == "2026-01-01/00-00-00-000000"] == ["stopped"], rows
     assert sorted(r["status"] for r in rows) == ["failed", "failed", "finished", "finished", "stopped"]
 
+    # Not runs of their own: eval.py's and lr_find.py's directories (their .hydra names the job), and the process
+    # that resumed a run in that run's directory (trainer.resume=..., only .hydra and train.log of its own)
+    for script in ("eval", "lr_find"):
+        other = out / script / "2026-01-01" / "00-00-00-000000"
+        shutil.copytree(jobs[1], other)
+        hydra = other / ".hydra" / "hydra.yaml"
+        hydra.write_text(hydra.read_text().replace("    name: train\n", f"    name: {script}\n"))
+    resumer = out / "2026-01-01" / "00-00-01-000000"
+    shutil.copytree(jobs[1] / ".hydra", resumer / ".hydra")
+    (resumer / ".hydra" / "overrides.yaml").write_text(f"- trainer.resume={jobs[1]}/checkpoints/last.pt\n")
+    (resumer / "train.log").write_text(f"continuing in {jobs[1]}\n")
+    again = list(csv.DictReader(io.StringIO(summarize(str(out), "--format", "csv").stdout)))
+    assert [r["run"] for r in again] == [r["run"] for r in rows], again
+
 
 def test_summarize_explains_an_empty_directory(tmp_path):
     result = summarize(str(tmp_path))
-    assert result.returncode == 1 and "no runs under" in result.stderr
+    assert result.returncode == 1 and "no train.py runs under" in result.stderr
 
 
 def test_the_joblib_launcher_runs_jobs_in_parallel_workers_that_share_the_cores(tiny_root, tmp_path):
