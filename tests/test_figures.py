@@ -47,3 +47,13 @@ def test_image_grid_draws_what_torchvision_make_grid_draws(shape):
 
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(image_grid(images), make_grid(images, nrow=8, padding=2, pad_value=128))
+
+
+def test_the_lr_find_plot_shows_the_whole_descent_and_cuts_off_the_divergence():
+    from trainer.figures import lr_find_loss_range, lr_find_plot
+
+    smoothed = [2.3] * 20 + [2.3 - 0.1 * i for i in range(20)] + [0.4 + 2 ** i for i in range(10)]  # flat, down, up
+    y_lo, y_hi = lr_find_loss_range(smoothed, smoothed)
+    assert y_lo == min(smoothed) and 2.3 < y_hi < 2.5  # the starting loss shows; the climb to 512 does not set it
+    lrs = [10 ** (-7 + i / 10) for i in range(len(smoothed))]
+    assert lr_find_plot(lrs, smoothed, smoothed, lrs[30]).shape[0] == 3

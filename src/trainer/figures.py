@@ -113,6 +113,16 @@ def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], colum
     return _to_tensor(sheet)
 
 
+def lr_find_loss_range(losses: Sequence[float], smoothed: Sequence[float]) -> tuple[float, float]:
+    """The loss axis of `lr_find_plot`: from the lowest loss up to the highest smoothed loss before the smoothed
+    minimum, so the whole descent shows; the divergence after the minimum is cut off at that level."""
+    y_lo = min(min(losses), min(smoothed))
+    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
+    top = max(smoothed[:lowest + 1])
+    y_hi = top + 0.05 * (top - y_lo)
+    return y_lo, y_hi if y_hi > y_lo else y_lo + 1
+
+
 def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
                  width: int = 720, height: int = 420) -> torch.Tensor:
     """The LR range test's loss against the LR (log scale): raw losses faint, the smoothed curve dark, the
@@ -126,9 +136,7 @@ def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 64, width - 16, 30, height - 40
     lo, hi = math.log10(lrs[0]), math.log10(lrs[-1]) if lrs[-1] > lrs[0] else math.log10(lrs[0]) + 1
-    y_lo = min(min(losses), min(smoothed))
-    y_hi = min(max(smoothed), 4 * min(smoothed) if min(smoothed) > 0 else max(smoothed))  # the climb is cut off
-    y_hi = y_hi if y_hi > y_lo else y_lo + 1
+    y_lo, y_hi = lr_find_loss_range(losses, smoothed)
 
     def xy(lr: float, loss: float) -> tuple[float, float]:
         x = left + (math.log10(lr) - lo) / (hi - lo) * (right - left)
