@@ -86,13 +86,20 @@ class EpochMetrics:
         c["loss_weight"] += sum(sizes)
         self._predict()
         preds, targets = torch.cat(self._preds), torch.cat(self._targets)  # (n,) each
-        right_wrong = torch.bincount(targets * 2 + (preds == targets), minlength=2 * k).view(k, 2)  # per true class
-        c["tp"] += right_wrong[:, 1]
-        c["fn"] += right_wrong[:, 0]
-        c["fp"] += torch.bincount(preds, minlength=k) - right_wrong[:, 1]
-        if self.confusion is not None:
-            self.confusion += torch.bincount(targets * k + preds, minlength=k * k)
+        if self.confusion is not None:  # the counts follow from the matrix: one bincount
+            confusion = torch.bincount(targets * k + preds, minlength=k * k)  # (k * k,): true * k + predicted
+            self.confusion += confusion
             self._seen.append((preds, targets))
+            matrix = confusion.view(k, k)
+            tp = matrix.diagonal()
+            c["tp"] += tp
+            c["fn"] += matrix.sum(1) - tp
+            c["fp"] += matrix.sum(0) - tp
+        else:  # k^2 bins would be wasted on a 1000-class training split
+            right_wrong = torch.bincount(targets * 2 + (preds == targets), minlength=2 * k).view(k, 2)  # per true class
+            c["tp"] += right_wrong[:, 1]
+            c["fn"] += right_wrong[:, 0]
+            c["fp"] += torch.bincount(preds, minlength=k) - right_wrong[:, 1]
         self._losses, self._preds, self._targets = [], [], []
 
     def compute(self, prefix: str) -> dict[str, float]:
