@@ -74,10 +74,9 @@ class Trainer:
         check_optimizer_and_loss(optimizer, loss_fn, data.num_classes, device)
         set_deterministic(deterministic)
         self.model, self.loss_fn, self.optimizer, self.data, self.device = model, loss_fn, optimizer, data, device
-        self.max_epochs, self.grad_clip_norm, self.log_every = max_epochs, grad_clip_norm, log_every_n_steps
-        self.monitor, self.mode = monitor, mode
+        self.max_epochs, self.log_every, self.monitor, self.mode = max_epochs, log_every_n_steps, monitor, mode
         self.checkpoint_every, self.skip_nonfinite = checkpoint_every_n_steps, nonfinite_loss == "skip"
-        self.accumulate, self.limit_train_batches = accumulate_grad_batches, limit_train_batches
+        self.accumulate, self.limit_train_batches, self.grad_clip_norm = accumulate_grad_batches, limit_train_batches, grad_clip_norm
         self.limit_eval_batches, self.histogram_every = limit_eval_batches, histogram_every_n_epochs
         self.patience, self.min_delta, self.channels_last = early_stopping_patience, early_stopping_min_delta, channels_last
         if channels_last:
