@@ -33,6 +33,7 @@ from trainer.config import build, check_fits, data_config, model_from_checkpoint
 from trainer.errors import UserError, one_line_config_errors
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device, run_then_exit
+from trainer.settings import autocast_for
 from trainer.metrics import EpochMetrics, evaluate, per_class_accuracy
 
 log = logging.getLogger("eval")
@@ -58,10 +59,21 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
                     "images it was trained on", data.name,
                     data.digest, restored.data["digest"], split)
     loss_fn = build(trained.loss)
+    # the forward pass the run's own test used: its precision and memory format (bf16 predictions differ from fp32's)
+    precision, channels_last = trained.trainer.precision, trained.trainer.channels_last
+    if precision == "fp16" and device.type != "cuda":
+        log.info("trained with trainer.precision=fp16, which needs CUDA: evaluating in fp32 on %s", device.type)
+        precision = "fp32"
+    autocast = autocast_for(precision, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
     def forward(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(images)  # (B, classes)
-        return logits, loss_fn(logits, targets)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as NHWC
+        with autocast():
+            logits = model(images)  # (B, classes)
+            return logits, loss_fn(logits, targets)
 
     metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
     results = evaluate(forward, getattr(data, split), metrics, split)

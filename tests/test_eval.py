@@ -100,3 +100,16 @@ def test_with_ema_eval_and_exports_read_the_average_that_the_run_tested(faint_ro
     ours, theirs = (json.loads(p.read_text()) for p in (tmp_path / "eval" / "metrics.json", run_dir / "metrics.json"))
     for k in ("test/loss", "test/acc", "test/f1"):
         assert ours[k] == pytest.approx(theirs[k], abs=1e-6), k
+
+
+def test_eval_of_a_bf16_run_evaluates_at_its_precision_and_matches_its_test(faint_root, tmp_path):
+    # bf16 predictions differ from fp32's for a few images: eval.py must use the run's precision (and layout)
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY, f"dataset.root={faint_root}", f"hydra.run.dir={run_dir}", "model=cnn",
+                       "model.channels=[8,16]", "trainer.max_epochs=1", "trainer.precision=bf16")
+    assert result.returncode == 0, result.stderr
+    result = run_eval(f"ckpt={run_dir}/checkpoints/best.pt", f"data_root={faint_root}", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 0, result.stderr
+    ours, theirs = (json.loads(p.read_text()) for p in (tmp_path / "eval" / "metrics.json", run_dir / "metrics.json"))
+    for k in ("test/loss", "test/acc", "test/f1"):
+        assert ours[k] == pytest.approx(theirs[k], abs=1e-6), k

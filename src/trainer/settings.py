@@ -10,7 +10,10 @@ stay anyway.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -55,6 +58,13 @@ def check_settings(*, max_epochs: int, log_every_n_steps: int, accumulate_grad_b
         raise UserError(f"trainer.early_stopping_min_delta={early_stopping_min_delta!r}: must be a number >= 0")
     if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
         raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A context factory for forward passes at `precision` on `device`: torch.autocast for bf16 and fp16, a no-op
+    for fp32 (entering a disabled torch.autocast would cost ~30 us a step on CPU)."""
+    dtype = PRECISIONS[precision]
+    return functools.partial(torch.autocast, device.type, dtype=dtype) if dtype else contextlib.nullcontext
 
 
 def check_optimizer_and_loss(optimizer: torch.optim.Optimizer, loss_fn: nn.Module, num_classes: int,
