@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/eval.yaml uses)
-from trainer.config import build, check_fits, data_config, model_from_checkpoint
-from trainer.errors import UserError, one_line_config_errors
+from trainer.config import build, check_fits, check_override_types, data_config, model_from_checkpoint
+from trainer.errors import UserError, one_line_config_errors, require_bool
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device, run_then_exit
 from trainer.settings import autocast_for
@@ -45,6 +45,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
                         out_dir: Path, trust: bool = False, data_root: str | None = None) -> dict:
     """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
     `trust`, `data_root` (where its dataset's files are): see trainer.config.rebuildable_config."""
+    require_bool("trust_checkpoint", trust)  # "no" would read as true, and rebuild whatever the file names
     if split not in SPLITS:
         raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
     device = resolve_device(device_name)
@@ -106,6 +107,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_override_types(cfg, HydraConfig.get().overrides.task, HydraConfig.get().runtime.choices, "eval")
         evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, out_dir, cfg.trust_checkpoint,
                             cfg.data_root)
         return

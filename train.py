@@ -28,7 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, find_unfinished_run
-from trainer.config import build
+from trainer.config import build, check_override_types
 from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
 from trainer.errors import UserError, one_line_config_errors
 from trainer.fsutil import discard_refused_run
@@ -96,6 +96,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     A run refused while it is set up (a bad value, a missing file, Ctrl-C) leaves no run directory behind."""
     trainer = None
     try:
+        if HydraConfig.initialized():  # a script's run (benchmark.py composes without Hydra's runtime)
+            hydra_cfg = HydraConfig.get()
+            check_override_types(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices, "train")
         trainer = setup(cfg, run_dir)
         if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
             # Checked before training: a typo would otherwise cost every trial of a sweep a full run.

@@ -73,6 +73,7 @@ def test_eval_on_another_dataset_and_on_the_validation_split(trained, faint_root
     (["ckpt=/nonexistent.pt"], "does not exist"),
     (["ckpt={trained}/checkpoints/best.pt", "split=train"], "split='train': use test or val"),
     (["ckpt={trained}/train.log"], "not a readable checkpoint"),
+    (["ckpt={trained}/checkpoints/best.pt", "trust_checkpoint=no"], "trust_checkpoint='no': must be true or false"),
     (["ckpt={trained}/checkpoints/best.pt", "dataset.download=false"],
      "dataset has no keys until an option of the dataset group is chosen (dataset=<option> dataset.download=...)"),
 ])

@@ -11,7 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import hydra
 import torch
@@ -45,6 +45,58 @@ def build(node: DictConfig, **runtime: Any) -> Any:
             values = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
             raise UserError(f"{node._key()}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
         raise
+
+
+_NO_DEFAULT = object()
+
+
+def check_override_types(config: DictConfig, overrides: Sequence[str], choices: Mapping[str, str | None],
+                         primary: str) -> None:
+    """Refuse a command-line value of a type the key's YAML default rules out, before anything is built: anything
+    but true or false for a true/false key (a string reads as true: optimizer.nesterov=off turned Nesterov on,
+    trust_checkpoint=no trusted), and true or false for a number (optimizer.lr=true trained at lr 1). `choices`:
+    the option chosen in each group; `primary`: the script's own config (train, eval) for keys outside a group."""
+    for override in overrides:
+        key, assigns, _ = override.partition("=")
+        key = key.removeprefix("++")
+        if not assigns or key.startswith(("+", "~", "hydra.", "hydra/")) or key in choices:
+            continue  # an added key (no default), a deletion, Hydra's own, or a group's option
+        default = _default_of(key, choices, primary)
+        value = OmegaConf.select(config, key, default=None)
+        shown = ("true" if value else "false") if isinstance(value, bool) else "null" if value is None else repr(value)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"{key}={shown}: must be true or false")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, bool):
+            raise UserError(f"{key}={shown}: must be a number (its default is {default}), not true or false")
+
+
+def _default_of(key: str, choices: Mapping[str, str | None], primary: str) -> Any:
+    """The value `key` has in this checkout's YAML: its group's chosen option file, else the primary config."""
+    group, _, rest = key.partition(".")
+    if choices.get(group):
+        node: Any = _option_defaults(group, choices[group])
+    else:
+        node, rest = _yaml(CONFIG_DIR / f"{primary}.yaml"), key
+    for part in rest.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _NO_DEFAULT
+        node = node[part]
+    return node
+
+
+@lru_cache(maxsize=None)
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def _option_defaults(group: str, option: str) -> dict:
+    """An option file's keys, over those of the files its defaults list merges in (`/dataset_base/common@_here_`)."""
+    raw = dict(_yaml(CONFIG_DIR / group / f"{option}.yaml") or {})
+    merged: dict = {}
+    for entry in raw.pop("defaults", None) or []:
+        if isinstance(entry, str) and entry.endswith("@_here_"):
+            merged.update(_option_defaults(*entry.removesuffix("@_here_").strip("/").split("/", 1)))
+    return {**merged, **raw}
 
 
 def options(group: str) -> tuple[str, ...]:

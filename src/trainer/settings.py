@@ -54,9 +54,11 @@ def check_settings(*, max_epochs: int, log_every_n_steps: int, accumulate_grad_b
         raise UserError(f"trainer.nonfinite_loss={nonfinite_loss!r}: use error or skip")
     if nonfinite_loss == "skip" and dist.active:  # a rank skipping a backward would leave the others waiting
         raise UserError("trainer.nonfinite_loss=skip does not work with several processes (torchrun); use error")
-    if not (isinstance(early_stopping_min_delta, (int, float)) and early_stopping_min_delta >= 0):
+    if isinstance(early_stopping_min_delta, bool) or not (isinstance(early_stopping_min_delta, (int, float))
+                                                          and early_stopping_min_delta >= 0):
         raise UserError(f"trainer.early_stopping_min_delta={early_stopping_min_delta!r}: must be a number >= 0")
-    if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
+    if grad_clip_norm is not None and (isinstance(grad_clip_norm, bool) or not (isinstance(grad_clip_norm, (int, float))
+                                                                               and grad_clip_norm > 0)):
         raise UserError(f"trainer.grad_clip_norm={grad_clip_norm!r}: must be null or a number > 0")
 
 
@@ -77,5 +79,5 @@ def check_optimizer_and_loss(optimizer: torch.optim.Optimizer, loss_fn: nn.Modul
     try:
         with torch.no_grad():  # not a training batch
             loss_fn(torch.zeros(2, num_classes, device=device), torch.zeros(2, dtype=torch.long, device=device))
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:  # TypeError: loss.label_smoothing=yes
         raise UserError(f"loss={type(loss_fn).__name__}: {' '.join(str(e).split())}") from None
