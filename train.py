@@ -129,6 +129,7 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingInterrupted as e:
         if rank_from_env() == 0:
             print(f"{e}\n{resume_hint(e.checkpoint)}", file=sys.stderr)
+            to_log_file(f"{e}; {resume_hint(e.checkpoint)}")
         sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
     except RuntimeError as e:
         lost = lost_peer_message(e, cfg.distributed.timeout_s)  # another rank died: no traceback of our own
@@ -141,10 +142,19 @@ def main(cfg: DictConfig) -> float | None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     print(message, file=sys.stderr)
+    to_log_file(message)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # An exception, not an exit: Hydra marks this job failed, runs the rest of the sweep, then reports it.
         raise JobFailed(message.removeprefix("error: "))
     sys.exit(1)
+
+
+def to_log_file(message: str) -> None:
+    """`message` in the run's train.log too (the console has it already): a directory that is kept, a diverged
+    run's or a failed sweep job's, then says why it ended."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
 
 
 def resume_hint(checkpoint: Path | None) -> str:

@@ -270,6 +270,8 @@ def test_diverging_run_names_the_batch_and_writes_no_checkpoint(tiny_root, tmp_p
     assert "training loss is" in result.stderr and "at epoch 1, batch" in result.stderr, result.stderr
     assert "trainer.nonfinite_loss=skip" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # the directory it keeps says why it ended, not only the console
+    assert "[ERROR] error: training loss is" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_debug_fast_dev_run_runs_a_few_batches_of_everything(tiny_root, tmp_path):
