@@ -80,7 +80,9 @@ def cell(value, column: str = "") -> str:
         return "-"
     if column == "seconds":
         return f"{value:.1f}"
-    return f"{value:.4f}" if isinstance(value, float) and value < 10 else str(value)
+    if isinstance(value, float):  # a diverged run's loss of 96.3919906616211 as 96.39
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"
+    return str(value)
 
 
 def main() -> int:

@@ -146,7 +146,8 @@ def test_a_ddp_run_stopped_mid_epoch_resumes_exactly(ddp, faint_root, tmp_path):
     refused = run_train(*COMMON, "dataset.batch_size=32", f"dataset.root={faint_root}", f"trainer.resume={last}")
     assert refused.returncode == 1 and "stopped mid-epoch in a run of 2 process(es); resume it with 2, not 1" in \
         refused.stderr
-    resumed = torchrun(*COMMON, DDP, f"dataset.root={faint_root}", f"trainer.resume={last}")
+    resumed = torchrun(*COMMON, DDP, f"dataset.root={faint_root}", f"trainer.resume={last}",
+                       f"output_root={tmp_path / 'resuming'}")  # the resuming process's own train.log goes there
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert runs_under(out) == [run]
     (straight,) = runs_under(ddp[0])
@@ -161,9 +162,10 @@ def test_a_ddp_run_stopped_mid_epoch_resumes_exactly(ddp, faint_root, tmp_path):
 
 
 # Last: it continues both runs (their metrics.json is rewritten).
-def test_ddp_checkpoint_resumes_in_one_process_and_back(ddp, single, faint_root):
+def test_ddp_checkpoint_resumes_in_one_process_and_back(ddp, single, faint_root, tmp_path):
     (run,) = runs_under(ddp[0])
-    more = ("trainer.max_epochs=4", f"dataset.root={faint_root}")
+    # output_root: the resuming processes' own directories (their train.log) go there, not into the repo's outputs/
+    more = ("trainer.max_epochs=4", f"dataset.root={faint_root}", f"output_root={tmp_path}")
     one = run_train(*COMMON, "dataset.batch_size=32", *more, f"trainer.resume={run}/checkpoints/last.pt")
     assert one.returncode == 0, one.stderr[-3000:]
     assert "epoch 4/4" in one.stdout and json.loads((run / "metrics.json").read_text())["world_size"] == 1

@@ -53,7 +53,7 @@ def test_a_finished_and_tested_run_is_not_resumed_again(tiny_root, tmp_path):
     overrides = (*TINY, f"dataset.root={tiny_root}", "model=logistic", "trainer.max_epochs=1")
     assert run_train(*overrides, f"hydra.run.dir={tmp_path}/run").returncode == 0
     result = run_train(*overrides, f"trainer.resume={tmp_path}/run/checkpoints/last.pt", f"output_root={tmp_path}")
-    assert result.returncode == 1 and "already trained 1 epochs and been tested" in result.stderr, result.stderr
+    assert result.returncode == 1 and "already trained 1 epoch and been tested" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the refused run left no directory
 
 

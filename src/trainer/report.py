@@ -97,8 +97,8 @@ class RunReport:
                    "epochs": progress.epoch, "global_step": step, "params": self.summary.params,
                    "params_trainable": self.summary.trainable, "macs_per_image": self.summary.macs_per_image,
                    "peak_rss_mib": peak_rss_mib(),
-                   "allocator": allocator_in_use(), "startup_s": startup_s,
-                   "seconds_since_start": seconds_since_process_start(), "per_class_acc": per_class}
+                   "allocator": allocator_in_use(), "startup_s": None if startup_s is None else round(startup_s, 3),
+                   "seconds_since_start": round(seconds_since_process_start(), 3), "per_class_acc": per_class}
         if self.device.type == "cuda":
             summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.dist.is_main:

@@ -169,7 +169,8 @@ class RunState:
             log.info("resume: config changed, %s", change)
         if state["epoch"] >= max_epochs:
             if (run_dir / "metrics.json").is_file():
-                raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} epochs and been "
+                raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} "
+                                f"epoch{'s' * (state['epoch'] != 1)} and been "
                                 f"tested; raise trainer.max_epochs (now {max_epochs}) to train on")
             log.info("resume: training ended at epoch %d, but the run has no test result; running just the test",
                      state["epoch"])
