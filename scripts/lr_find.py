@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
-from trainer.config import build
+from trainer.config import build, check_override_types
 from trainer.errors import UserError, one_line_config_errors
 from trainer.figures import lr_find_plot
 from trainer.fsutil import atomic_write, discard_refused_run
@@ -87,6 +87,7 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_override_types(cfg, HydraConfig.get().overrides.task, HydraConfig.get().runtime.choices, "lr_find")
         result = find(cfg, out_dir)
     except UserError as e:
         discard_refused_run(out_dir, Path(cfg.output_root))

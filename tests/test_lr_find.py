@@ -109,6 +109,7 @@ def test_the_script_writes_its_curve_and_prints_the_override(tiny_root, tmp_path
     # a setting train.py refuses is refused here too, so the printed train.py command is one train.py takes
     ("trainer.ema_decay=2", "error: trainer.ema_decay=2: must be null (off) or a number strictly between 0 and 1, "
                             "e.g. 0.999"),
+    ("scheduler.cycle_momentum=no", "error: scheduler.cycle_momentum='no': must be true or false"),
 ])
 def test_the_script_refuses_a_bad_setting_in_one_line_and_leaves_nothing(tiny_root, tmp_path, bad, says):
     out = tmp_path / "out"
