@@ -139,7 +139,7 @@ BAD = [
     (["optimizer=sgd", "optimizer.nesterov=on"], "optimizer.nesterov='on'", "must be true or false"),
     (["scheduler.cycle_momentum=no"], "scheduler.cycle_momentum='no'", "must be true or false"),
     (["optimizer.lr=true"], "optimizer.lr=true", "must be a number (its default is 0.003), not true or false"),
-    (["trainer.grad_clip_norm=true"], "trainer.grad_clip_norm=True", "must be null or a number > 0"),
+    (["trainer.grad_clip_norm=true"], "trainer.grad_clip_norm=true", "must be null or a number > 0"),
     (["loss.label_smoothing=yes"], "loss=CrossEntropyLoss", "argument 'label_smoothing' (position 6) must be float"),
     (["loss=bce", "loss.pos_weight=inf"], "loss.pos_weight=inf", "must be null or a finite number > 0"),
     (["dataset.augment_rotate=true"], "dataset.augment_rotate=true", "must be a number (its default is 0), not true or false"),

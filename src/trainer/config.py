@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
-from trainer.errors import UserError
+from trainer.errors import UserError, shown
 from trainer.paths import CONFIG_DIR
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
@@ -63,11 +63,10 @@ def check_override_types(config: DictConfig, overrides: Sequence[str], choices: 
             continue  # an added key (no default), a deletion, Hydra's own, or a group's option
         default = _default_of(key, choices, primary)
         value = OmegaConf.select(config, key, default=None)
-        shown = ("true" if value else "false") if isinstance(value, bool) else "null" if value is None else repr(value)
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise UserError(f"{key}={shown}: must be true or false")
+            raise UserError(f"{key}={shown(value)}: must be true or false")
         if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, bool):
-            raise UserError(f"{key}={shown}: must be a number (its default is {default}), not true or false")
+            raise UserError(f"{key}={shown(value)}: must be a number (its default is {default}), not true or false")
 
 
 def _default_of(key: str, choices: Mapping[str, str | None], primary: str) -> Any:

@@ -9,10 +9,17 @@ class OutputError(UserError):
     """A file could not be written (disk full, read-only, no permission); earlier files are intact."""
 
 
+def shown(value: object) -> str:
+    """A value as the command line and the YAML spell it: true, false, null; other values as repr() shows them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)
+
+
 def require_int(name: str, value: object, low: int) -> int:
     """Return `value` if it is an integer >= `low`, else raise UserError naming `name` and the value."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise UserError(f"{name}={value!r}: must be an integer >= {low}")
+        raise UserError(f"{name}={shown(value)}: must be an integer >= {low}")
     return value
 
 
@@ -20,8 +27,7 @@ def require_bool(name: str, value: object) -> bool:
     """Return `value` if it is true or false, else raise UserError naming `name` and the value (a string such as
     "abc" would otherwise read as true)."""
     if not isinstance(value, bool):
-        shown = "null" if value is None else repr(value)
-        raise UserError(f"{name}={shown}: must be true or false")
+        raise UserError(f"{name}={shown(value)}: must be true or false")
     return value
 
 
