@@ -8,7 +8,8 @@
 A run is a directory where train.py trained: `.hydra/` says the job was `train` (eval.py's and lr_find.py's
 directories are left out), and a process that resumed a run elsewhere (`trainer.resume=...`, no checkpoint or
 event file of its own; its train.log says where it continued) is that run, not one of its own. Its status is `finished` (it wrote metrics.json),
-`stopped` (it has a checkpoint to resume from, but no metrics.json) or `failed` (neither: it stopped
+`stopped` (it has a checkpoint to resume from, but no metrics.json; its epochs and best validation value so far
+come from that last.pt) or `failed` (neither: it stopped
 before its first checkpoint, e.g. on a bad value; the sweep's console output says why). Finished runs
 come first, best first by `--sort`.
 """
@@ -48,9 +49,23 @@ def runs(root: Path) -> list[dict]:
                         "test/loss": metrics.get("test/loss"), "test/f1": metrics.get("test/f1"), "best/val": best,
                         "epochs": metrics.get("epochs"), "seconds": round(metrics.get("seconds_since_start") or 0, 1)})
         else:
-            row["status"] = "stopped" if any(run.glob("*/last.pt")) else "failed"
+            last = next(run.glob("*/last.pt"), None)
+            row["status"] = "stopped" if last is not None else "failed"
+            if last is not None:  # how far it got, and its best so far: what resuming it continues from
+                row.update(progress_of(last))
         rows.append(row)
     return rows
+
+
+def progress_of(checkpoint: Path) -> dict:
+    """`epochs` and `best/val` of a stopped run, from its last.pt (weights_only: no code in the file runs)."""
+    import torch  # only for stopped runs: importing it takes a second or two
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return {"epochs": int(state["epoch"]), "best/val": state.get("best_metric")}
+    except Exception:  # noqa: BLE001 (a torn or foreign file: the row keeps its blanks)
+        return {}
 
 
 def is_training_run(run: Path, overrides: list[str]) -> bool:

@@ -46,7 +46,8 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
     shutil.copytree(jobs[1], stopped)
     (stopped / "metrics.json").unlink()
     rows = list(csv.DictReader(io.StringIO(summarize(str(out), "--format", "csv").stdout)))
-    assert [r["status"] for r in rows if r["run"] == "2026-01-01/00-00-00-000000"] == ["stopped"], rows
+    (row,) = [r for r in rows if r["run"] == "2026-01-01/00-00-00-000000"]
+    assert (row["status"], row["epochs"]) == ("stopped", "1") and 0 < float(row["best/val"]) <= 1, row
     assert sorted(r["status"] for r in rows) == ["failed", "failed", "finished", "finished", "stopped"]
 
     # Not runs of their own: eval.py's and lr_find.py's directories (their .hydra names the job), and the process
