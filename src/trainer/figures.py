@@ -125,8 +125,8 @@ def lr_find_loss_range(losses: Sequence[float], smoothed: Sequence[float]) -> tu
 
 def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
                  width: int = 720, height: int = 420) -> torch.Tensor:
-    """The LR range test's loss against the LR (log scale): raw losses faint, the smoothed curve dark, the
-    suggested LR as a vertical line with its value."""
+    """The LR range test's loss against the LR (log scale): raw losses faint, the smoothed curve dark, its lowest
+    point marked, the suggested LR as a vertical line with its value."""
     import math
 
     from PIL import Image, ImageDraw
@@ -134,7 +134,7 @@ def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
     font = _font(13)
     image = Image.new("RGB", (width, height), PAPER)
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 64, width - 16, 30, height - 40
+    left, right, top, bottom = 64, width - 16, 30, height - 48
     lo, hi = math.log10(lrs[0]), math.log10(lrs[-1]) if lrs[-1] > lrs[0] else math.log10(lrs[0]) + 1
     y_lo, y_hi = lr_find_loss_range(losses, smoothed)
 
@@ -154,9 +154,17 @@ def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
         draw.text((6, y - 7), f"{loss:.3g}", fill=INK, font=font)
     draw.line([xy(lr, v) for lr, v in zip(lrs, losses)], fill=(190, 190, 235), width=1)
     draw.line([xy(lr, v) for lr, v in zip(lrs, smoothed)], fill=(30, 60, 200), width=2)
+    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
+    mx, my = xy(lrs[lowest], smoothed[lowest])
+    draw.ellipse((mx - 4, my - 4, mx + 4, my + 4), outline=(30, 60, 200), width=2)
+    label_y = max(my - 70, top + 24)  # above the curve, where it is empty: the minimum is the curve's lowest point
+    draw.line((mx, my - 6, mx, label_y + 18), fill=(30, 60, 200), width=1)
+    draw.text((min(max(mx - 60, left + 4), right - 150), label_y), f"lowest at {lrs[lowest]:.2e}",
+              fill=(30, 60, 200), font=font)
+    draw.text(((left + right) // 2 - 80, bottom + 26), "learning rate (log scale)", fill=INK, font=font)
     x, _ = xy(suggestion, y_lo)
     draw.line((x, top, x, bottom), fill=(220, 40, 40), width=2)
     draw.text((min(x + 6, right - 150), top + 6), f"suggested {suggestion:.2e}", fill=(220, 40, 40), font=font)
-    draw.text((left, 8), "LR range test: training loss (smoothed, dark) against the learning rate", fill=INK,
-              font=font)
+    draw.text((left, 8), "LR range test: training loss (raw faint, smoothed dark) against the learning rate",
+              fill=INK, font=font)
     return _to_tensor(image)
