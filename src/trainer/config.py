@@ -19,7 +19,7 @@ import yaml
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
@@ -48,13 +48,15 @@ def build(node: DictConfig, **runtime: Any) -> Any:
 
 
 _NO_DEFAULT = object()
+POLYMORPHIC = ("dataset.mean", "dataset.std")  # a number, one per channel (a list) or auto, whatever the default
 
 
 def check_override_types(config: DictConfig, overrides: Sequence[str], choices: Mapping[str, str | None],
                          primary: str) -> None:
     """Refuse a command-line value of a type the key's YAML default rules out, before anything is built: anything
     but true or false for a true/false key (a string reads as true: optimizer.nesterov=off turned Nesterov on,
-    trust_checkpoint=no trusted), and true or false for a number (optimizer.lr=true trained at lr 1). `choices`:
+    trust_checkpoint=no trusted), anything but a number for a number (optimizer.lr=true trained at lr 1;
+    optimizer.lr=abc failed inside torch), anything but a list for a list (optimizer.betas=0.9). `choices`:
     the option chosen in each group; `primary`: the script's own config (train, eval) for keys outside a group."""
     for override in overrides:
         key, assigns, _ = override.partition("=")
@@ -65,8 +67,13 @@ def check_override_types(config: DictConfig, overrides: Sequence[str], choices: 
         value = OmegaConf.select(config, key, default=None)
         if isinstance(default, bool) and not isinstance(value, bool):
             raise UserError(f"{key}={shown(value)}: must be true or false")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, bool):
-            raise UserError(f"{key}={shown(value)}: must be a number (its default is {default}), not true or false")
+        if key in POLYMORPHIC or value is None:  # null: "off" for the keys that take it, checked where they are used
+            continue
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{key}={shown(value)}: must be a number (its default is {default})")
+        if isinstance(default, list) and not isinstance(value, (list, ListConfig)):
+            raise UserError(f"{key}={shown(value)}: must be a list, such as {key}={default}")
 
 
 def _default_of(key: str, choices: Mapping[str, str | None], primary: str) -> Any:
