@@ -92,3 +92,15 @@ def test_the_joblib_launcher_runs_jobs_in_parallel_workers_that_share_the_cores(
 
     got, want = results(tmp_path / "parallel"), results(tmp_path / "serial")
     assert len(got) == 2 and got == want, (got, want, serial.stderr[-2000:])
+
+
+def test_summarize_into_a_pipe_that_closes_early_is_no_error(tiny_root, tmp_path):
+    out = tmp_path / "outputs"
+    assert run_train(*TINY, f"dataset.root={tiny_root}", f"output_root={out}", "trainer.max_epochs=1", "scheduler=none",
+                     "model=logistic").returncode == 0
+    run, many = next(out.rglob("metrics.json")).parent, out / "many"
+    for i in range(1000):  # more rows than a pipe buffer holds (64 KiB)
+        shutil.copytree(run, many / f"{i:03d}", ignore=shutil.ignore_patterns("*.pt", "events.*"))
+    result = subprocess.run(f"{sys.executable} {REPO / 'scripts' / 'summarize.py'} {out} --format csv | head -1",
+                            shell=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("run,status") and "Traceback" not in result.stderr, result.stderr
