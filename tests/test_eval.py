@@ -73,12 +73,14 @@ def test_eval_on_another_dataset_and_on_the_validation_split(trained, faint_root
     (["ckpt=/nonexistent.pt"], "does not exist"),
     (["ckpt={trained}/checkpoints/best.pt", "split=train"], "split='train': use test or val"),
     (["ckpt={trained}/train.log"], "not a readable checkpoint"),
+    (["ckpt={trained}"], "is a directory, not a checkpoint file; it holds {trained}/checkpoints/best.pt"),
     (["ckpt={trained}/checkpoints/best.pt", "trust_checkpoint=no"], "trust_checkpoint='no': must be true or false"),
     (["ckpt={trained}/checkpoints/best.pt", "dataset.download=false"],
      "dataset has no keys until an option of the dataset group is chosen (dataset=<option> dataset.download=...)"),
 ])
 def test_eval_bad_input(trained, tmp_path, overrides, says):
     result = run_eval(*[o.format(trained=trained) for o in overrides], f"hydra.run.dir={tmp_path}/e")
+    says = says.format(trained=trained)
     assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "e").exists()  # a refused evaluation leaves no directory behind

@@ -51,6 +51,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (no pickled code can run), or raise UserError saying why it can't be used."""
     path = Path(path).expanduser()
+    if path.is_dir():  # a run directory, most likely: name the file in it
+        found = sorted(path.glob("checkpoints/*.pt"))
+        raise UserError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file" +
+                        (f"; it holds {', '.join(str(p) for p in found[:2])}" if found else ""))
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
