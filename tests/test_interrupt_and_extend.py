@@ -50,11 +50,16 @@ def test_a_signal_in_any_phase_leaves_a_run_that_resume_auto_finishes(tiny_root,
 
 
 def test_a_finished_and_tested_run_is_not_resumed_again(tiny_root, tmp_path):
-    overrides = (*TINY, f"dataset.root={tiny_root}", "model=logistic", "trainer.max_epochs=1")
+    overrides = (*TINY, f"dataset.root={tiny_root}", "model=logistic", "trainer.max_epochs=2")
     assert run_train(*overrides, f"hydra.run.dir={tmp_path}/run").returncode == 0
-    result = run_train(*overrides, f"trainer.resume={tmp_path}/run/checkpoints/last.pt", f"output_root={tmp_path}")
-    assert result.returncode == 1 and "already trained 1 epoch and been tested" in result.stderr, result.stderr
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    # best.pt may be an earlier epoch's (here epoch 1 of 2): it too would re-train a tested run's epochs
+    for name in ("last.pt", "best.pt"):
+        result = run_train(*overrides, f"trainer.resume={tmp_path}/run/checkpoints/{name}", f"output_root={tmp_path}")
+        assert result.returncode == 1 and "its run finished 2 epochs and was tested; raise trainer.max_epochs (now 2) " \
+            "above 2" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the refused run left no directory
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
 
 
 SCHEDULES = {

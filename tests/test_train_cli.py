@@ -181,7 +181,7 @@ BAD = [
     (["trainer.resume={torn}"], "torn.pt", "truncated"),
     (["model=logistic", "trainer.resume={earlier}/checkpoints/last.pt"], "model._target_", "cannot resume"),
     (["scheduler=step", "trainer.max_epochs=3", "trainer.resume={earlier}/checkpoints/last.pt"],
-     "already trained 3 epochs", "raise trainer.max_epochs"),
+     "its run finished 3 epochs and was tested", "raise trainer.max_epochs (now 3) above 3"),
     (["dataset.root=/nonexistent/data", "dataset.download=false"], "/nonexistent/data", "provision_data.py"),
     (["dataset.root={empty}"], "MNIST not found", "provision_data.py"),  # every source fails (offline)
     (["dataset.root={bad_magic}"], "train-images-idx3-ubyte: not an IDX file", "bad magic"),

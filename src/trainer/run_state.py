@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ from trainer.metrics import EpochMetrics, to_cpu
 from trainer.schedulers import Schedule
 
 log = logging.getLogger(__name__)
+
+
+def _finished_epochs(run_dir: Path) -> int | None:
+    """The epochs a run had trained when it wrote its test result (metrics.json), or None: not finished."""
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or one this run's test did not write
+        return None
 
 
 @dataclass
@@ -167,11 +176,11 @@ class RunState:
                             "e.g. best.pt, resumes with any number)")
         for change in config_changes(state["config"], self.config_yaml, mid_epoch=state["batch_in_epoch"] > 0):
             log.info("resume: config changed, %s", change)
+        finished = _finished_epochs(run_dir)  # a tested run: any of its checkpoints (best.pt too) must train past it
+        if finished is not None and max_epochs <= finished:
+            raise UserError(f"trainer.resume={str(path)!r}: its run finished {finished} epoch{'s' * (finished != 1)} "
+                            f"and was tested; raise trainer.max_epochs (now {max_epochs}) above {finished} to train on")
         if state["epoch"] >= max_epochs:
-            if (run_dir / "metrics.json").is_file():
-                raise UserError(f"trainer.resume={str(path)!r} has already trained {state['epoch']} "
-                                f"epoch{'s' * (state['epoch'] != 1)} and been "
-                                f"tested; raise trainer.max_epochs (now {max_epochs}) to train on")
             log.info("resume: training ended at epoch %d, but the run has no test result; running just the test",
                      state["epoch"])
         if state["batch_in_epoch"] > batches_per_epoch:
