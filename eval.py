@@ -97,7 +97,8 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     width = max(6, len(str(int(confusion.max()))) + 1)
     log.info("confusion matrix (rows: true class, columns: predicted class):\n%s\n%s", " " * 16 + "".join(
         f"{i:>{width}}" for i in range(data.num_classes)), "\n".join(
-        f"{i:>2} {name[:12]:<12} " + "".join(f"{n:>{width}}" for n in row) + f"   acc {acc:.2%}"
+        f"{i:>2} {name[:12]:<12} " + "".join(f"{n:>{width}}" for n in row) +
+        (f"   acc {acc:.2%}" if acc is not None else "   acc n/a (no image of this class)")
         for i, (name, row, acc) in enumerate(zip(data.classes, confusion.tolist(), per_class))))
     log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "confusion_matrix.csv")
     return summary

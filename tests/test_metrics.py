@@ -79,3 +79,10 @@ def test_a_state_dict_of_the_torchmetrics_era_loads(tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
     resumed.add(*data[4])
     assert resumed.compute("x") == pytest.approx(reference(data)[0], rel=1e-6)
+
+
+def test_per_class_accuracy_of_a_class_with_no_sample_is_none_not_zero():
+    from trainer.metrics import per_class_accuracy
+
+    confusion = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]])  # no sample of class 1 (rows: true class)
+    assert per_class_accuracy(confusion) == [0.75, None, 0.5]

@@ -82,7 +82,8 @@ class RunReport:
         rows true), the graph, the HParams entry with the final metrics, and metrics.json (rank 0)."""
         step = progress.global_step
         per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
-        self.logger.log_metrics({f"test/acc_class/{name.replace('/', '-')}": acc for name, acc in per_class.items()},
+        self.logger.log_metrics({f"test/acc_class/{name.replace('/', '-')}": acc for name, acc in per_class.items()
+                                 if acc is not None},
                                 step)
         self.logger.log_confusion_matrix("test/confusion_matrix_counts", confusion, self.data.classes, step)
         if self.log_graph:
