@@ -15,6 +15,7 @@ if __name__ == "__main__":
     preload_mimalloc()  # before torch is imported, as in train.py
 
 import csv  # noqa: E402
+import functools
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ from trainer.config import build, check_fits, check_override_types, data_config,
 from trainer.errors import UserError, one_line_config_errors, require_bool
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device, run_then_exit
-from trainer.settings import autocast_for
+from trainer.settings import autocast_for, forward_pass
 from trainer.metrics import EpochMetrics, evaluate, per_class_accuracy
 
 log = logging.getLogger("eval")
@@ -65,16 +66,10 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     if precision == "fp16" and device.type != "cuda":
         log.info("trained with trainer.precision=fp16, which needs CUDA: evaluating in fp32 on %s", device.type)
         precision = "fp32"
-    autocast = autocast_for(precision, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-
-    def forward(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as NHWC
-        with autocast():
-            logits = model(images)  # (B, classes)
-            return logits, loss_fn(logits, targets)
+    forward = functools.partial(forward_pass, model, loss_fn, channels_last=channels_last,
+                                autocast=autocast_for(precision, device))
 
     metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
     results = evaluate(forward, getattr(data, split), metrics, split)

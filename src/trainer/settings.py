@@ -69,6 +69,17 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
     return functools.partial(torch.autocast, device.type, dtype=dtype) if dtype else contextlib.nullcontext
 
 
+def forward_pass(net: nn.Module, loss_fn: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
+                 channels_last: bool, autocast: Callable[[], ContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of one batch as training, validation, the test and eval.py all compute them: the input in
+    the model's memory format, the forward pass and the loss under `autocast` (see autocast_for)."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as NHWC
+    with autocast():
+        logits = net(images)  # (B, classes)
+        return logits, loss_fn(logits, targets)
+
+
 def check_optimizer_and_loss(optimizer: torch.optim.Optimizer, loss_fn: nn.Module, num_classes: int,
                              device: torch.device) -> None:
     """Refuse what torch accepts but cannot train with: lr=0 (learns nothing), lr=inf (weights gone at the first

@@ -30,7 +30,7 @@ from trainer.report import RunReport
 from trainer.run_state import RunState
 from trainer.runtime import seconds_since_process_start, set_deterministic
 from trainer.schedulers import Schedule
-from trainer.settings import autocast_for, check_optimizer_and_loss, check_settings
+from trainer.settings import autocast_for, check_optimizer_and_loss, check_settings, forward_pass
 from trainer.signals import StopSignals, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -200,11 +200,8 @@ class Trainer:
 
     def _forward(self, images: torch.Tensor, targets: torch.Tensor,
                  net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as NHWC
-        with self.autocast():
-            logits = (self.net if net is None else net)(images)  # (B, classes)
-            return logits, self.loss_fn(logits, targets)
+        return forward_pass(self.net if net is None else net, self.loss_fn, images, targets,
+                            channels_last=self.channels_last, autocast=self.autocast)
 
     def _optimizer_step(self) -> dict[str, float]:
         """Clip, step (through the fp16 scaler when on), zero the grads and step per-batch schedules.
