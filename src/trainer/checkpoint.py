@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from trainer.errors import UserError
+from trainer.errors import UserError, is_number
 from trainer.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ def _stored_data(data: object, path: Path) -> dict[str, Any] | None:
         return None
 
     def numbers(v: object, n: int | None = None) -> bool:
-        return isinstance(v, list) and (n is None or len(v) == n) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        return isinstance(v, list) and (n is None or len(v) == n) and all(is_number(x) for x in v)
 
     ok = (isinstance(data, dict) and isinstance(data.get("name"), str) and numbers(data.get("in_shape"), 3)
           and all(isinstance(x, int) and x > 0 for x in data["in_shape"]) and isinstance(data.get("classes"), list)

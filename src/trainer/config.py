@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
-from trainer.errors import UserError, shown
+from trainer.errors import UserError, is_number, shown
 from trainer.paths import CONFIG_DIR
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
@@ -69,8 +69,7 @@ def check_override_types(config: DictConfig, overrides: Sequence[str], choices: 
             raise UserError(f"{key}={shown(value)}: must be true or false")
         if key in POLYMORPHIC or value is None:  # null: "off" for the keys that take it, checked where they are used
             continue
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
+        if is_number(default) and not is_number(value):
             raise UserError(f"{key}={shown(value)}: must be a number (its default is {default})")
         if isinstance(default, list) and not isinstance(value, (list, ListConfig)):
             raise UserError(f"{key}={shown(value)}: must be a list, such as {key}={default}")

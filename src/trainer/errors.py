@@ -16,6 +16,11 @@ def shown(value: object) -> str:
     return "null" if value is None else repr(value)
 
 
+def is_number(value: object) -> bool:
+    """An int or a float, but not a bool (which Python counts as an int: `lr=true` would be 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def require_int(name: str, value: object, low: int) -> int:
     """Return `value` if it is an integer >= `low`, else raise UserError naming `name` and the value."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:

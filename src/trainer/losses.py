@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.errors import UserError, is_number
 
 
 class NLLOnLogSoftmax(nn.Module):
@@ -31,8 +31,7 @@ class BCEOneVsRest(nn.Module):
 
     def __init__(self, pos_weight: float | None = None) -> None:
         super().__init__()
-        if pos_weight is not None and not (isinstance(pos_weight, (int, float)) and not isinstance(pos_weight, bool)
-                                           and math.isfinite(pos_weight) and pos_weight > 0):
+        if pos_weight is not None and not (is_number(pos_weight) and math.isfinite(pos_weight) and pos_weight > 0):
             raise UserError(f"loss.pos_weight={pos_weight!r}: must be null or a finite number > 0")
         self.pos_weight = pos_weight  # weight of the one positive output against the K - 1 negatives; null: 1
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.errors import UserError, is_number, require_int
 
 
 @dataclass
@@ -38,10 +38,9 @@ class RangeTest:
 def check_range_settings(*, start_lr: float, end_lr: float, num_steps: int, smoothing: float, diverge: float) -> None:
     """Raise UserError naming the first bad `lr_find.` setting and what is allowed."""
     def number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_number(value) and math.isfinite(value)
 
-    if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 10):
-        raise UserError(f"lr_find.num_steps={num_steps!r}: must be an integer >= 10")
+    require_int("lr_find.num_steps", num_steps, 10)
     if not (number(start_lr) and number(end_lr) and 0 < start_lr < end_lr):
         raise UserError(f"lr_find.start_lr={start_lr!r}, lr_find.end_lr={end_lr!r}: need 0 < start_lr < end_lr")
     if not (number(smoothing) and 0 <= smoothing < 1):

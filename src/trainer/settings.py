@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainer.distributed import Dist
-from trainer.errors import UserError, require_bool, require_int, shown
+from trainer.errors import UserError, is_number, require_bool, require_int, shown
 
 MONITORABLE = ("val/loss", "val/acc", "val/f1")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,11 +54,9 @@ def check_settings(*, max_epochs: int, log_every_n_steps: int, accumulate_grad_b
         raise UserError(f"trainer.nonfinite_loss={nonfinite_loss!r}: use error or skip")
     if nonfinite_loss == "skip" and dist.active:  # a rank skipping a backward would leave the others waiting
         raise UserError("trainer.nonfinite_loss=skip does not work with several processes (torchrun); use error")
-    if isinstance(early_stopping_min_delta, bool) or not (isinstance(early_stopping_min_delta, (int, float))
-                                                          and early_stopping_min_delta >= 0):
+    if not (is_number(early_stopping_min_delta) and early_stopping_min_delta >= 0):
         raise UserError(f"trainer.early_stopping_min_delta={shown(early_stopping_min_delta)}: must be a number >= 0")
-    if grad_clip_norm is not None and (isinstance(grad_clip_norm, bool) or not (isinstance(grad_clip_norm, (int, float))
-                                                                               and grad_clip_norm > 0)):
+    if grad_clip_norm is not None and not (is_number(grad_clip_norm) and grad_clip_norm > 0):
         raise UserError(f"trainer.grad_clip_norm={shown(grad_clip_norm)}: must be null or a number > 0")
 
 

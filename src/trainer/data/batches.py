@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.errors import UserError, require_int
+from trainer.errors import UserError, is_number, require_int
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,8 +28,7 @@ def check_augmentation(augment_shift: int, augment_rotate: float, augment_cutout
     """Raise UserError naming the first bad `dataset.` augmentation setting."""
     for key, value in (("augment_shift", augment_shift), ("random_crop", random_crop), ("augment_cutout", augment_cutout)):
         require_int(f"dataset.{key}", value, 0)
-    if not (isinstance(augment_rotate, (int, float)) and not isinstance(augment_rotate, bool)
-            and 0 <= augment_rotate <= 180):
+    if not (is_number(augment_rotate) and 0 <= augment_rotate <= 180):
         raise UserError(f"dataset.augment_rotate={augment_rotate!r}: must be a number of degrees from 0 to 180")
 
 

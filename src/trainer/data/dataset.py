@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from trainer.data.batches import BatchLoader, BatchTransform, check_augmentation, check_augmentation_fits
-from trainer.errors import OutputError, UserError, require_bool, require_int
+from trainer.errors import OutputError, UserError, is_number, require_bool, require_int
 from trainer.fsutil import atomic_write
 from trainer.runtime import device_free_bytes, host_memory_bytes, size_text
 
@@ -248,7 +248,7 @@ class ImageDataset:
 def _per_channel(key: str, value: Any, channels: int) -> list[float]:
     """`dataset.mean`/`std` as one value per channel: a number, or a list of 1 or `channels` numbers."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
-    ok = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ok = values and all(is_number(v) for v in values)
     if not ok or len(values) not in (1, channels):
         raise UserError(f"dataset.{key}={value!r}: must be auto, a number, or a list of one number per channel "
                         f"({channels} for these images)")
