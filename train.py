@@ -66,14 +66,15 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
                     logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, config_choices=option_names())
-    n = torch.get_num_threads()
-    threads = f" ({n} CPU thread{'s' * (n != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores
+    cores = torch.get_num_threads()
+    threads = f" ({cores} CPU thread{'s' * (cores != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores
     log.info("%s on %s%s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, threads, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
     limits = {"each epoch trains on": cfg.trainer.limit_train_batches, "val and test use": cfg.trainer.limit_eval_batches}
     if any(limits.values()):  # the counts above are the splits', not what this run reads of them
-        log.info("limited: %s", "; ".join(f"{what} the first {n} batch{'es' * (n != 1)}" for what, n in limits.items() if n))
+        log.info("limited: %s", "; ".join(f"{what} the first {n} batch{'es' * (n != 1)}"
+                                          for what, n in limits.items() if n))
     if cfg.trainer.ema_decay is not None:
         log.info("EMA of the weights, decay %g%s: validation, test and best.pt use the average", cfg.trainer.ema_decay,
                  " with warm-up" if cfg.trainer.ema_warmup else "")

@@ -7,11 +7,11 @@
 
 A run is a directory where train.py trained: `.hydra/` says the job was `train` (eval.py's and lr_find.py's
 directories are left out), and a process that resumed a run elsewhere (`trainer.resume=...`, no checkpoint or
-event file of its own; its train.log says where it continued) is that run, not one of its own. Its status is `finished` (it wrote metrics.json),
-`stopped` (it has a checkpoint to resume from, but no metrics.json; its epochs and best validation value so far
-come from that last.pt) or `failed` (neither: it stopped
-before its first checkpoint, e.g. on a bad value; the sweep's console output says why). Finished runs
-come first, best first by `--sort`.
+event file of its own; its train.log says where it continued) is that run, not one of its own. Its status is
+`finished` (it wrote metrics.json), `stopped` (it has a checkpoint to resume from, but no metrics.json; its
+epochs and best validation value so far come from that last.pt) or `failed` (neither: it stopped before its
+first checkpoint, e.g. on a bad value; its train.log ends with why). Finished runs come first, best first by
+`--sort`.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
 from typing import Callable, NoReturn
 
@@ -106,8 +107,6 @@ def run_then_exit(main: Callable[[], object]) -> NoReturn:
         if e.code is not None and not isinstance(e.code, int):
             raise
         code = e.code or 0
-    import threading
-
     # The interpreter first waits for non-daemon threads, whose pools (a joblib sweep's executor) then stop their
     # worker processes; atexit alone would wait for those workers forever. With any of them, leave the normal way.
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
