@@ -79,9 +79,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
         log.info("EMA of the weights, decay %g%s: validation, test and best.pt use the average", cfg.trainer.ema_decay,
                  " with warm-up" if cfg.trainer.ema_warmup else "")
     if dist.active:
-        log.info("%d processes (%s): each trains on batches of %d, %d together; the learning rate is not scaled "
-                 "for that (set optimizer.lr yourself)", dist.world_size, dist.backend, data.train.batch_size,
-                 data.train.global_batch_size)
+        log.info("%d process%s (%s): each trains on batches of %d, %d together; the learning rate is not scaled "
+                 "for that (set optimizer.lr yourself)", dist.world_size, "es" * (dist.world_size != 1), dist.backend,
+                 data.train.batch_size, data.train.global_batch_size)
     return trainer
 
 

@@ -19,6 +19,8 @@ ratio closer to 1.00 than that is within this machine's timing noise.
     python scripts/benchmark.py --data rgb32 --models mlp cnn --batch-sizes 128 512   # 50,000 3x32x32 images
     python scripts/benchmark.py --decode 50000               # image_folder: first decode, then cached start-up
     python scripts/benchmark.py --mnist-fast 3               # experiment=mnist_fast, whole process, 3 seeds
+    python scripts/benchmark.py --mnist-fast 5 --experiment mnist_fast_gpu   # the GPU recipe (a GPU machine)
+    python scripts/benchmark.py --devices cuda --set trainer.cuda_graphs=true   # CUDA rows, the step as a CUDA graph
     python scripts/benchmark.py --sweep 3 --reps 2           # a 6-job MLP sweep: basic vs joblib launcher
 
 `--data rgb32` times 50,000 generated 3x32x32 images (a `dataset=tensors` file) in place of MNIST; it has no
@@ -27,7 +29,10 @@ and times the image_folder dataset's first build (decoding every file) and a sec
 to MNIST's cached build, which is what every MNIST run starts with. `--mnist-fast N` runs
 `python train.py experiment=mnist_fast seed=S` for N seeds, one process after another, and reports what each took
 from outside (wall time from before the process starts to its exit, and its peak RSS as the kernel counts it),
-next to the test accuracy and the start-up time (process start to first training step) it wrote in metrics.json.
+next to the test accuracy, the start-up time (process start to first training step) and the training time (the
+epochs with their validation and checkpoints) it wrote in metrics.json; `--experiment` times another preset.
+`--set KEY=VALUE ...` adds config overrides to every row (the framework column trains with them; the floor and
++data columns are bare loops and take only what shapes them, such as trainer.channels_last).
 """
 
 from __future__ import annotations
@@ -72,9 +77,10 @@ def sync(device: torch.device) -> None:
 class Row:
     """One device x model x batch-size comparison; each method builds a fresh model from the same seed."""
 
-    def __init__(self, device: torch.device, model: str, batch_size: int, steps: int, data: list[str], run_dir: Path):
+    def __init__(self, device: torch.device, model: str, batch_size: int, steps: int, data: list[str], run_dir: Path,
+                 extra: list[str]):
         self.device, self.steps, self.batch_size = device, steps, batch_size
-        self.cfg = config(f"model={model}", f"dataset.batch_size={batch_size}", *data,
+        self.cfg = config(f"model={model}", f"dataset.batch_size={batch_size}", *data, *extra,
                           f"trainer.limit_train_batches={steps}", "trainer.max_epochs=1000000",
                           f"trainer.device={device}")
         self.data = build(self.cfg.dataset, device=device, seed=self.cfg.seed)
@@ -172,20 +178,25 @@ def main() -> int:
                         help="mnist (from --root), or rgb32: 50,000 generated 3x32x32 images")
     parser.add_argument("--decode", type=int, metavar="N", help="time decoding N PNGs instead (see above)")
     parser.add_argument("--mnist-fast", type=int, metavar="N", help="time experiment=mnist_fast for N seeds instead")
+    parser.add_argument("--experiment", default="mnist_fast", help="the preset --mnist-fast times (default: mnist_fast)")
+    parser.add_argument("--no-tutorial", action="store_true", help="leave out the tutorial column (its DataLoader "
+                        "is most of a GPU run's time)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every row")
     parser.add_argument("--sweep", type=int, metavar="EPOCHS",
                         help="time a 6-job MLP sweep of EPOCHS epochs: basic launcher vs hydra/launcher=joblib instead")
     args = parser.parse_args()
     if args.decode:
         return decode_times(args.decode, args.root)
     if args.mnist_fast:
-        return mnist_fast_times(args.mnist_fast, args.root)
+        return mnist_fast_times(args.mnist_fast, args.root, args.experiment, args.set)
     if args.sweep:
         return sweep_times(args.sweep, args.root, args.reps)
     args.samples = args.samples or (45_000 if args.data == "rgb32" else 55_000)  # the training split: one epoch
 
-    methods = ("floor", "floor_data", "framework", "tutorial")
+    methods = ("floor", "floor_data", "framework") + (() if args.no_tutorial else ("tutorial",))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc: {allocator_in_use()}"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+          + (f"; overrides: {' '.join(args.set)}" if args.set else ""))
     header = (f"{'device':6} {'model':8} {'batch':>5} {'steps':>5} | {'floor':>8} {'+data':>8} {'framework':>9} "
               f"{'tutorial':>8} samples/s | {'fw/floor':>8} {'fw/+data':>8} {'tut/fw':>6} | {'fw-floor':>8} "
               f"{'fw-data':>7} us/step | {'noise':>5} | {'cuda MiB':>8}")
@@ -202,7 +213,7 @@ def main() -> int:
                 for bs in args.batch_sizes:
                     samples = args.samples // 8 if (model == "cnn" and device.type == "cpu") else args.samples
                     steps = max(samples // bs, 5)
-                    row = Row(device, model, bs, steps, data, Path(tmp) / f"{device.type}-{model}-{bs}")
+                    row = Row(device, model, bs, steps, data, Path(tmp) / f"{device.type}-{model}-{bs}", args.set)
                     times: dict[str, list[float]] = {m: [] for m in methods}
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
@@ -212,7 +223,8 @@ def main() -> int:
                             if rep:
                                 times[m].append(seconds)
                     med = {m: statistics.median(times[m]) for m in methods}
-                    rate = {m: steps * bs / med[m] for m in methods}
+                    med.setdefault("tutorial", float("nan"))
+                    rate = {m: steps * bs / med[m] for m in med}
                     noise = max(times["floor"]) / min(times["floor"]) - 1
                     cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
                     print(f"{device.type:6} {model:8} {bs:5} {steps:5} | {rate['floor']:8.0f} {rate['floor_data']:8.0f}"
@@ -266,20 +278,22 @@ def decode_times(n: int, root: str) -> int:
     return 0
 
 
-def mnist_fast_times(seeds: int, root: str) -> int:
-    """Whole-process wall time, peak RSS, start-up and test accuracy of `train.py experiment=mnist_fast`, per seed."""
+def mnist_fast_times(seeds: int, root: str, experiment: str = "mnist_fast", extra: list[str] = ()) -> int:
+    """Whole-process wall time, peak RSS, start-up, training time and test accuracy of `train.py
+    experiment=EXPERIMENT`, per seed."""
     import json
     import subprocess
 
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        print(f"{'seed':>4} {'wall s':>7} {'startup s':>9} {'test/acc':>8} {'peak RSS MiB':>12}")
+        print(" ".join([f"experiment={experiment}", *extra]))
+        print(f"{'seed':>4} {'wall s':>7} {'startup s':>9} {'fit s':>7} {'test/acc':>8} {'peak RSS MiB':>12}")
         for seed in range(seeds):
             errors = Path(out) / f"stderr{seed}"
             with open(errors, "wb") as err:  # a file, not a pipe: nothing reads a pipe while the run goes on
                 start = time.perf_counter()
-                proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "experiment=mnist_fast",
-                                         f"seed={seed}", f"dataset.root={root}", f"output_root={out}/{seed}"],
+                proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"experiment={experiment}",
+                                         f"seed={seed}", f"dataset.root={root}", f"output_root={out}/{seed}", *extra],
                                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
                 _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak RSS, from outside
                 wall = time.perf_counter() - start
@@ -287,10 +301,11 @@ def mnist_fast_times(seeds: int, root: str) -> int:
                 print(errors.read_text(errors="replace"), file=sys.stderr)
                 return 1
             metrics = json.loads(next(Path(out, str(seed)).rglob("metrics.json")).read_text())
-            rows.append((wall, metrics["startup_s"], metrics["test/acc"], usage.ru_maxrss / 1024))
-            print(f"{seed:4} {wall:7.1f} {metrics['startup_s']:9.1f} {metrics['test/acc']:8.4f} {rows[-1][3]:12.0f}")
+            rows.append((wall, metrics["startup_s"], metrics["fit_s"], metrics["test/acc"], usage.ru_maxrss / 1024))
+            print(f"{seed:4} {wall:7.1f} {metrics['startup_s']:9.1f} {metrics['fit_s']:7.2f} {metrics['test/acc']:8.4f}"
+                  f" {rows[-1][4]:12.0f}", flush=True)
     means = [statistics.mean(column) for column in zip(*rows)]
-    print(f"mean {means[0]:7.1f} {means[1]:9.1f} {means[2]:8.4f} {means[3]:12.0f}")
+    print(f"mean {means[0]:7.1f} {means[1]:9.1f} {means[2]:7.2f} {means[3]:8.4f} {means[4]:12.0f}")
     return 0
 
 

@@ -620,7 +620,7 @@ def check_result(s: ReadmeSession, r: Result) -> None:
             assert len(list((root / name / "raw").glob("*-ubyte"))) == 4
     elif program == "scripts/benchmark.py" and "--mnist-fast" in argv:  # one row per seed, then the mean
         seeds = int(argv[argv.index("--mnist-fast") + 1])
-        rows = re.findall(r"^\s*(\d+|mean)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+\d+$", r.stdout, re.M)
+        rows = re.findall(r"^\s*(\d+|mean)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+\d+$", r.stdout, re.M)
         assert [s for s, _ in rows] == [*map(str, range(seeds)), "mean"], r.stdout
         assert float(rows[-1][1]) >= 0.99, r.stdout  # what the preset promises: >= 99.0% mean (docs/configs.md)
     elif program == "scripts/benchmark.py":

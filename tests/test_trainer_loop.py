@@ -59,6 +59,7 @@ OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_
                limit_train_batches=None, limit_eval_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error",
                early_stopping_patience=None, early_stopping_min_delta=0.0, log_every_n_steps=1,
                misclassified_images=0, histogram_every_n_epochs=None, log_graph=False, ema_decay=None, ema_warmup=False,
+               cuda_graphs=False,
                loss_fn=torch.nn.CrossEntropyLoss())
 
 

@@ -42,7 +42,8 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        """A process group was joined: under torchrun, even of one process (the same DDP and nccl path as N)."""
+        return self.backend is not None
 
     def for_training(self, net: torch.nn.Module) -> torch.nn.Module:
         """`net` as the training steps call it: through DDP, which averages gradients across ranks in backward.
@@ -126,7 +127,9 @@ def init_from_env(*, backend: str, timeout_s: float, device: torch.device) -> Di
         raise UserError(f"distributed.timeout_s={timeout_s!r}: must be a number > 0")
     export_submitit_env()
     world = world_size_from_env()
-    if world <= 1:
+    # torchrun of one process still joins a group of one: `--nproc_per_node=1` on a 1-GPU machine then runs
+    # the same DDP and nccl code as N processes (TORCHELASTIC_RUN_ID is set by torchrun alone).
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return Dist(device=device)
     rank, local_rank = rank_from_env(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":

@@ -77,9 +77,11 @@ class RunReport:
         self.logger.log_image(f"{prefix}/misclassified", labelled_grid(images, captions), step)
 
     def test_results(self, model: nn.Module, metrics: dict[str, float], confusion: torch.Tensor, monitor: str,
-                     progress: Progress, startup_s: float | None) -> None:
+                     progress: Progress, timing: dict[str, float | None]) -> None:
         """Everything the test leaves: per-class accuracy and confusion counts (`confusion`: (classes, classes),
-        rows true), the graph, the HParams entry with the final metrics, and metrics.json (rank 0)."""
+        rows true), the graph, the HParams entry with the final metrics, and metrics.json (rank 0). `timing`: seconds,
+        `startup_s` (process start to first step) and `fit_s` (the training epochs with their validation and
+        checkpoints), None where this process did not train."""
         step = progress.global_step
         per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
         self.logger.log_metrics({f"test/acc_class/{name.replace('/', '-')}": acc for name, acc in per_class.items()
@@ -98,7 +100,8 @@ class RunReport:
                    "epochs": progress.epoch, "global_step": step, "params": self.summary.params,
                    "params_trainable": self.summary.trainable, "macs_per_image": self.summary.macs_per_image,
                    "peak_rss_mib": peak_rss_mib(),
-                   "allocator": allocator_in_use(), "startup_s": None if startup_s is None else round(startup_s, 3),
+                   "allocator": allocator_in_use(),
+                   **{key: None if value is None else round(value, 3) for key, value in timing.items()},
                    "seconds_since_start": round(seconds_since_process_start(), 3), "per_class_acc": per_class}
         if self.device.type == "cuda":
             summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20

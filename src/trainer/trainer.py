@@ -20,6 +20,7 @@ from tqdm import tqdm
 from trainer import schedulers
 from trainer.allocator import allocator_in_use
 from trainer.checkpoint import load_checkpoint
+from trainer.cuda_graph import graphed_training_step
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.ema import make_ema
@@ -58,7 +59,7 @@ class Trainer:
                  deterministic: bool, precision: str, compile: bool, channels_last: bool,
                  accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
                  limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
-                 log_graph: bool, ema_decay: float | None, ema_warmup: bool, dist: Dist = Dist(),
+                 log_graph: bool, ema_decay: float | None, ema_warmup: bool, cuda_graphs: bool, dist: Dist = Dist(),
                  config_choices: dict[str, str | None] | None = None) -> None:
         check_settings(max_epochs=max_epochs, log_every_n_steps=log_every_n_steps, misclassified_images=misclassified_images,
                        accumulate_grad_batches=accumulate_grad_batches, optional_counts=dict(
@@ -68,7 +69,7 @@ class Trainer:
                        precision=precision, monitor=monitor, mode=mode, nonfinite_loss=nonfinite_loss,
                        early_stopping_min_delta=early_stopping_min_delta, grad_clip_norm=grad_clip_norm,
                        switches=dict(deterministic=deterministic, compile=compile, channels_last=channels_last,
-                                     log_graph=log_graph), device=device, dist=dist)
+                                     log_graph=log_graph, cuda_graphs=cuda_graphs), device=device, dist=dist)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         check_optimizer_and_loss(optimizer, loss_fn, data.num_classes, device)
@@ -89,9 +90,13 @@ class Trainer:
         self.dist, self.train_net = dist, dist.for_training(self.net)
         # per-step schedules need the run's length in optimizer steps, which only the Trainer knows
         self.schedule = schedulers.bind(scheduler, optimizer, self.steps_per_epoch, max_epochs)
-        self.autocast = autocast_for(precision, device)
+        self.autocast = autocast_for(precision, device, cache=not cuda_graphs)  # a graph cannot keep autocast's cache
+        self.graph = graphed_training_step(  # None unless trainer.cuda_graphs
+            cuda_graphs, forward=functools.partial(self._forward, net=self.train_net), model=model, optimizer=optimizer,
+            grad_clip_norm=grad_clip_norm, device=device, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
+            nonfinite_loss=nonfinite_loss, world_size=dist.world_size, compile=compile)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.startup_s: float | None = None  # process start -> first training step, set by fit()
+        self.startup_s = self.fit_s = None  # process start -> first training step; fit()'s own time (set by fit)
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
         self.state = RunState(model=model, optimizer=optimizer, schedule=self.schedule, scaler=self.scaler,
@@ -110,7 +115,7 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
-        self.startup_s = seconds_since_process_start()
+        self.startup_s, started = seconds_since_process_start(), time.perf_counter()
         log.info("first training step %.1fs after process start (malloc: %s)", self.startup_s, allocator_in_use())
         p = self.progress
         with self.signals.catching(lambda: f"in epoch {p.epoch + 1}"):
@@ -134,6 +139,7 @@ class Trainer:
                     self.save_checkpoint("best.pt")
                 self.save_checkpoint("last.pt")
                 self._stop_if_signalled()  # after the last epoch too: resuming then runs just the test
+        self.fit_s = time.perf_counter() - started  # this process's training, validation and checkpoints
         return {f"best/{self.monitor}": p.best_metric, "best/epoch": p.best_epoch}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -151,14 +157,7 @@ class Trainer:
             # DDP all-reduces gradients in every backward; accumulating batches only need the last one's.
             sync = (contextlib.nullcontext() if stepping or not self.dist.active else self.train_net.no_sync())
             with sync:
-                logits, loss = self._forward(images, targets, self.train_net)
-                if self.skip_nonfinite and not torch.isfinite(loss):  # a host sync per batch, only in skip mode
-                    p.skipped_batches += 1
-                    log.warning("epoch %d, batch %d: loss is %s; batch skipped", epoch + 1, i + 1,
-                                float(loss.detach()))
-                else:
-                    self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
-                    self.train_metrics.add(loss, logits, targets)
+                self._forward_backward(images, targets, epoch, i)
             bar.update()
             if not stepping:
                 continue  # accumulate gradients over `accumulate` batches per optimizer step
@@ -203,17 +202,32 @@ class Trainer:
         return forward_pass(self.net if net is None else net, self.loss_fn, images, targets,
                             channels_last=self.channels_last, autocast=self.autocast)
 
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, i: int) -> None:
+        """Forward and backward of batch `i`; its loss and logits go to the epoch's metrics. Under
+        trainer.cuda_graphs one replay does both and the optimizer step (which `_optimizer_step` then skips)."""
+        if self.graph is not None:
+            logits, loss = self.graph(images, targets)
+        else:
+            logits, loss = self._forward(images, targets, self.train_net)
+            if self.skip_nonfinite and not torch.isfinite(loss):  # a host sync per batch, only in skip mode
+                self.progress.skipped_batches += 1
+                log.warning("epoch %d, batch %d: loss is %s; batch skipped", epoch + 1, i + 1, float(loss.detach()))
+                return
+            self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
+        self.train_metrics.add(loss, logits, targets)
+
     def _optimizer_step(self) -> dict[str, float]:
         """Clip, step (through the fp16 scaler when on), zero the grads and step per-batch schedules.
         Returns the `lr` (and `momentum`: SGD's momentum or Adam's beta1, if any) this step used."""
         # only skip mode can leave no gradient (every batch skipped); walking the parameters costs ~13 us a step
         if not self.skip_nonfinite or any(p.grad is not None for p in self.model.parameters()):
-            if self.grad_clip_norm is not None:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.graph is None:  # a CUDA graph's replay has taken the step
+                if self.grad_clip_norm is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
         group = self.optimizer.param_groups[0]
@@ -244,7 +258,8 @@ class Trainer:
                 self.eval_model.load_state_dict(load_checkpoint(best)["model"])  # evaluate() sends it to every rank
             metrics = self.evaluate(self.data.test, "test")
             confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
-            self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress, self.startup_s)
+            self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress,
+                                     {"startup_s": self.startup_s, "fit_s": self.fit_s})
             self.logger.close()
             self.state.close()  # the run is complete: another process may train on from it
             return metrics
