@@ -35,14 +35,14 @@ part() {  # part NAME SECONDS COMMAND...: run one part under a time limit, note 
         $PY -c 'import torch, sys; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"CUDA build\",
             torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"device\", torch.cuda.get_device_name(),
             \"capability\", torch.cuda.get_device_capability())'"
-    part data 60 "$PY" scripts/provision_data.py MNIST ${MIRROR:+--mirror "$MIRROR"}
+    part data 60 "$PY" scripts/provision_data.py ${MIRROR:+--mirror "$MIRROR"}  # MNIST and FashionMNIST (the real-data fixture)
     # FORKSERVER=0: each train.py a test starts is a fresh process, never a fork of one that may have touched CUDA
-    part cuda-tests 240 env FORKSERVER=0 "$PY" -m pytest -m cuda -n 8 -p no:cacheprovider -q -rA --tb=short \
+    part cuda-tests 200 env FORKSERVER=0 "$PY" -m pytest -m cuda -n 8 -p no:cacheprovider -q -rA --tb=short \
         --durations=10 tests/test_cuda.py
-    part benchmark-eager 150 "$PY" scripts/benchmark.py --devices cuda --reps 3 --samples 20480
-    part benchmark-graphs 90 "$PY" scripts/benchmark.py --devices cuda --reps 3 --no-tutorial --models logistic mlp cnn \
-        --set trainer.cuda_graphs=true
     part mnist-fast-gpu 90 "$PY" scripts/benchmark.py --mnist-fast 5 --experiment mnist_fast_gpu
+    part benchmark-eager 120 "$PY" scripts/benchmark.py --devices cuda --reps 3 --samples 20480
+    part benchmark-graphs 90 "$PY" scripts/benchmark.py --devices cuda --reps 3 --no-tutorial --models logistic mlp cnn \
+        --set trainer.cuda_graphs=true scheduler.cycle_momentum=false
     part mnist-fast-gpu-eager 60 "$PY" scripts/benchmark.py --mnist-fast 3 --experiment mnist_fast_gpu \
         --set trainer.cuda_graphs=false
     echo

@@ -5,8 +5,8 @@ as a capture runs nothing. Its replay runs the same step again on the same stati
 the same output tensors, as a graph's kernels do. What this checks is the bookkeeping around the graph:
 - the eager warm-up;
 - the static buffers;
-- the LR and betas a one-cycle schedule changes on every step, which reach the captured optimizer only through
-  its tensors;
+- the LR a one-cycle schedule changes on every step, which reaches the captured optimizer only through a
+  tensor;
 - short batches, which run eagerly beside the graph.
 
 tests/test_cuda.py runs the real graph on a GPU.
@@ -56,8 +56,8 @@ def model_and_optimizer():
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
     # foreach=False: the CPU's Adam reads a tensor LR only in its single-tensor form (the GPU's, capturable)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.9, 0.99), foreach=False)
-    # One-cycle moves the LR and beta1 on every step: a graph that kept its captured values would drift from it.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=40, cycle_momentum=True)
+    # One-cycle moves the LR on every step: a graph that kept its captured LR would drift from it.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=40, cycle_momentum=False)
     return model, optimizer, schedule
 
 
@@ -108,7 +108,7 @@ def test_the_graphed_step_trains_as_the_eager_loop_does_under_a_one_cycle_schedu
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
     for a, b in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # The check can fail: a graph that keeps the LR and beta1 it was captured with trains differently.
+    # The check can fail: a graph that keeps the LR it was captured with trains differently.
     stale, _, _ = graphed_training(data, follow_schedule=False)
     assert max((a - b).abs().max().item() for a, b in zip(eager.parameters(), stale.parameters())) > 1e-3
 
@@ -145,6 +145,7 @@ def test_a_short_batch_after_the_capture_keeps_the_graphs_gradient_tensors():
 @pytest.mark.parametrize("change, message", [
     (dict(device=torch.device("cpu")), "needs a CUDA device (trainer.device is cpu)"),
     (dict(optimizer="sgd"), "optimizer=adam or adamw"),
+    (dict(scheduler="cycling"), "scheduler.cycle_momentum=false"),
     (dict(precision="fp16"), "use bf16"),
     (dict(accumulate_grad_batches=2), "trainer.accumulate_grad_batches=2"),
     (dict(nonfinite_loss="skip"), "trainer.nonfinite_loss=skip"),
@@ -154,17 +155,21 @@ def test_a_short_batch_after_the_capture_keeps_the_graphs_gradient_tensors():
 def test_what_a_graph_cannot_replay_is_refused_in_one_line(change, message):
     model = nn.Linear(2, 2)
     settings = dict(device=torch.device("cuda"), optimizer=torch.optim.Adam(model.parameters()), precision="bf16",
-                    accumulate_grad_batches=1, nonfinite_loss="error", world_size=1, compile=False)
+                    accumulate_grad_batches=1, nonfinite_loss="error", world_size=1, compile=False, scheduler=None)
     if change.pop("optimizer", None):
         settings["optimizer"] = torch.optim.SGD(model.parameters(), lr=0.1)
+    if change.pop("scheduler", None):
+        settings["scheduler"] = torch.optim.lr_scheduler.OneCycleLR(settings["optimizer"], max_lr=0.1, total_steps=10)
     settings.update(change)
     with pytest.raises(Exception) as refused:
         check_cuda_graphs(**settings)
     assert message in str(refused.value) and "set trainer.cuda_graphs=false" in str(refused.value)
     assert "\n" not in str(refused.value)
-    check_cuda_graphs(**{**settings, **dict(device=torch.device("cuda"), precision="bf16", accumulate_grad_batches=1,
-                                           nonfinite_loss="error", world_size=1, compile=False,
-                                           optimizer=torch.optim.AdamW(model.parameters()))})  # all fine: no error
+    fine = torch.optim.AdamW(model.parameters())
+    check_cuda_graphs(device=torch.device("cuda"), precision="bf16", accumulate_grad_batches=1, nonfinite_loss="error",
+                      world_size=1, compile=False, optimizer=fine,
+                      scheduler=torch.optim.lr_scheduler.OneCycleLR(fine, max_lr=0.1, total_steps=10,
+                                                                    cycle_momentum=False))  # all fine: no error
 
 
 def test_train_py_on_a_cpu_refuses_cuda_graphs_in_one_line(tiny_root, tmp_path):

@@ -11,16 +11,18 @@ How it stays the same training:
   requires. They are real training steps: they create the optimizer's state, cuBLAS's workspaces and cuDNN's
   chosen algorithms before anything is captured.
 - **Scheduled values.** A graph replays the numbers it was captured with. So the optimizer is captured reading
-  its learning rate and betas from one-element GPU tensors, and before each replay those tensors take the
-  values the LR schedule left in the param groups (one `fill_` for each value that changed, no host sync).
-  That is why only Adam and AdamW are accepted: their `capturable` step reads tensors. SGD's step turns a
-  tensor LR into a host number, and its momentum is always a host number.
+  its learning rate from a one-element GPU tensor. Before each replay that tensor takes the value the LR
+  schedule left in the param group: one `fill_` when it changed, with no host sync. That is why only Adam
+  and AdamW are accepted: their `capturable` step reads a tensor LR. SGD's step turns a tensor LR into a host
+  number. Betas stay host numbers (Adam's step would read a tensor beta on the host), so a schedule that
+  cycles beta1 (`scheduler.cycle_momentum=true`) is refused.
 - **Outputs.** The next replay overwrites the captured logits and loss, so each step returns copies of them.
 - **Other batch sizes.** A batch of another size (an epoch's last, short one) runs eagerly. The graph's
   gradient tensors are zeroed in place, not dropped, because the graph's optimizer step reads them.
 
-What it refuses, in one line each: devices other than CUDA, fp16 (GradScaler's inf check reads the host),
-gradient accumulation, skipping non-finite losses, several processes (DDP) and `trainer.compile`.
+What it refuses, in one line each: devices other than CUDA, optimizers other than Adam and AdamW, a cycled
+beta1, fp16 (GradScaler's inf check reads the host), gradient accumulation, skipping non-finite losses, several
+processes (DDP) and `trainer.compile`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 GRAPHABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
 
-def check_cuda_graphs(*, device: torch.device, optimizer: torch.optim.Optimizer, precision: str,
+def check_cuda_graphs(*, device: torch.device, optimizer: torch.optim.Optimizer, scheduler: object, precision: str,
                       accumulate_grad_batches: int, nonfinite_loss: str, world_size: int, compile: bool) -> None:
     """Raise UserError naming the first setting that `trainer.cuda_graphs=true` cannot replay."""
     def refuse(what: str) -> UserError:
@@ -49,6 +51,9 @@ def check_cuda_graphs(*, device: torch.device, optimizer: torch.optim.Optimizer,
     if not isinstance(optimizer, GRAPHABLE_OPTIMIZERS):
         raise refuse(f"works with optimizer=adam or adamw (their step reads the scheduled LR from the GPU), "
                      f"not {type(optimizer).__name__}")
+    if getattr(scheduler, "cycle_momentum", False):
+        raise refuse("replays the betas it was captured with, and this schedule cycles beta1; set "
+                     "scheduler.cycle_momentum=false")
     if precision == "fp16":
         raise refuse("cannot replay fp16's gradient scaler (it reads its inf check on the host); use bf16")
     if accumulate_grad_batches != 1:
@@ -89,9 +94,10 @@ class GraphedStep:
         self.replays = 0
         self._inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Per param group: the GPU tensors the captured step reads, and the host values they hold now.
-        self._values: list[dict[str, torch.Tensor]] = []
-        self._held: list[dict[str, float]] = []
+        # Per param group: the GPU tensor the captured step reads its LR from, and the host value it holds now.
+        self._lrs: list[torch.Tensor] = []
+        self._held: list[float] = []
+        self._betas: list[tuple] = []  # captured as host numbers: a schedule must not change them
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is not None and self._inputs is not None and images.shape == self._inputs[0].shape:
@@ -114,10 +120,10 @@ class GraphedStep:
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._inputs = (images.clone(), targets.clone())  # the static buffers every replay reads
         self.optimizer.zero_grad(set_to_none=True)
-        self._values = [{key: torch.tensor(value, dtype=torch.float32, device=self.device)
-                         for key, value in self._hyperparameters(group).items()}
-                        for group in self.optimizer.param_groups]
-        self._held = [self._hyperparameters(group) for group in self.optimizer.param_groups]
+        groups = self.optimizer.param_groups
+        self._held = [float(group["lr"]) for group in groups]
+        self._lrs = [torch.tensor(lr, dtype=torch.float32, device=self.device) for lr in self._held]
+        self._betas = [tuple(group["betas"]) for group in groups]
         graph = self.graph_factory()
         self._outputs = capture(graph, self._captured_step)
         self.graph = graph
@@ -128,8 +134,8 @@ class GraphedStep:
         return self._outputs[0].clone(), self._outputs[1].clone()
 
     def _captured_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step as it is captured: on the static inputs, the optimizer reading the GPU tensors."""
-        with self._capturable(), self._reading(self._values):
+        """The step as it is captured: on the static inputs, the optimizer reading its LR from the GPU."""
+        with self._capturable(), self._reading(self._lrs):
             logits, loss = self.step(*self._inputs)
         return logits.detach(), loss.detach()
 
@@ -143,30 +149,25 @@ class GraphedStep:
         return logits.clone(), loss.clone()  # the next replay overwrites the outputs
 
     def _follow_schedule(self) -> None:
-        """Give the captured step the LR and betas the schedule has set since the last step."""
-        for group, tensors, held in zip(self.optimizer.param_groups, self._values, self._held):
-            for key, value in self._hyperparameters(group).items():
-                if value != held[key]:
-                    tensors[key].fill_(value)  # an asynchronous kernel: no host sync
-                    held[key] = value
-
-    @staticmethod
-    def _hyperparameters(group: dict) -> dict[str, float]:
-        """The scheduled values of a param group, as host floats (what schedulers write)."""
-        beta1, beta2 = group["betas"]
-        return {"lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2)}
+        """Give the captured step the LR the schedule has set since the last step."""
+        for group, lr, held, betas in zip(self.optimizer.param_groups, self._lrs, self._held, self._betas):
+            if group["lr"] != held:
+                lr.fill_(group["lr"])  # an asynchronous kernel: no host sync
+            if tuple(group["betas"]) != betas:  # check_cuda_graphs refuses the schedules that would do this
+                raise RuntimeError(f"betas changed from {betas} to {group['betas']} after the CUDA graph's capture")
+        self._held = [group["lr"] for group in self.optimizer.param_groups]
 
     @contextlib.contextmanager
-    def _reading(self, values: list[dict[str, torch.Tensor]]) -> Iterator[None]:
-        """The param groups hold `values`' tensors while the step is captured, their floats again after."""
-        saved = [(group["lr"], group["betas"]) for group in self.optimizer.param_groups]
-        for group, tensors in zip(self.optimizer.param_groups, values):
-            group["lr"], group["betas"] = tensors["lr"], (tensors["beta1"], tensors["beta2"])
+    def _reading(self, lrs: list[torch.Tensor]) -> Iterator[None]:
+        """The param groups hold `lrs`' tensors while the step is captured, their floats again after."""
+        saved = [group["lr"] for group in self.optimizer.param_groups]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
         try:
             yield
         finally:
-            for group, (lr, betas) in zip(self.optimizer.param_groups, saved):
-                group["lr"], group["betas"] = lr, betas
+            for group, lr in zip(self.optimizer.param_groups, saved):
+                group["lr"] = lr
 
     @contextlib.contextmanager
     def _capturable(self) -> Iterator[None]:
@@ -210,14 +211,14 @@ class GraphedStep:
 
 
 def graphed_training_step(enabled: bool, *, forward: Step, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                          grad_clip_norm: float | None, device: torch.device, precision: str,
+                          scheduler: object, grad_clip_norm: float | None, device: torch.device, precision: str,
                           accumulate_grad_batches: int, nonfinite_loss: str, world_size: int,
                           compile: bool) -> GraphedStep | None:
     """The Trainer's whole step as a `GraphedStep` when `enabled` (trainer.cuda_graphs), else None. `forward`
     gives a batch's (logits, loss); clipping, when on, is in the graph too (torch's clip makes no host sync)."""
     if not enabled:
         return None
-    check_cuda_graphs(device=device, optimizer=optimizer, precision=precision, world_size=world_size,
+    check_cuda_graphs(device=device, optimizer=optimizer, scheduler=scheduler, precision=precision, world_size=world_size,
                       accumulate_grad_batches=accumulate_grad_batches, nonfinite_loss=nonfinite_loss, compile=compile)
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

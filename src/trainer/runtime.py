@@ -18,10 +18,10 @@ from trainer.errors import UserError, require_int
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist. CUDA comes with its index."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return canonical_device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -38,6 +38,16 @@ def resolve_device(name: str) -> torch.device:
             raise UserError(f"trainer.device={name!r}: only {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"trainer.device={name!r} but MPS is not available here; use auto or cpu")
+    return canonical_device(device)
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """`device` with its index where it has one: `cuda` becomes the current CUDA device (`cuda:0`, usually).
+    Why: torch.device("cuda") != torch.device("cuda:0"), yet a tensor moved to either reports cuda:0, so a
+    comparison of a tensor's device with an unindexed one is always false."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -93,8 +93,9 @@ class Trainer:
         self.autocast = autocast_for(precision, device, cache=not cuda_graphs)  # a graph cannot keep autocast's cache
         self.graph = graphed_training_step(  # None unless trainer.cuda_graphs
             cuda_graphs, forward=functools.partial(self._forward, net=self.train_net), model=model, optimizer=optimizer,
-            grad_clip_norm=grad_clip_norm, device=device, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
-            nonfinite_loss=nonfinite_loss, world_size=dist.world_size, compile=compile)
+            scheduler=self.schedule.scheduler, grad_clip_norm=grad_clip_norm, device=device, precision=precision,
+            accumulate_grad_batches=accumulate_grad_batches, nonfinite_loss=nonfinite_loss, world_size=dist.world_size,
+            compile=compile)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.startup_s = self.fit_s = None  # process start -> first training step; fit()'s own time (set by fit)
         self.train_metrics = EpochMetrics(data.num_classes, device)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError, is_number, require_int
+from trainer.runtime import canonical_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -207,7 +208,7 @@ class BatchLoader:
                  transform: BatchTransform, shuffle: bool, seed: int = 0, drop_last: bool = False,
                  indices: torch.Tensor | None = None, device: torch.device | None = None) -> None:
         self.images, self.labels, self.indices = images, labels, indices
-        self.device = images.device if device is None else torch.device(device)
+        self.device = images.device if device is None else canonical_device(device)
         self.num_items = len(labels) if indices is None else len(indices)
         self.batch_size = batch_size
         self.transform = transform
