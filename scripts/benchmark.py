@@ -8,10 +8,12 @@ For each device x model x batch size, the same number of training steps is timed
   framework  the real Trainer.train_epoch (shuffling, batched normalisation, metrics, TensorBoard logging,
              progress bar) plus its checkpoint save;
   tutorial   the PyTorch quickstart loop: torchvision's MNIST with ToTensor() through a DataLoader.
-The framework run is `train.setup()`, so it is built exactly as train.py builds it; all three use the
-same model initialisation (the config's seed) and the config's optimizer. Repetitions are
-interleaved (floor, +data, framework, tutorial, floor, ...), after one untimed warm-up each, and the
-median is reported. `noise` is the spread (slowest / fastest - 1) of the floor's own repetitions: a
+The framework run is `train.setup()`, so it is built exactly as train.py builds it; all use the same model
+initialisation (the config's seed) and the config's optimizer. The floor, +data and tutorial columns build a
+fresh model for each repetition; the framework column trains one Trainer through all of them, one epoch each,
+so what a run pays once (torch.compile's compilation, trainer.cuda_graphs' warm-up and capture) falls in its
+untimed warm-up. Repetitions are interleaved (floor, +data, framework, tutorial, floor, ...), after one untimed
+warm-up each, and the median is reported. `noise` is the spread (slowest / fastest - 1) of the floor's own repetitions: a
 ratio closer to 1.00 than that is within this machine's timing noise.
 
     python scripts/benchmark.py                              # CPU (and CUDA when available), all rows
@@ -91,6 +93,10 @@ class Row:
         images, self.floor_y = self.data.train.raw()
         self.floor_x = self.data.train.transform(images).contiguous(memory_format=self.memory_format)  # (N, C, H, W)
         self.epoch = 0
+        self.trainer = None  # the framework column's, made by its untimed first repetition
+        if steps > len(self.data.train):
+            raise SystemExit(f"--samples: {steps} steps of {batch_size} are more than one epoch of the training split "
+                             f"({self.data.train.num_items} samples); use fewer")
 
     def fresh(self):
         seed_everything(self.cfg.seed)  # the initialisation train.setup() gives the framework's model
@@ -125,16 +131,20 @@ class Row:
                                for _, (x, y) in zip(range(self.steps), self.data.train))
 
     def framework(self) -> float:
-        trainer = train.setup(self.cfg, self.run_dir)  # exactly what train.py builds (data from its cache)
+        if self.trainer is None:  # exactly what train.py builds (data from its cache), once for every repetition
+            self.trainer = train.setup(self.cfg, self.run_dir)
         self.epoch += 1
+        self.trainer.progress.batch_in_epoch = 0  # a new epoch (fit() would reset it)
         sync(self.device)
         start = time.perf_counter()
-        trainer.train_epoch(self.epoch)
-        trainer.save_checkpoint("last.pt")
+        self.trainer.train_epoch(self.epoch)
+        self.trainer.save_checkpoint("last.pt")
         sync(self.device)
-        seconds = time.perf_counter() - start
-        trainer.logger.close()
-        return seconds
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.logger.close()
 
     def tutorial(self) -> float:
         if self.cfg.dataset._target_ != "trainer.data.MNIST":
@@ -226,6 +236,7 @@ def main() -> int:
                     med.setdefault("tutorial", float("nan"))
                     rate = {m: steps * bs / med[m] for m in med}
                     noise = max(times["floor"]) / min(times["floor"]) - 1
+                    row.close()
                     cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
                     print(f"{device.type:6} {model:8} {bs:5} {steps:5} | {rate['floor']:8.0f} {rate['floor_data']:8.0f}"
                           f" {rate['framework']:9.0f} {rate['tutorial']:8.0f}           |"

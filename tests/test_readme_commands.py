@@ -135,6 +135,17 @@ COMMANDS = readme_commands()
 # ------------------------------------------------------------------------------ what is not run, and why
 
 SKIP = {
+    "bash scripts/gpu_check.sh":
+        "needs a CUDA GPU (it runs tests/test_cuda.py, the CUDA benchmark rows and mnist_fast_gpu); "
+        "docs/development.md says when it was run and docs/performance.md holds its figures",
+    "python train.py experiment=mnist_fast_gpu":
+        "needs a CUDA GPU (it replays CUDA graphs); test_train_cli's preset test runs it on CPU without them",
+    ".venv/bin/python scripts/benchmark.py --devices cuda --models logistic mlp cnn --batch-sizes 512 --reps 3 "
+    "--no-tutorial":
+        "needs a CUDA GPU",
+    ".venv/bin/python scripts/benchmark.py --devices cuda --models logistic mlp cnn --batch-sizes 512 --reps 3 "
+    "--no-tutorial --set trainer.cuda_graphs=true scheduler.cycle_momentum=false":
+        "needs a CUDA GPU",
     "make test":
         "this test suite itself (it would run this module again, for an hour on 2 cores); CI runs it",
     ".venv/bin/python -m pytest -m \"not slow\"":
