@@ -26,6 +26,7 @@ from trainer.config import build
 from trainer.data import BatchLoader, BatchTransform, ImageFolder, random_crop, random_hflip
 from trainer.data.tensors import TensorsFile
 from trainer.errors import UserError
+from trainer.runtime import canonical_device
 
 FAST = ("dataset.batch_size=16", "dataset.eval_batch_size=64", "trainer.device=cpu", "trainer.log_every_n_steps=5",
         "scheduler=none", "optimizer.lr=0.01")
@@ -291,6 +292,17 @@ def test_host_memory_batches_equal_device_batches(tmp_path):
     pairs = list(zip(copied, direct))
     assert len(pairs) == len(direct) > 3
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+
+
+def test_batches_for_an_unindexed_cuda_device_know_its_index(monkeypatch):
+    # Found by the first GPU run: data moved to "cuda" lives on cuda:0, and torch.device("cuda") != cuda:0, so the
+    # loader took its host-memory path for data already on the GPU, and failed. Checked here without a GPU.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert canonical_device("cuda") == canonical_device("cuda:0") == torch.device("cuda", 0)
+    assert canonical_device("cpu") == torch.device("cpu") and canonical_device("cuda:1") == torch.device("cuda", 1)
+    loader = BatchLoader(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), 2,
+                         transform=BatchTransform(0.5, 0.5), shuffle=False, device="cuda")
+    assert loader.device == torch.device("cuda", 0)
 
 
 def _save(tmp_path):
