@@ -14,8 +14,9 @@ How it stays the same training:
   its learning rate from a one-element GPU tensor. Before each replay that tensor takes the value the LR
   schedule left in the param group: one `fill_` when it changed, with no host sync. That is why only Adam
   and AdamW are accepted: their `capturable` step reads a tensor LR. SGD's step turns a tensor LR into a host
-  number. Betas stay host numbers (Adam's step would read a tensor beta on the host), so a schedule that
-  cycles beta1 (`scheduler.cycle_momentum=true`) is refused.
+  number. The betas stay host numbers, fixed at capture, so a schedule that cycles beta1
+  (`scheduler.cycle_momentum=true`) is refused. Tensor betas were not tried on a GPU: torch's foreach Adam
+  passes beta1 to ops that take a host number (`_foreach_pow`), which a capture cannot read.
 - **Outputs.** The next replay overwrites the captured logits and loss, so each step returns copies of them.
 - **Other batch sizes.** A batch of another size (an epoch's last, short one) runs eagerly. The graph's
   gradient tensors are zeroed in place, not dropped, because the graph's optimizer step reads them.
