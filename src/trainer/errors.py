@@ -1,6 +1,9 @@
 """Errors that are the user's to fix: `train.py` prints them as one line and exits non-zero."""
 
 
+MAX_DEPTH = 32  # how deep a config or a file's YAML may nest (a resolved config nests 3 or 4 levels)
+
+
 class UserError(Exception):
     """A bad config value, path or data file. The message names the bad value and what is allowed."""
 

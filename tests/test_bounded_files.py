@@ -1,0 +1,113 @@
+"""Files from elsewhere, crafted the way issue 24 found them, through the real commands: each is refused in one
+line, within a stated time and a stated amount of memory above a bare process's (tests/bounded.py).
+
+Every file is made here from real formats (torch.save, np.savez, zip, PNG, YAML, JSON) and a real tiny run.
+The bound is the process's peak resident memory above `baseline_mib()`; each case before its fix was killed at
+6 GB (or hung), so the cap below is what turns a regression into a clear failure instead of a dead machine.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bounded import baseline_mib, run_bounded
+from conftest import MLP, REPO, TINY
+
+ABOVE_MIB = 512  # the memory a refusal may take above a bare process that imports what the commands import
+SECONDS = 30  # and the time: start-up (torch, Hydra) is most of it
+CAP_MIB = 3072  # the watchdog: a case past this is killed and reported, not left to take the machine
+
+
+def refused(argv: list[str], says: str) -> str:
+    """Run `python ARGV...` under the bounds; assert one `error:` line containing `says`, in bounds."""
+    done = run_bounded(argv, cap_mib=CAP_MIB, timeout=120)
+    line = done.one_line()
+    assert says in line, line
+    assert done.peak_mib < baseline_mib() + ABOVE_MIB, f"peak {done.peak_mib:.0f} MiB, baseline {baseline_mib():.0f}"
+    assert done.seconds < SECONDS, f"{done.seconds:.1f} s"
+    print(f"refused in {done.seconds:.1f} s at {done.peak_mib - baseline_mib():.0f} MiB above baseline: {line}")
+    return line
+
+
+OWN_DATA = tuple(o for o in TINY if not o.startswith("dataset.verify="))  # TINY, less MNIST's own option
+
+
+def train(*overrides: str) -> list[str]:
+    return [str(REPO / "train.py"), *OWN_DATA, *MLP, "trainer.max_epochs=1", *overrides]
+
+
+def tensors(path: Path, tmp: Path) -> list[str]:
+    return train("dataset=tensors", f"dataset.path={path}", f"output_root={tmp / 'out'}")
+
+
+# --- item 5: the tensors dataset -------------------------------------------------------------------------------------
+
+
+def npy_header(shape: tuple[int, ...], dtype: str = "|u1") -> bytes:
+    """The bytes np.save writes before an array's data (format 1.0), as np.lib.format makes them."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()  # magic, version, length, the header dict
+
+
+def raw_zip(path: Path, members: list[tuple[str, bytes, int, int, int]]) -> None:
+    """A zip file of (name, stored bytes, method, declared size, crc) members, written as they are: a zip bomb's
+    directory declares what its deflated data inflates to, which zipfile would compute by inflating it."""
+    out, central = bytearray(), bytearray()
+    for name, data, method, size, crc in members:
+        local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0, crc, len(data), size, len(name), 0)
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0, crc, len(data), size,
+                               len(name), 0, 0, 0, 0, 0, len(out)) + name.encode()
+        out += local + name.encode() + data
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + end))
+
+
+def test_a_pt_of_zero_stride_tensors_is_refused_before_it_is_copied(tmp_path):
+    # 1.9 KB on disk, 3.1 GB once copied: one stored element, viewed 3.1e9 times
+    path = tmp_path / "views.pt"
+    torch.save({"train_x": torch.zeros(1, dtype=torch.uint8).expand(4_000_000, 28, 28),
+                "train_y": torch.zeros(1, dtype=torch.int64).expand(4_000_000)}, path)
+    assert path.stat().st_size < 4096
+    refused(tensors(path, tmp_path), "train_x is a view of 3136000000 elements")
+    assert [p.name for p in tmp_path.iterdir() if "cache" in p.name] == []  # no 2.4 GB cache beside it
+
+
+def test_an_npz_declaring_more_than_memory_is_refused_from_its_header(tmp_path):
+    # the array header declares 1.6 TB (the issue's was 31 GB: more than any machine this runs on is the point)
+    header = npy_header((2_000_000_000, 28, 28))
+    data = header + bytes(64)
+    path = tmp_path / "huge.npz"
+    raw_zip(path, [("train_x.npy", data, 0, len(data), zlib.crc32(data)),
+                   ("train_y.npy", npy_header((4,), "<i8") + bytes(32), 0, len(npy_header((4,), "<i8")) + 32,
+                    zlib.crc32(npy_header((4,), "<i8") + bytes(32)))])
+    refused(tensors(path, tmp_path), "more than this machine's")
+
+
+def zip_bomb_member(header: bytes, gib: int) -> tuple[bytes, int]:
+    """Deflate data inflating to `header` and `gib` GiB of zeros, made without deflating that much: after a full
+    flush a deflate block depends on nothing before it, so one block of 64 MiB of zeros is repeated."""
+    chunk = bytes(64 * 2**20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(header) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
+    count = gib * 16
+    return head + block * count + c.flush(), len(header) + count * len(chunk)
+
+
+def test_an_npz_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    # the issue's was 7.6 MB inflating to 7 GiB, killed at 6 GB after 43 s; 3 GiB here, past CAP_MIB, in a plain
+    # zip (a member past 4 GiB needs zip64 records)
+    header = npy_header((3 * 2**30 // 784, 28, 28))
+    data, size = zip_bomb_member(header, 3)
+    path = tmp_path / "bomb.npz"
+    raw_zip(path, [("train_x.npy", data, 8, size, 0)])  # the CRC is never reached: refused before
+    assert path.stat().st_size < 10 * 2**20
+    refused(tensors(path, tmp_path), "(a zip bomb, not data")
