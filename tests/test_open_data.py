@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -430,3 +431,85 @@ def test_readme_own_dataset_and_model_classes_run_from_a_user_directory(tmp_path
     assert result.returncode == 0, result.stderr
     metrics = json.loads(next((tmp_path / "out").rglob("metrics.json")).read_text())
     assert metrics["test/acc"] >= 0.9, metrics
+
+
+# --- a dataset cache is checked on every load, and a killed write leaves nothing behind for long ---------------
+
+
+def _record_span(path, record):
+    """(offset, size) of a stored record's bytes in a torch.save zip file (`record`: the name's last part)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if i.filename.split("/")[-2:-1] == ["data"]), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _stored_digest(run):
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["data"]["digest"]
+
+
+@pytest.mark.parametrize("source", ["image_folder", "mnist"])
+def test_a_corrupted_cache_is_rebuilt_with_a_warning_not_trained_on(tmp_path, tiny_root, source):
+    import shutil
+
+    if source == "image_folder":
+        image_folder(tmp_path / "d", ["a", "b"], 40)
+        data = ["dataset=image_folder", f"dataset.path={tmp_path / 'd'}", "dataset.val_size=8"]
+        folder = tmp_path / "d"
+    else:  # the digest is checked whatever dataset.verify says: that checks the raw files' MD5s, once
+        shutil.copytree(tiny_root / "MNIST", tmp_path / "MNIST")
+        data = ["dataset=mnist", f"dataset.root={tmp_path}", "dataset.verify=false", "dataset.val_size=100"]
+        folder = tmp_path / "MNIST" / "raw"
+    runs = []
+    for i in range(2):
+        runs.append(tmp_path / f"run{i}")
+        result = run_train(*data, *FAST, "model=logistic", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                           "trainer.limit_eval_batches=1", f"hydra.run.dir={runs[-1]}")
+        assert result.returncode == 0, result.stderr
+        (cache,) = folder.glob("*.cache.pt")
+        if i == 0:
+            assert "does not match its digest" not in result.stdout + result.stderr
+            good = cache.read_bytes()
+            start, size = _record_span(cache, "data")
+            with open(cache, "r+b") as f:  # 4096 image bytes flipped, as the issue found it: the zip stays valid
+                f.seek(start + size // 2)
+                flipped = bytes(b ^ 0xFF for b in f.read(4096))
+                f.seek(start + size // 2)
+                f.write(flipped)
+    assert f"dataset cache {cache} does not match its digest" in result.stdout + result.stderr
+    assert _stored_digest(runs[1]) == _stored_digest(runs[0])  # trained on the data, not on the flipped bytes
+    assert cache.read_bytes() == good  # rebuilt
+
+
+def test_a_killed_cache_write_leaves_no_temporary_file_for_long(tmp_path):
+    import fcntl
+
+    from conftest import run_train_stopping
+
+    image_folder(tmp_path / "d", ["a", "b"], 40)
+    data = ["dataset=image_folder", f"dataset.path={tmp_path / 'd'}", "dataset.val_size=8", *FAST, "model=logistic",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1"]
+    # the first torch.save of a run on new data is its cache: killed halfway through it
+    killed = run_train_stopping(*data, f"hydra.run.dir={tmp_path / 'run0'}", env={"CHECKPOINT_WRITE": "1"})
+    assert killed.returncode == -9, killed.stderr
+    (torn,) = (tmp_path / "d").glob(".*.cache.pt.*.tmp")
+    cache_name = torn.name[1:].rsplit(".", 2)[0]
+    live = tmp_path / "d" / f".{cache_name}.live0000.tmp"  # another run writing this cache right now
+    foreign = [tmp_path / "d" / ".notes.txt.abcdefgh.tmp", tmp_path / "d" / f".{cache_name}.tmp"]
+    for path in (live, *foreign):
+        path.write_bytes(b"not ours to remove")
+    an_hour_ago = time.time() - 3600
+    for path in (torn, live, *foreign):
+        os.utime(path, (an_hour_ago, an_hour_ago))  # as a later run finds them
+    with open(live, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_SH)  # as atomic_write holds its temporary file while it writes
+        result = run_train(*data, f"hydra.run.dir={tmp_path / 'run1'}")
+    assert result.returncode == 0, result.stderr
+    assert not torn.exists() and live.exists() and all(p.exists() for p in foreign)
+    assert (tmp_path / "d" / cache_name).is_file()
+

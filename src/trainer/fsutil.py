@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -14,6 +17,10 @@ from trainer.errors import OutputError, UserError
 
 CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
 RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_dir)
+# How long a temporary file stays out of reach of remove_stale_temps after its last write: it covers the moment
+# between its creation and its writer's lock, and a writer on another machine sharing the folder (network file
+# systems may not pass locks on), whose writes keep the file's time fresh.
+STALE_AFTER_S = 10
 
 # mkstemp creates files 0600; give the final file the mode a plain open() would (0666 minus umask).
 _UMASK = os.umask(0)
@@ -32,6 +39,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _hold(fd)  # while this writer lives, remove_stale_temps leaves its file alone
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -52,6 +60,62 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             raise
         raise OutputError(f"cannot write {path}: {failed.strerror or failed}; the file there before, if any, "
                           "is intact") from None
+
+
+def _hold(fd: int) -> None:
+    """Take a shared flock on an open temporary file: released when its writer closes it or dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; remove_stale_temps removes nothing there
+        return
+    with contextlib.suppress(OSError):  # a file system without locks: STALE_AFTER_S alone protects the file
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def temp_pattern(names: str) -> re.Pattern:
+    """The names of the temporary files `atomic_write` makes for a file named by the regular expression `names`
+    (tempfile.mkstemp's: ".<name>.<8 of a-z, 0-9, _>.tmp")."""
+    return re.compile(rf"\.(?:{names})\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temps(folder: Path, names: str, grace_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary files that `atomic_write` left in `folder` for the files named by `names` (a regular
+    expression) when its process was killed mid-write; return them. Only this code's own names are touched (the
+    folder may be the user's data folder, or shared with other programs), and never one a live writer holds:
+    each writer holds a flock on its file until it is renamed, so a file whose lock can be taken has no writer.
+    A file written in the last `grace_s` seconds is left for a later run too (0 where a lock on the folder
+    already keeps every other writer out)."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    pattern, removed = temp_pattern(names), []
+    try:
+        entries = [e for e in os.scandir(folder) if pattern.fullmatch(e.name)]
+    except OSError:  # no folder yet: nothing was left in it
+        return []
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # gone since the listing (renamed into place), or a symlink: not ours
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < grace_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer holds it
+                continue
+            now = os.lstat(entry.path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):  # still the file that was checked
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # removed by someone else meanwhile, or a folder we may not write: left as it is
+        finally:
+            os.close(fd)
+    return removed
 
 
 def require_free_space(path: Path, need: int, what: str) -> None:
