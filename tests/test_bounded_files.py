@@ -8,15 +8,17 @@ The bound is the process's peak resident memory above `baseline_mib()`; each cas
 
 from __future__ import annotations
 
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from bounded import baseline_mib, run_bounded
-from conftest import MLP, REPO, TINY
+from conftest import MLP, REPO, TINY, run_train
 
 ABOVE_MIB = 512  # the memory a refusal may take above a bare process that imports what the commands import
 SECONDS = 30  # and the time: start-up (torch, Hydra) is most of it
@@ -111,3 +113,65 @@ def test_an_npz_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
     raw_zip(path, [("train_x.npy", data, 8, size, 0)])  # the CRC is never reached: refused before
     assert path.stat().st_size < 10 * 2**20
     refused(tensors(path, tmp_path), "(a zip bomb, not data")
+
+
+# --- items 10, 12, 15: resuming a run directory copied in from elsewhere ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_root):
+    """A real tiny run that trained and tested: the model of predict.py's case and the pattern of the others."""
+    out = tmp_path_factory.mktemp("runs")
+    run = out / "run"
+    result = run_train(*TINY, *MLP, f"dataset.root={tiny_root}", "trainer.max_epochs=1",
+                       "trainer.limit_train_batches=4", "trainer.limit_eval_batches=1", "scheduler=none",
+                       f"hydra.run.dir={run}", f"output_root={out}")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+@pytest.fixture
+def copied_run(finished_run, tmp_path):
+    """A copy of the finished run, as one copied in from another machine, under its own output root."""
+    run = tmp_path / "outputs" / "2026-12-04" / "10-00-00"
+    shutil.copytree(finished_run, run, symlinks=True)
+    (run / ".lock").unlink(missing_ok=True)
+    return run
+
+
+def resume(run: Path, root: Path) -> list[str]:
+    return [str(REPO / "train.py"), *TINY, *MLP, f"dataset.root={root}", "trainer.max_epochs=2",
+            "trainer.limit_train_batches=4", "trainer.limit_eval_batches=1", "scheduler=none",
+            f"trainer.resume={run / 'checkpoints' / 'last.pt'}", f"output_root={run.parents[2]}"]
+
+
+def test_resume_with_metrics_json_linked_to_dev_zero_is_one_line(copied_run, tiny_root):
+    (copied_run / "metrics.json").unlink()
+    (copied_run / "metrics.json").symlink_to("/dev/zero")
+    refused(resume(copied_run, tiny_root), "metrics.json: is a character device, not a regular file")
+
+
+def test_a_lock_symlink_in_a_resumed_run_is_not_followed(copied_run, tiny_root, tmp_path):
+    target = tmp_path / "elsewhere" / "created-through-the-link"
+    target.parent.mkdir()
+    (copied_run / ".lock").symlink_to(target)
+    refused(resume(copied_run, tiny_root), f"{copied_run / '.lock'} is a symbolic link")
+    assert not target.exists()
+
+
+def test_a_resume_into_a_read_only_run_directory_is_one_line_naming_it(copied_run, tiny_root):
+    # a run directory on a read-only file system: the resume said OSError(30, 'Read-only file system'), no path
+    import subprocess
+
+    (copied_run / "metrics.json").unlink()
+    bind = subprocess.run(["mount", "--bind", str(copied_run), str(copied_run)], capture_output=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({bind.stderr.decode().strip()})")
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(copied_run)], capture_output=True)
+        if ro.returncode != 0:
+            pytest.skip(f"cannot remount read-only here ({ro.stderr.decode().strip()})")
+        refused(resume(copied_run, tiny_root), f"cannot lock {copied_run} for this run: Read-only file system "
+                f"({copied_run / '.lock'})")
+    finally:
+        subprocess.run(["umount", "-l", str(copied_run)], check=False)

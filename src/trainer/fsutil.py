@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from trainer.errors import OutputError, UserError
+from trainer.untrusted import file_kind
 
 CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
 RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_dir)
@@ -161,11 +162,12 @@ def discard_refused_run(run_dir: Path, output_root: Path) -> None:
         parent = parent.parent
 
 
-def lock_run_dir(run_dir: Path) -> BinaryIO | None:
+def lock_run_dir(run_dir: Path, in_use: str = "") -> BinaryIO | None:
     """Hold an exclusive lock on `run_dir` for as long as the returned file stays open (this process's life).
 
     A second process that would train in the same run directory (a resume of a run that is still training,
-    two resumes of one run at once) gets a UserError instead of interleaving its checkpoints with the first's.
+    two resumes of one run at once) gets a UserError instead of interleaving its checkpoints with the first's;
+    `in_use` replaces what that error says after the directory's name.
     The kernel drops the lock when the holder exits, however it exits, so a killed run never blocks its resume.
     A POSIX record lock (lockf), not flock: it belongs to the process, so one process may build several Trainers
     on one directory (in-process tests, notebooks) while any other process is kept out.
@@ -174,14 +176,31 @@ def lock_run_dir(run_dir: Path) -> BinaryIO | None:
         import fcntl
     except ImportError:  # Windows: no advisory locks; runs are not guarded
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / RUN_LOCK, "ab")
+    lock = run_dir / RUN_LOCK
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # O_NOFOLLOW: a .lock that is a symlink (a copied or crafted run directory) would otherwise create or
+        # append to the file it points at; O_NONBLOCK: a FIFO there fails at once instead of waiting for a reader.
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{lock} is a symbolic link; a run directory's lock is a file this code makes "
+                            "(remove the link)") from None
+        raise OutputError(f"cannot lock {run_dir} for this run: {e.strerror or e} ({e.filename or lock})") from None
+    f = os.fdopen(fd, "ab")
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{lock} is {file_kind(mode)}, not the lock file this code makes (remove it)")
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.close()
         if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise OutputError(f"cannot lock {run_dir / RUN_LOCK}: {e.strerror or e}") from None
-        raise UserError(f"{run_dir} is in use by another process training in it (a run still going, or another "
-                        "resume of it); wait for it to end, or stop it first") from None
+            raise OutputError(f"cannot lock {lock}: {e.strerror or e}") from None
+        raise UserError(f"{run_dir} is in use by " + (in_use or "another process training in it (a run still "
+                        "going, or another resume of it); wait for it to end, or stop it first")) from None
+    except UserError:
+        f.close()
+        raise
     return f
