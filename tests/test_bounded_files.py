@@ -175,3 +175,18 @@ def test_a_resume_into_a_read_only_run_directory_is_one_line_naming_it(copied_ru
                 f"({copied_run / '.lock'})")
     finally:
         subprocess.run(["umount", "-l", str(copied_run)], check=False)
+
+
+# --- item 12: predict.py ---------------------------------------------------------------------------------------------
+
+
+def test_predict_on_a_30000_pixel_square_png_is_one_line(finished_run, tmp_path):
+    # the PNG header declares 30000x30000; Pillow refuses it from that (DecompressionBombError) before decoding
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = tmp_path / "huge.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    refused([str(REPO / "scripts" / "predict.py"), str(finished_run / "checkpoints" / "best.pt"), str(png)],
+            f"{png}: not a readable image (DecompressionBombError")
