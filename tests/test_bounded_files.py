@@ -8,6 +8,7 @@ The bound is the process's peak resident memory above `baseline_mib()`; each cas
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import zlib
@@ -190,3 +191,69 @@ def test_predict_on_a_30000_pixel_square_png_is_one_line(finished_run, tmp_path)
                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     refused([str(REPO / "scripts" / "predict.py"), str(finished_run / "checkpoints" / "best.pt"), str(png)],
             f"{png}: not a readable image (DecompressionBombError")
+
+
+# --- items 10, 12: run directories read by summarize.py and resume=auto; a data folder; the command line -------------
+
+
+def summarize(root: Path) -> list[str]:
+    return [str(REPO / "scripts" / "summarize.py"), str(root)]
+
+
+# 340 KB of YAML: one 100 KB override and 60,000 aliases of it. Loaded, it is a list of 60,000 references to one
+# string, which summarize.py joined into its overrides column: 6 GB.
+ALIASES = '- &a "' + "x" * 100_000 + '"\n' + "- *a\n" * 60_000
+
+
+@pytest.mark.parametrize("case", ["metrics.json links to /dev/zero", "metrics.json is a FIFO",
+                                  "metrics.json is not JSON", "overrides.yaml of YAML aliases",
+                                  "overrides.yaml nested 5000 deep"])
+def test_summarize_reads_a_copied_run_directory_within_bounds(copied_run, case):
+    metrics, overrides = copied_run / "metrics.json", copied_run / ".hydra" / "overrides.yaml"
+    if case.startswith("metrics.json"):
+        metrics.unlink()
+    if case == "metrics.json links to /dev/zero":
+        metrics.symlink_to("/dev/zero")
+        says = "metrics.json: is a character device, not a regular file"
+    elif case == "metrics.json is a FIFO":
+        os.mkfifo(metrics)
+        says = "metrics.json: is a FIFO (named pipe), not a regular file"
+    elif case == "metrics.json is not JSON":
+        metrics.write_text('{"test/acc": 0.5,')
+        says = "metrics.json: not valid JSON"
+    elif case == "overrides.yaml of YAML aliases":
+        overrides.write_text(ALIASES)
+        says = "overrides.yaml: uses a YAML alias (*a)"
+    else:
+        overrides.write_text("[" * 5000 + "]" * 5000)
+        says = "overrides.yaml: nested more than 32 levels deep"
+    refused(summarize(copied_run.parents[2]), says)
+
+
+def test_resume_auto_passes_over_a_run_directory_it_cannot_read(copied_run, tiny_root, tmp_path):
+    # an unfinished run copied in, whose overrides.yaml is malformed: resume=auto warns and passes it over (it
+    # stopped every resume=auto under the output root with a traceback)
+    (copied_run / "metrics.json").unlink()
+    (copied_run / ".hydra" / "overrides.yaml").write_text("- model=mlp\n- [unclosed\n")
+    done = run_bounded([str(REPO / "train.py"), *TINY, *MLP, f"dataset.root={tiny_root}", "trainer.resume=auto",
+                        f"output_root={copied_run.parents[2]}", "optimized_metric=no/such"],
+                       cap_mib=CAP_MIB, timeout=120)
+    line = done.one_line()  # refused afterwards for a value of its own: a run is not trained to test this
+    assert line.startswith("optimized_metric=no/such: must be one of"), line
+    assert f"trainer.resume=auto: passing over {copied_run}" in done.stdout + done.stderr
+    assert done.peak_mib < baseline_mib() + ABOVE_MIB and done.seconds < SECONDS, (done.peak_mib, done.seconds)
+
+
+def test_a_symlink_loop_in_an_image_folder_is_one_line(tmp_path):
+    from image_data import image_folder
+
+    image_folder(tmp_path / "d", ["a", "b"], 3)
+    (tmp_path / "d" / "a" / "again").symlink_to(tmp_path / "d" / "a")
+    refused(train("dataset=image_folder", f"dataset.path={tmp_path / 'd'}", f"output_root={tmp_path / 'out'}"),
+            f"{tmp_path / 'd' / 'a' / 'again'}: a symbolic link back to a folder already read")
+
+
+def test_an_override_nested_3000_deep_is_one_line(tmp_path):
+    nested = "[" * 3000 + "]" * 3000
+    refused(train(f"model.hidden_sizes={nested}", f"output_root={tmp_path / 'out'}"),
+            "model.hidden_sizes=...: nested 3000 levels deep; at most 32")
