@@ -205,28 +205,25 @@ def summarize(root: Path) -> list[str]:
 ALIASES = '- &a "' + "x" * 100_000 + '"\n' + "- *a\n" * 60_000
 
 
-@pytest.mark.parametrize("case", ["metrics.json links to /dev/zero", "metrics.json is a FIFO",
-                                  "metrics.json is not JSON", "overrides.yaml of YAML aliases",
-                                  "overrides.yaml nested 5000 deep"])
+# what each file of a copied run becomes, and what the refusal says
+COPIED_RUN_FILES = {
+    "metrics.json links to /dev/zero": ("metrics.json", lambda p: p.symlink_to("/dev/zero"),
+                                        "metrics.json: is a character device, not a regular file"),
+    "metrics.json is a FIFO": ("metrics.json", os.mkfifo, "metrics.json: is a FIFO (named pipe), not a regular file"),
+    "metrics.json is not JSON": ("metrics.json", lambda p: p.write_text('{"test/acc": 0.5,'),
+                                 "metrics.json: not valid JSON"),
+    "overrides.yaml of YAML aliases": (".hydra/overrides.yaml", lambda p: p.write_text(ALIASES),
+                                       "overrides.yaml: uses a YAML alias (*a)"),
+    "overrides.yaml nested 5000 deep": (".hydra/overrides.yaml", lambda p: p.write_text("[" * 5000 + "]" * 5000),
+                                        "overrides.yaml: nested more than 32 levels deep"),
+}
+
+
+@pytest.mark.parametrize("case", COPIED_RUN_FILES)
 def test_summarize_reads_a_copied_run_directory_within_bounds(copied_run, case):
-    metrics, overrides = copied_run / "metrics.json", copied_run / ".hydra" / "overrides.yaml"
-    if case.startswith("metrics.json"):
-        metrics.unlink()
-    if case == "metrics.json links to /dev/zero":
-        metrics.symlink_to("/dev/zero")
-        says = "metrics.json: is a character device, not a regular file"
-    elif case == "metrics.json is a FIFO":
-        os.mkfifo(metrics)
-        says = "metrics.json: is a FIFO (named pipe), not a regular file"
-    elif case == "metrics.json is not JSON":
-        metrics.write_text('{"test/acc": 0.5,')
-        says = "metrics.json: not valid JSON"
-    elif case == "overrides.yaml of YAML aliases":
-        overrides.write_text(ALIASES)
-        says = "overrides.yaml: uses a YAML alias (*a)"
-    else:
-        overrides.write_text("[" * 5000 + "]" * 5000)
-        says = "overrides.yaml: nested more than 32 levels deep"
+    name, make, says = COPIED_RUN_FILES[case]
+    (copied_run / name).unlink()
+    make(copied_run / name)
     refused(summarize(copied_run.parents[2]), says)
 
 
