@@ -46,16 +46,19 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def claim_checkpoint_dir(ckpt_dir: Path, run_dir: Path, resumed: Path | None) -> BinaryIO | None:
-    """Refuse a checkpoint directory that holds another run's checkpoints (an absolute trainer.checkpoint_dir
-    given to two runs: the second would overwrite the first's best.pt and last.pt), unless this run continues a
-    checkpoint of that directory; lock one outside the run directory for as long as this run writes into it
-    (the run directory's own lock covers one inside it). Returns the lock to hold, if any."""
-    outside = not _inside(ckpt_dir, run_dir)
+    """Lock a checkpoint directory outside the run directory (an absolute trainer.checkpoint_dir, which two runs
+    may be given) for as long as this run writes into it, and refuse it if it holds another run's checkpoints
+    (the second run would overwrite the first's best.pt and last.pt), unless this run continues a checkpoint of
+    that directory. Returns the lock to hold. One inside the run directory is the run's own: Hydra gives each
+    run a new directory, whose lock (lock_run_dir) covers it, and Trainers built one after another in one
+    process (tests, notebooks) may share it."""
+    if _inside(ckpt_dir, run_dir):
+        return None
     lock = lock_run_dir(ckpt_dir, in_use="another run writing its checkpoints there (the same trainer."
-                        "checkpoint_dir); give each run its own") if outside else None
+                        "checkpoint_dir); give each run its own")
     theirs = [name for name in CHECKPOINT_NAMES if os.path.lexists(ckpt_dir / name)]
     if theirs and not (resumed is not None and resumed.resolve().parent == ckpt_dir.resolve()):
-        if lock is not None:
+        if lock is not None:  # Windows: no lock
             lock.close()
         raise UserError(f"trainer.checkpoint_dir={ckpt_dir}: it holds another run's checkpoints "
                         f"({', '.join(theirs)}), which this run would overwrite; give each run its own directory (a "
