@@ -31,7 +31,7 @@ from PIL import Image
 
 from trainer.config import model_from_checkpoint
 from trainer.data import BatchTransform
-from trainer.data.decode import decode
+from trainer.data.decode import decode, to_8bit
 from trainer.errors import UserError
 
 # Datasets made MNIST's way (centred grey content on black), and those of them whose objects fill the frame.
@@ -45,9 +45,12 @@ def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> tor
 
     try:
         with Image.open(path) as img:
-            grey = torch.from_numpy(np.array(img.convert("L"), dtype=np.uint8))  # (h, w)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+            grey = torch.from_numpy(np.array(to_8bit(img, str(path)).convert("L"), dtype=np.uint8))  # (h, w)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError (more than twice Image.MAX_IMAGE_PIXELS) is raised by Image.open itself, from the
+        # size the header declares: nothing was decoded
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                        ) from None
     border = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).float()
     if border.mean() > 127:  # light background: invert to the training images' light-on-dark
         grey = 255 - grey

@@ -12,18 +12,22 @@ event file of its own; its train.log says where it continued) is that run, not o
 epochs and best validation value so far come from that last.pt) or `failed` (neither: it stopped before its
 first checkpoint, e.g. on a bad value; its train.log ends with why). Finished runs come first, best first by
 `--sort`.
+
+Run directories get copied in from other machines: each file is read only if it is a regular file of at most a
+few MiB, YAML without aliases or deep nesting (trainer.untrusted); anything else ends the command with one
+`error:` line naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 from pathlib import Path
 
-import yaml
+from trainer.errors import UserError, is_number
+from trainer.untrusted import load_json, load_yaml
 
 COLUMNS = ("run", "status", "test/acc", "test/loss", "test/f1", "best/val", "epochs", "seconds", "overrides")
 
@@ -33,7 +37,9 @@ def runs(root: Path) -> list[dict]:
     rows = []
     for saved in sorted(root.rglob(".hydra/overrides.yaml")):
         run = saved.parent.parent
-        overrides = yaml.safe_load(saved.read_text()) or []
+        overrides = load_yaml(saved) or []
+        if not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+            raise UserError(f"{saved}: not a list of overrides (key=value strings)")
         if not is_training_run(run, overrides):
             continue
         parts = run.relative_to(root).parts
@@ -43,8 +49,8 @@ def runs(root: Path) -> list[dict]:
         name = "/".join(parts if job is None else (*parts[:job], parts[job].partition("_")[0])) or "."
         row = {"run": name, "overrides": " ".join(overrides)}
         metrics_file = run / "metrics.json"
-        if metrics_file.is_file():
-            metrics = json.loads(metrics_file.read_text())
+        if os.path.lexists(metrics_file):  # a link to /dev/zero or a FIFO is refused, not passed over
+            metrics = read_metrics(metrics_file)
             best = next((v for k, v in metrics.items() if k.startswith("best/") and k != "best/epoch"), None)
             row.update({"status": "finished", "test/acc": metrics.get("test/acc"),
                         "test/loss": metrics.get("test/loss"), "test/f1": metrics.get("test/f1"), "best/val": best,
@@ -58,12 +64,28 @@ def runs(root: Path) -> list[dict]:
     return rows
 
 
+def read_metrics(path: Path) -> dict:
+    """metrics.json as a mapping whose values in the table's columns are numbers or null (as the report writes
+    them), else UserError."""
+    metrics = load_json(path)
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path}: not a JSON object of metrics")
+    shown = ("test/acc", "test/loss", "test/f1", "epochs", "seconds_since_start")
+    bad = next((k for k, v in metrics.items() if (k in shown or k.startswith("best/")) and not (
+        v is None or is_number(v))), None)
+    if bad is not None:
+        raise UserError(f"{path}: {bad} is {str(metrics[bad])[:40]!r}, not a number")
+    return metrics
+
+
 def progress_of(checkpoint: Path) -> dict:
     """`epochs` and `best/val` of a stopped run, from its last.pt (weights_only: no code in the file runs)."""
-    import torch  # only for stopped runs: importing it takes a second or two
+    # only for stopped runs: importing torch takes a second or two
+    from trainer.runtime import host_memory_bytes
+    from trainer.untrusted import load_torch_file
 
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:  # memory-mapped after its zip records and tensor views are checked: only two numbers of it are read
+        state = load_torch_file(checkpoint, host_memory_bytes())
         return {"epochs": int(state["epoch"]), "best/val": state.get("best_metric")}
     except Exception:  # noqa: BLE001 (a torn or foreign file: the row keeps its blanks)
         return {}
@@ -72,12 +94,19 @@ def progress_of(checkpoint: Path) -> dict:
 def is_training_run(run: Path, overrides: list[str]) -> bool:
     """Whether train.py trained in `run` (see the module docstring)."""
     saved = run / ".hydra" / "hydra.yaml"
-    hydra = (yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}
-    if (hydra.get("hydra") or {}).get("job", {}).get("name", "train") != "train":
+    job = lookup(load_yaml(saved), "hydra", "job", "name") if os.path.lexists(saved) else None
+    if (job or "train") != "train":
         return False
     resumed_elsewhere = any(o.startswith("trainer.resume=") for o in overrides) and not (
         any(run.glob("*/last.pt")) or any(run.glob("events.out.tfevents.*")))
     return not resumed_elsewhere
+
+
+def lookup(node: object, *keys: str) -> object:
+    """node[k1][k2]... of a file's YAML, or None where a key is missing or a level is not a mapping."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def sort_key(column: str):
@@ -112,7 +141,11 @@ def main() -> int:
     if not root.is_dir():
         print(f"error: {root} is not a directory", file=sys.stderr)
         return 1
-    rows = sorted(runs(root), key=sort_key(args.sort))
+    try:
+        rows = sorted(runs(root), key=sort_key(args.sort))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not rows:
         print(f"error: no train.py runs under {root} (a run directory holds .hydra/overrides.yaml)", file=sys.stderr)
         return 1

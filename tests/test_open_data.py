@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -442,3 +443,166 @@ def test_readme_own_dataset_and_model_classes_run_from_a_user_directory(tmp_path
     assert result.returncode == 0, result.stderr
     metrics = json.loads(next((tmp_path / "out").rglob("metrics.json")).read_text())
     assert metrics["test/acc"] >= 0.9, metrics
+
+
+# --- a dataset cache is checked on every load, and a killed write leaves nothing behind for long ---------------
+
+
+def _record_span(path, record):
+    """(offset, size) of a stored record's bytes in a torch.save zip file (`record`: the name's last part)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if i.filename.split("/")[-2:-1] == ["data"]), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _stored_digest(run):
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["data"]["digest"]
+
+
+@pytest.mark.parametrize("source", ["image_folder", "mnist"])
+def test_a_corrupted_cache_is_rebuilt_with_a_warning_not_trained_on(tmp_path, tiny_root, source):
+    import shutil
+
+    if source == "image_folder":
+        image_folder(tmp_path / "d", ["a", "b"], 40)
+        data = ["dataset=image_folder", f"dataset.path={tmp_path / 'd'}", "dataset.val_size=8"]
+        folder = tmp_path / "d"
+    else:  # the digest is checked whatever dataset.verify says: that checks the raw files' MD5s, once
+        shutil.copytree(tiny_root / "MNIST", tmp_path / "MNIST")
+        data = ["dataset=mnist", f"dataset.root={tmp_path}", "dataset.verify=false", "dataset.val_size=100"]
+        folder = tmp_path / "MNIST" / "raw"
+    runs = []
+    for i in range(2):
+        runs.append(tmp_path / f"run{i}")
+        result = run_train(*data, *FAST, "model=logistic", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                           "trainer.limit_eval_batches=1", f"hydra.run.dir={runs[-1]}")
+        assert result.returncode == 0, result.stderr
+        (cache,) = folder.glob("*.cache.pt")
+        if i == 0:
+            assert "does not match its digest" not in result.stdout + result.stderr
+            good = cache.read_bytes()
+            start, size = _record_span(cache, "data")
+            with open(cache, "r+b") as f:  # 4096 image bytes flipped, as the issue found it: the zip stays valid
+                f.seek(start + size // 2)
+                flipped = bytes(b ^ 0xFF for b in f.read(4096))
+                f.seek(start + size // 2)
+                f.write(flipped)
+    assert f"dataset cache {cache} does not match its digest" in result.stdout + result.stderr
+    assert _stored_digest(runs[1]) == _stored_digest(runs[0])  # trained on the data, not on the flipped bytes
+    assert cache.read_bytes() == good  # rebuilt
+
+
+def test_a_killed_cache_write_leaves_no_temporary_file_for_long(tmp_path):
+    import fcntl
+
+    from conftest import run_train_stopping
+
+    image_folder(tmp_path / "d", ["a", "b"], 40)
+    data = ["dataset=image_folder", f"dataset.path={tmp_path / 'd'}", "dataset.val_size=8", *FAST, "model=logistic",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1"]
+    # the first torch.save of a run on new data is its cache: killed halfway through it
+    killed = run_train_stopping(*data, f"hydra.run.dir={tmp_path / 'run0'}", env={"CHECKPOINT_WRITE": "1"})
+    assert killed.returncode == -9, killed.stderr
+    (torn,) = (tmp_path / "d").glob(".*.cache.pt.*.tmp")
+    cache_name = torn.name[1:].rsplit(".", 2)[0]
+    live = tmp_path / "d" / f".{cache_name}.live0000.tmp"  # another run writing this cache right now
+    foreign = [tmp_path / "d" / ".notes.txt.abcdefgh.tmp", tmp_path / "d" / f".{cache_name}.tmp"]
+    for path in (live, *foreign):
+        path.write_bytes(b"not ours to remove")
+    an_hour_ago = time.time() - 3600
+    for path in (torn, live, *foreign):
+        os.utime(path, (an_hour_ago, an_hour_ago))  # as a later run finds them
+    with open(live, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_SH)  # as atomic_write holds its temporary file while it writes
+        result = run_train(*data, f"hydra.run.dir={tmp_path / 'run1'}")
+    assert result.returncode == 0, result.stderr
+    assert not torn.exists() and live.exists() and all(p.exists() for p in foreign)
+    assert (tmp_path / "d" / cache_name).is_file()
+
+
+# --- images of more than 8 bits are scaled, not clipped --------------------------------------------------------
+
+LEVELS16 = np.array([[0, 128, 257, 32896, 63000, 65535]], dtype=np.uint16)
+SCALED = np.array([[0, 0, 1, 128, 245, 255]], dtype=np.uint8)  # v * 255 / 65535, rounded
+
+
+def _deep_files(tmp):
+    """One file per deep mode that Pillow decodes, holding LEVELS16 (or its float equivalent), as a writer of
+    that format makes it: {name: (path, the mode Pillow opens it in)}."""
+    from PIL import Image
+
+    h, w = LEVELS16.shape
+    made = {
+        "png 16-bit": (Image.fromarray(LEVELS16), "png"),
+        "tiff 16-bit": (Image.fromarray(LEVELS16), "tiff"),
+        "tiff 16-bit big-endian": (Image.frombytes("I;16B", (w, h), LEVELS16.astype(">u2").tobytes()), "tiff"),
+        "tiff 32-bit integer": (Image.fromarray(LEVELS16.astype(np.int32)), "tiff"),
+        "tiff float 0-1": (Image.fromarray((LEVELS16 / 65535).astype(np.float32)), "tiff"),
+        "tiff float 0-255": (Image.fromarray((LEVELS16 / 257).astype(np.float32)), "tiff"),
+        "pgm 16-bit": (Image.fromarray(LEVELS16), "ppm"),
+    }
+    out = {}
+    for name, (img, fmt) in made.items():
+        path = tmp / f"{name.replace(' ', '_')}.{'pgm' if fmt == 'ppm' else fmt}"
+        img.save(path, fmt)
+        with Image.open(path) as opened:
+            out[name] = (path, opened.mode)
+    return out
+
+
+def test_every_deep_image_mode_pillow_decodes_is_scaled_to_8_bits(tmp_path):
+    from PIL import Image
+
+    from trainer.data.decode import DEEP_MODES, decode
+
+    files = _deep_files(tmp_path)
+    modes = {mode for _, mode in files.values()}
+    assert modes == {"I;16", "I;16B", "I", "F"}, modes  # each deep mode a file decodes to (I;16L/N: only in memory)
+    assert modes <= DEEP_MODES
+    for name, (path, mode) in files.items():
+        for channels in (1, 3):
+            got = decode(1, lambda i: Image.open(path), lambda i: str(path), (channels, *LEVELS16.shape), name)
+            want = np.rint(LEVELS16 / 257).astype(np.uint8) if mode == "F" else SCALED
+            assert np.array_equal(got[0, 0].numpy(), want), (name, mode, got[0, 0].tolist())
+            assert all(torch.equal(got[0, 0], got[0, c]) for c in range(channels))
+    for mode in ("I;16L", "I;16N"):  # the little- and native-endian names Pillow gives in-memory images
+        img = Image.frombytes(mode, LEVELS16.shape[::-1], LEVELS16.astype("<u2" if mode == "I;16L" else "=u2")
+                              .tobytes())
+        got = decode(1, lambda i: img.copy(), lambda i: mode, (1, *LEVELS16.shape), mode)
+        assert np.array_equal(got[0, 0].numpy(), SCALED), (mode, got[0, 0].tolist())
+
+
+@pytest.mark.parametrize("values, says", [((-1.0, 0.5), "values from -1 to 0.5"), ((0.0, 300.0), "from 0 to 300"),
+                                          ((0.0, float("nan")), "nan")])
+def test_a_float_image_of_no_one_range_is_refused_in_one_line(tmp_path, values, says):
+    from PIL import Image
+
+    image_folder(tmp_path / "d", ["a", "b"], 3)
+    Image.fromarray(np.array([values * 8] * 16, dtype=np.float32)).save(tmp_path / "d" / "a" / "float.tiff")
+    with pytest.raises(UserError) as e:
+        dataset("dataset=image_folder", f"dataset.path={tmp_path / 'd'}", "dataset.val_size=1")
+    assert says in str(e.value) and "float.tiff: a floating-point image" in str(e.value), str(e.value)
+
+
+def test_an_image_folder_of_16_bit_pngs_trains_on_scaled_levels(tmp_path):
+    # the issue's: 16-bit PNGs holding 0..63000, which convert("L") made near-white (every level over 255 -> 255)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 63001, (8, 8)).astype(np.uint16)).save(tmp_path / "d" / cls / f"{i}.png")
+    data = dataset("dataset=image_folder", f"dataset.path={tmp_path / 'd'}", "dataset.val_size=1",
+                   "dataset.test_size=1", "dataset.cache=false")
+    images = data.train.images
+    with Image.open(tmp_path / "d" / "a" / "0.png") as first:
+        want = (np.asarray(first).astype(np.uint32) * 255 + 32767) // 65535
+    assert int(images.max()) <= 245 and float(images.float().mean()) < 140  # 0..63000 of 65535, spread
+    assert np.array_equal(images[0, 0].numpy(), want.astype(np.uint8))

@@ -96,9 +96,16 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_root, straig
     torn = list((killed / "checkpoints").glob(".last.pt.*.tmp"))
     assert len(torn) == 1 and torn[0].stat().st_size > 0
     assert final(killed)["global_step"] == 12  # the previous checkpoint, whole
+    # hidden .tmp files of other programs in the same folder (a symlinked checkpoints/, an absolute
+    # trainer.checkpoint_dir): resume removed them all; only the names atomic_write makes for last.pt and best.pt go
+    foreign = [".notes.tmp", ".model.pt.abcdefgh.tmp", ".last.pt.tmp", ".best.pt.abcdefghi.tmp",
+               ".xlast.pt.abcdefgh.tmp"]
+    for name in foreign:
+        (killed / "checkpoints" / name).write_text("not this run's")
     resumed = run_train(*args(tiny_root, tmp_path / "session2", f"trainer.resume={killed}/checkpoints/last.pt"))
     assert resumed.returncode == 0, resumed.stderr
-    assert not list((killed / "checkpoints").glob("*.tmp"))  # the torn file was cleared on resume
+    assert not torn[0].exists()  # the torn file was cleared on resume
+    assert sorted(p.name for p in (killed / "checkpoints").glob("*.tmp")) == sorted(foreign)
     assert_same_run(straight, killed)
 
 

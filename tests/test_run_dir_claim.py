@@ -174,3 +174,57 @@ def test_two_resumes_of_one_run_at_once_one_trains_the_other_is_refused(tiny_roo
     assert "is in use by another process training in it" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     state = torch.load(one_epoch_run / "checkpoints" / "last.pt", weights_only=True)
     assert (state["epoch"], state["global_step"]) == (40, 40 * 16)  # one run's steps, not two runs' interleaved
+
+
+# --- a checkpoint directory outside the run directory (an absolute trainer.checkpoint_dir) -------------------
+
+
+def shared_ckpt_run(tiny_root, tmp_path, name, ckpt_dir):
+    return run_train(*TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={tmp_path / name}", *MLP, "scheduler=none",
+                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_eval_batches=1",
+                     f"trainer.checkpoint_dir={ckpt_dir}")
+
+
+def test_a_checkpoint_dir_holding_another_runs_checkpoints_is_refused(tiny_root, tmp_path):
+    shared = tmp_path / "shared_checkpoints"
+    first = shared_ckpt_run(tiny_root, tmp_path, "first", shared)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in shared.glob("*.pt")}
+    assert set(before) == {"best.pt", "last.pt"}
+    second = shared_ckpt_run(tiny_root, tmp_path, "second", shared)
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines() == [
+        f"error: trainer.checkpoint_dir={shared}: it holds another run's checkpoints (last.pt, best.pt), which this "
+        "run would overwrite; give each run its own directory (a relative one is inside the run directory), or "
+        f"continue that run with trainer.resume={shared / 'last.pt'}"]
+    assert {p.name: p.read_bytes() for p in shared.glob("*.pt")} == before  # the first run's, untouched
+
+
+def test_a_checkpoint_dir_another_live_run_writes_in_is_refused(tiny_root, tmp_path):
+    shared = tmp_path / "shared_checkpoints"
+    held = lock_run_dir(shared)  # as a run training with this checkpoint_dir holds it (this is another process)
+    try:
+        result = shared_ckpt_run(tiny_root, tmp_path, "second", shared)
+    finally:
+        held.close()
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {shared} is in use by another run writing its checkpoints there (the same "
+        "trainer.checkpoint_dir); give each run its own"]
+    assert not list(shared.glob("*.pt"))
+
+
+def test_a_run_dir_that_cannot_be_written_is_named_in_one_line(tmp_path, monkeypatch):
+    # a resume into a run directory on a read-only file system: OSError 30 with no path, before
+    import errno
+    import os
+
+    from trainer.errors import OutputError
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OutputError) as e:
+        lock_run_dir(tmp_path)
+    assert str(e.value) == f"cannot lock {tmp_path} for this run: Read-only file system ({tmp_path / '.lock'})"

@@ -1,6 +1,9 @@
 """Errors that are the user's to fix: `train.py` prints them as one line and exits non-zero."""
 
 
+MAX_DEPTH = 32  # how deep a config or a file's YAML may nest (a resolved config nests 3 or 4 levels)
+
+
 class UserError(Exception):
     """A bad config value, path or data file. The message names the bad value and what is allowed."""
 
@@ -70,6 +73,33 @@ def unknown_key_message(full_key: str, keys: list[str]) -> str:
             f"to add a key of your own, write +{full_key}=...")
 
 
+def nesting_depth(text: str) -> int:
+    """How deep the brackets ([], {}, ()) of a command-line override nest, outside quoted strings."""
+    depth = deepest = 0
+    quote = None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]})":
+            depth -= 1
+    return deepest
+
+
+def require_shallow_overrides(overrides: list[str]) -> None:
+    """Refuse (UserError) a command-line override nested deeper than MAX_DEPTH, before Hydra's parser,
+    which recurses once per level and fails at a few hundred with a RecursionError thousands of lines long."""
+    for override in overrides:
+        depth = nesting_depth(override)
+        if depth > MAX_DEPTH:
+            raise UserError(f"{override.partition('=')[0]}=...: nested {depth} levels deep; at most "
+                            f"{MAX_DEPTH} (a config nests 3 or 4)")
+
+
 def one_line_config_errors() -> None:
     """Make `@hydra.main` report a config error (an unknown option, a misspelt key, an override it cannot parse)
     as `error: <one line>` with exit code 1, as this project reports its own errors, instead of Hydra's
@@ -90,6 +120,11 @@ def one_line_config_errors() -> None:
 
     def run_and_report(func):
         def guarded():
+            try:
+                require_shallow_overrides(sys.argv[1:])
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(1)
             try:
                 return func()
             except CompactHydraException as e:

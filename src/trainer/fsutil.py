@@ -5,15 +5,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from trainer.errors import OutputError, UserError
+from trainer.untrusted import file_kind
 
 CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
 RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_dir)
+# How long a temporary file stays out of reach of remove_stale_temps after its last write: it covers the moment
+# between its creation and its writer's lock, and a writer on another machine sharing the folder (network file
+# systems may not pass locks on), whose writes keep the file's time fresh.
+STALE_AFTER_S = 10
 
 # mkstemp creates files 0600; give the final file the mode a plain open() would (0666 minus umask).
 _UMASK = os.umask(0)
@@ -32,6 +40,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _hold(fd)  # while this writer lives, remove_stale_temps leaves its file alone
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -52,6 +61,62 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             raise
         raise OutputError(f"cannot write {path}: {failed.strerror or failed}; the file there before, if any, "
                           "is intact") from None
+
+
+def _hold(fd: int) -> None:
+    """Take a shared flock on an open temporary file: released when its writer closes it or dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; remove_stale_temps removes nothing there
+        return
+    with contextlib.suppress(OSError):  # a file system without locks: STALE_AFTER_S alone protects the file
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def temp_pattern(names: str) -> re.Pattern:
+    """The names of the temporary files `atomic_write` makes for a file named by the regular expression `names`
+    (tempfile.mkstemp's: ".<name>.<8 of a-z, 0-9, _>.tmp")."""
+    return re.compile(rf"\.(?:{names})\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temps(folder: Path, names: str, grace_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary files that `atomic_write` left in `folder` for the files named by `names` (a regular
+    expression) when its process was killed mid-write; return them. Only this code's own names are touched (the
+    folder may be the user's data folder, or shared with other programs), and never one a live writer holds:
+    each writer holds a flock on its file until it is renamed, so a file whose lock can be taken has no writer.
+    A file written in the last `grace_s` seconds is left for a later run too (0 where a lock on the folder
+    already keeps every other writer out)."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    pattern, removed = temp_pattern(names), []
+    try:
+        entries = [e for e in os.scandir(folder) if pattern.fullmatch(e.name)]
+    except OSError:  # no folder yet: nothing was left in it
+        return []
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # gone since the listing (renamed into place), or a symlink: not ours
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < grace_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer holds it
+                continue
+            now = os.lstat(entry.path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):  # still the file that was checked
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # removed by someone else meanwhile, or a folder we may not write: left as it is
+        finally:
+            os.close(fd)
+    return removed
 
 
 def require_free_space(path: Path, need: int, what: str) -> None:
@@ -97,11 +162,12 @@ def discard_refused_run(run_dir: Path, output_root: Path) -> None:
         parent = parent.parent
 
 
-def lock_run_dir(run_dir: Path) -> BinaryIO | None:
+def lock_run_dir(run_dir: Path, in_use: str = "") -> BinaryIO | None:
     """Hold an exclusive lock on `run_dir` for as long as the returned file stays open (this process's life).
 
     A second process that would train in the same run directory (a resume of a run that is still training,
-    two resumes of one run at once) gets a UserError instead of interleaving its checkpoints with the first's.
+    two resumes of one run at once) gets a UserError instead of interleaving its checkpoints with the first's;
+    `in_use` replaces what that error says after the directory's name.
     The kernel drops the lock when the holder exits, however it exits, so a killed run never blocks its resume.
     A POSIX record lock (lockf), not flock: it belongs to the process, so one process may build several Trainers
     on one directory (in-process tests, notebooks) while any other process is kept out.
@@ -110,14 +176,31 @@ def lock_run_dir(run_dir: Path) -> BinaryIO | None:
         import fcntl
     except ImportError:  # Windows: no advisory locks; runs are not guarded
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / RUN_LOCK, "ab")
+    lock = run_dir / RUN_LOCK
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # O_NOFOLLOW: a .lock that is a symlink (a copied or crafted run directory) would otherwise create or
+        # append to the file it points at; O_NONBLOCK: a FIFO there fails at once instead of waiting for a reader.
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{lock} is a symbolic link; a run directory's lock is a file this code makes "
+                            "(remove the link)") from None
+        raise OutputError(f"cannot lock {run_dir} for this run: {e.strerror or e} ({e.filename or lock})") from None
+    f = os.fdopen(fd, "ab")
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{lock} is {file_kind(mode)}, not the lock file this code makes (remove it)")
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.close()
         if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise OutputError(f"cannot lock {run_dir / RUN_LOCK}: {e.strerror or e}") from None
-        raise UserError(f"{run_dir} is in use by another process training in it (a run still going, or another "
-                        "resume of it); wait for it to end, or stop it first") from None
+            raise OutputError(f"cannot lock {lock}: {e.strerror or e}") from None
+        raise UserError(f"{run_dir} is in use by " + (in_use or "another process training in it (a run still "
+                        "going, or another resume of it); wait for it to end, or stop it first")) from None
+    except UserError:
+        f.close()
+        raise
     return f

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -16,19 +18,53 @@ from trainer.checkpoint import (config_changes, load_checkpoint, require_same_da
                                 set_rng_state)
 from trainer.distributed import Dist
 from trainer.errors import UserError
-from trainer.fsutil import lock_run_dir, require_free_space
+from trainer.fsutil import lock_run_dir, remove_stale_temps, require_free_space
 from trainer.metrics import EpochMetrics, to_cpu
 from trainer.schedulers import Schedule
+from trainer.untrusted import load_json
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_NAMES = ("last.pt", "best.pt")  # the files a run writes in its checkpoint directory
+
 
 def _finished_epochs(run_dir: Path) -> int | None:
-    """The epochs a run had trained when it wrote its test result (metrics.json), or None: not finished."""
-    try:
-        return int(json.loads((run_dir / "metrics.json").read_text())["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):  # none, or one this run's test did not write
+    """The epochs a run had trained when it wrote its test result (metrics.json), or None: not finished.
+    A metrics.json that is not a small regular file (a FIFO, a link to /dev/zero) is refused (UserError)."""
+    metrics = run_dir / "metrics.json"
+    if not os.path.lexists(metrics):
         return None
+    try:
+        return int(load_json(metrics)["epochs"])
+    except (KeyError, TypeError, ValueError):  # one this run's test did not write
+        return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def claim_checkpoint_dir(ckpt_dir: Path, run_dir: Path, resumed: Path | None) -> BinaryIO | None:
+    """Lock a checkpoint directory outside the run directory (an absolute trainer.checkpoint_dir, which two runs
+    may be given) for as long as this run writes into it, and refuse it if it holds another run's checkpoints
+    (the second run would overwrite the first's best.pt and last.pt), unless this run continues a checkpoint of
+    that directory. Returns the lock to hold. One inside the run directory is the run's own: Hydra gives each
+    run a new directory, whose lock (lock_run_dir) covers it, and Trainers built one after another in one
+    process (tests, notebooks) may share it."""
+    if _inside(ckpt_dir, run_dir):
+        return None
+    lock = lock_run_dir(ckpt_dir, in_use="another run writing its checkpoints there (the same trainer."
+                        "checkpoint_dir); give each run its own")
+    theirs = [name for name in CHECKPOINT_NAMES if os.path.lexists(ckpt_dir / name)]
+    if theirs and not (resumed is not None and resumed.resolve().parent == ckpt_dir.resolve()):
+        if lock is not None:  # Windows: no lock
+            lock.close()
+        raise UserError(f"trainer.checkpoint_dir={ckpt_dir}: it holds another run's checkpoints "
+                        f"({', '.join(theirs)}), which this run would overwrite; give each run its own directory (a "
+                        f"relative one is inside the run directory), or continue that run with "
+                        f"trainer.resume={ckpt_dir / theirs[0]}")
+    return lock
 
 
 @dataclass
@@ -87,6 +123,7 @@ class RunState:
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
         self.progress = Progress()
         self._lock = None  # the run directory's, while this run trains in it (open)
+        self._ckpt_lock = None  # the checkpoint directory's, when it is outside the run directory
 
     def state_dict(self) -> dict:
         train_metrics = self.dist.all_gather_object(to_cpu(self.train_metrics.state_dict()))  # one per rank
@@ -118,7 +155,9 @@ class RunState:
         for as long as this run trains in it, from before a resume reads its files; then the resume, if any."""
         if resumed:
             run_dir = next((d for d in (resumed.parent, resumed.parent.parent) if (d / ".hydra").is_dir()), run_dir)
-        self._lock = lock_run_dir(run_dir) if self.dist.is_main else None
+        if self.dist.is_main:
+            self._lock = lock_run_dir(run_dir)
+            self._ckpt_lock = claim_checkpoint_dir(run_dir / checkpoint_dir, run_dir, resumed)
         if resumed:
             self.resume(resumed, max_epochs=max_epochs, batches_per_epoch=batches_per_epoch, run_dir=run_dir,
                         checkpoint_dir=checkpoint_dir)
@@ -128,9 +167,10 @@ class RunState:
 
     def close(self) -> None:
         """Release the run directory (another process may train on from it)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        for lock in (self._lock, self._ckpt_lock):
+            if lock is not None:
+                lock.close()
+        self._lock = self._ckpt_lock = None
 
     def require_room(self, checkpoint_dir: Path) -> None:
         """Raise OutputError now, not after the first epoch, if the disk cannot hold the run's checkpoints."""
@@ -187,8 +227,11 @@ class RunState:
             raise UserError(f"trainer.resume={str(path)!r} stopped after batch {state['batch_in_epoch']} of its "
                             f"epoch, but an epoch now has {batches_per_epoch} batches")
         self.load_state_dict(state)
-        for stale in (run_dir / checkpoint_dir).glob(".*.tmp") if self.dist.is_main else ():
-            stale.unlink()  # left by a kill during a checkpoint write
+        if self.dist.is_main:  # left by a kill during a checkpoint write; other programs' files are left alone
+            names = "|".join(re.escape(name) for name in CHECKPOINT_NAMES)
+            # no grace period: this run's lock on the directory (open) keeps every other writer of these names out
+            for stale in remove_stale_temps(run_dir / checkpoint_dir, names, grace_s=0):
+                log.info("resume: removed %s, left by a checkpoint write that was killed", stale)
         p = self.progress
         where = (f"epoch {p.epoch + 1}, after batch {p.batch_in_epoch}" if p.batch_in_epoch
                  else f"the start of epoch {p.epoch + 1}")

@@ -22,6 +22,7 @@ import torch
 
 from trainer.data.batches import BatchLoader, BatchTransform, check_augmentation, check_augmentation_fits
 from trainer.errors import OutputError, UserError, is_number, require_bool, require_int
+from trainer.data.cache import digest, load_cache, remove_killed_writes
 from trainer.fsutil import atomic_write
 from trainer.runtime import device_free_bytes, host_memory_bytes, size_text
 
@@ -225,7 +226,8 @@ class ImageDataset:
             key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
             cache = self.cache_file = self.cache_dir(files) / f"{self.name}-{key}.cache.pt"
             stamp = self.stamp(files)
-            record = _load_cache(cache, stamp)
+            remove_killed_writes(cache, self.name)
+            record = load_cache(cache, stamp)
             if record is not None:
                 return record
         record = _record(self.read(), self.name)
@@ -274,19 +276,6 @@ def _stamp(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _load_cache(cache: Path, stamp: str) -> dict[str, Any] | None:
-    if not cache.is_file():
-        return None
-    try:
-        record = torch.load(cache, weights_only=True, mmap=True)
-        if record["stamp"] == stamp:
-            return record
-        log.info("dataset files changed since %s was written: decoding again", cache)
-    except Exception as e:  # a stale or torn cache is rebuilt, never trusted
-        log.warning("ignoring unreadable cache %s: %s", cache, e)
-    return None
-
-
 def _record(images: Images, name: str) -> dict[str, Any]:
     """Checked tensors, per-channel statistics of the training images, and a digest of everything."""
     if not isinstance(images, Images):
@@ -311,12 +300,7 @@ def _record(images: Images, name: str) -> dict[str, Any]:
     if len(record["train_y"]) == 0:
         raise UserError(f"dataset {name}: no training images")
     record["mean"], record["std"] = channel_stats(record["train_x"])
-    h = hashlib.sha256(json.dumps(classes).encode())
-    for key in ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y"):
-        if key in record:
-            h.update(key.encode())
-            h.update(memoryview(record[key].reshape(-1).numpy().view(np.uint8)))
-    record["digest"] = h.hexdigest()[:16]
+    record["digest"] = digest(record)
     return record
 
 

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Pillow modes without colour; every other mode (RGB, RGBA, P, CMYK, YCbCr, ...) counts as colour.
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# Modes of more than 8 bits per pixel, which Pillow's convert("L") clips to 0 and 255 instead of scaling.
+DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 
 Opener = Callable[[int], Any]  # index -> a PIL image (opened lazily or decoded); raises on a bad file
@@ -79,7 +81,7 @@ def decode(count: int, open_image: Opener, name: Callable[[int], str], shape: tu
                 warnings.simplefilter("ignore")  # "Palette images with Transparency ...": converted all the same
                 if img.mode == "P" and "transparency" in img.info:
                     img = img.convert("RGBA")
-                img = img.convert(mode)
+                img = to_8bit(img, name(i)).convert(mode)
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
             out[i] = np.asarray(img, dtype=np.uint8).reshape(h, w, c)
@@ -91,6 +93,35 @@ def decode(count: int, open_image: Opener, name: Callable[[int], str], shape: tu
             list(pool.map(one, range(start, min(count, start + 256))))
             bar.update(min(count, start + 256) - start)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def to_8bit(img: Any, where: str) -> Any:
+    """A 16-bit or floating-point grey image (Pillow modes I;16*, I, F) scaled to 8-bit grey (L); any other
+    image as it is. Pillow's convert("L") would clip it: a 16-bit image holding 0..63000 became 0s and 255s.
+    16-bit levels (and I, the 32-bit mode, holding 0..65535: 16-bit files decode to it) are scaled by
+    255/65535; floats by 255 when they lie in 0..1, taken as 8-bit levels when they lie in 0..255. Other
+    ranges have no one meaning: refused (UserError) rather than guessed."""
+    if img.mode not in DEEP_MODES:
+        return img
+    from PIL import Image
+
+    a = np.asarray(img)
+    if img.mode == "F":
+        low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+            raise UserError(f"{where}: a floating-point image with values from {low:g} to {high:g}; those in 0-1 or "
+                            "0-255 are read (convert it to 8 or 16 bits first)")
+        levels = np.rint(a * np.float32(255 if high <= 1 else 1))
+    else:
+        low, high = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise UserError(f"{where}: a 32-bit integer image with values from {low} to {high}; 16-bit values "
+                            "(0-65535) are read (convert it to 8 or 16 bits first)")
+        levels = a.astype(np.uint32)  # in place from here: one copy of a large image, not four
+        levels *= 255
+        levels += 32767
+        levels //= 65535  # v * 255 / 65535, rounded: 65535 -> 255, 32896 -> 128, 128 -> 0
+    return Image.fromarray(levels.astype(np.uint8))  # 2-d uint8: mode L
 
 
 class _readable:

@@ -98,19 +98,31 @@ def _class_dirs(root: Path, required: bool = True) -> list[str]:
 
 def _images_in(folder: Path, stats: list[str]) -> list[str]:
     """The image files under `folder` (recursively, skipping hidden names), sorted; appends "path size mtime" of
-    each to `stats`. os.scandir, not Path.rglob: a folder of 50,000 images is listed in a fraction of a second."""
+    each to `stats`. os.scandir, not Path.rglob: a folder of 50,000 images is listed in a fraction of a second.
+    A symlinked folder leading back into one already listed (a loop) is refused, naming the link: followed, it
+    would list the same images again and again until the kernel stops it (ELOOP) with no path in its message."""
     found = []
     pending = [str(folder)]
+    seen: set[tuple[int, int]] = set()
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    pending.append(entry.path)
-                elif os.path.splitext(entry.name)[1].lower() in SUFFIXES and entry.is_file():
-                    st = entry.stat()
-                    found.append((entry.path, f"{entry.path} {st.st_size} {st.st_mtime_ns}"))
+        current = pending.pop()
+        try:
+            st = os.stat(current)
+            if (st.st_dev, st.st_ino) in seen:
+                raise UserError(f"{current}: a symbolic link back to a folder already read (a loop); remove it "
+                                f"or point it elsewhere")
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir():
+                        pending.append(entry.path)
+                    elif os.path.splitext(entry.name)[1].lower() in SUFFIXES and entry.is_file():
+                        st = entry.stat()
+                        found.append((entry.path, f"{entry.path} {st.st_size} {st.st_mtime_ns}"))
+        except OSError as e:
+            raise UserError(f"{e.filename or current}: cannot list it ({e.strerror or e})") from None
     found.sort()
     stats += [stat for _, stat in found]
     return [path for path, _ in found]

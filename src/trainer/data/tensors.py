@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from trainer.checkpoint import pickled_global
 from trainer.data.dataset import ImageDataset, Images
 from trainer.errors import UserError
+from trainer.runtime import host_memory_bytes
+from trainer.untrusted import load_torch_file, zip_members
 
 KEYS = ("train_x", "train_y", "test_x", "test_y", "classes")
 
@@ -21,7 +23,9 @@ class TensorsFile(ImageDataset):
 
     Images are uint8 (N, H, W), (N, H, W, C) or (N, C, H, W); labels integer class indices. Without
     `classes` the classes are named 0, 1, ... up to the largest label. The file is read as data only:
-    `.npz` without pickles, `.pt` with `weights_only=True`, so a file from a stranger runs no code.
+    `.npz` without pickles, `.pt` with `weights_only=True`, so a file from a stranger runs no code. What it
+    declares (zip member sizes, array headers, tensor strides) is checked against this machine's memory before
+    anything is inflated or copied, so a small file cannot make it allocate gigabytes before it is refused.
     """
 
     def __init__(self, *, path: str, **common: Any) -> None:
@@ -60,20 +64,46 @@ class TensorsFile(ImageDataset):
 
     def _arrays(self) -> dict[str, Any]:
         suffix = self.path.suffix.lower()
+        if suffix not in (".npz", ".pt"):
+            raise UserError(f"dataset.path={self.path}: a .npz or .pt file, not {suffix or 'a file without suffix'}")
         try:
             if suffix == ".npz":
+                members = zip_members(self.path, host_memory_bytes())
+                declared = [self._npy_bytes(self.path, m) for m in members]
+                self.require_memory(sum(nbytes for nbytes, _ in declared))
+                for member, (nbytes, held) in zip(members, declared):
+                    if nbytes != held:  # np.load allocates what the header says, then reads what there is
+                        raise UserError(f"{self.path}: its array {member.filename} declares {nbytes} bytes in its "
+                                        f"header but holds {held}")
                 with np.load(self.path, allow_pickle=False) as npz:
                     return {k: npz[k] for k in npz.files}
-            if suffix == ".pt":
-                loaded = torch.load(self.path, map_location="cpu", weights_only=True)
-                if not isinstance(loaded, dict):
-                    raise UserError(f"{self.path}: holds a {type(loaded).__name__}, not a dict of {', '.join(KEYS)}")
-                return loaded
+            loaded = load_torch_file(self.path, host_memory_bytes())
+            if not isinstance(loaded, dict):
+                raise UserError(f"{self.path}: holds a {type(loaded).__name__}, not a dict of {', '.join(KEYS)}")
+            return loaded
         except (ValueError, OSError, zipfile.BadZipFile, RuntimeError, EOFError) as e:
             detail = " ".join(str(e).split())[:160]
             raise UserError(f"{self.path}: not a readable {suffix} file ({type(e).__name__}: {detail})") from None
+        except UserError:
+            raise
         except Exception as e:  # pickle.UnpicklingError for anything but tensors and plain values
             what = pickled_global(e)
             raise UserError(f"{self.path}: refusing to load it: it holds a pickled {what or 'Python'} object, and only "
                             "tensors, arrays and plain values are loaded (nothing in it was run)") from None
-        raise UserError(f"dataset.path={self.path}: a .npz or .pt file, not {suffix or 'a file without suffix'}")
+
+    @staticmethod
+    def _npy_bytes(path: Path, member: zipfile.ZipInfo) -> tuple[int, int]:
+        """The bytes the array in `member` of an .npz declares in its header (read from its first few hundred
+        bytes: nothing else is inflated), and the bytes it holds after the header (as the zip directory says)."""
+        with zipfile.ZipFile(path) as z, z.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"{member.filename}: npy format version {version} is not read")
+            shape, _, dtype = read_header(f)
+            header = f.tell()
+        held = member.file_size - header
+        if dtype.hasobject:  # a pickle: np.load(allow_pickle=False) refuses it without reading it
+            return held, held
+        return math.prod(shape) * dtype.itemsize, held
