@@ -69,7 +69,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     cores = torch.get_num_threads()
     threads = f" ({cores} CPU thread{'s' * (cores != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores
     log.info("%s on %s%s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
-             device, threads, printable(data.name), type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
+             device, threads, printable(data.name), type(loss_fn).__name__, type(optimizer).__name__,
+             data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
     limits = {"each epoch trains on": cfg.trainer.limit_train_batches, "val and test use": cfg.trainer.limit_eval_batches}
     if any(limits.values()):  # the counts above are the splits', not what this run reads of them

@@ -198,7 +198,8 @@ def test_a_zero_stride_rng_state_is_refused_on_resume(trained, tmp_path, tiny_ro
 
 
 def test_an_rng_state_of_another_shape_is_refused_on_resume(trained, tmp_path, tiny_root):
-    ckpt = crafted(trained, tmp_path / "rng.pt", lambda s: s["rng"]["numpy"].update(keys=torch.zeros(7, dtype=torch.int64)))
+    keys = torch.zeros(7, dtype=torch.int64)  # MT19937 has 624
+    ckpt = crafted(trained, tmp_path / "rng.pt", lambda s: s["rng"]["numpy"].update(keys=keys))
     refused([*RESUME, f"dataset.root={tiny_root}", f"trainer.resume={ckpt}",
              f"hydra.run.dir={tmp_path / 'run'}"], "its stored random-number states (rng) are not")
 
@@ -214,8 +215,10 @@ def test_a_stored_config_nested_5000_deep_is_one_line(trained, tmp_path, image):
         refused(consumers(ckpt, tmp_path, image)[consumer], "nests deeper than 64 levels")
 
 
-@pytest.mark.parametrize("key, value, says", [("precision", "fp64", "its stored trainer.precision='fp64': use one of"),
-                                              ("label_smoothing", 5, "its stored loss=CrossEntropyLoss: label_smoothing")])
+@pytest.mark.parametrize("key, value, says", [
+    ("precision", "fp64", "its stored trainer.precision='fp64': use one of"),
+    ("label_smoothing", 5, "its stored loss=CrossEntropyLoss: label_smoothing"),
+])
 def test_a_stored_value_that_fails_only_when_used_is_one_line_in_eval(trained, tmp_path, tiny_root, key, value, says):
     group = "trainer" if key == "precision" else "loss"
     ckpt = crafted(trained, tmp_path / "c.pt", config=lambda c: c[group].update({key: value}))

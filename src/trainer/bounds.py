@@ -80,7 +80,8 @@ def check_loaded(value: object, path: Path) -> None:
     while stack:
         item, key, depth = stack.pop()
         if depth > MAX_NESTING:
-            raise UserError(f"refusing {path}: its {key or 'content'} nests containers deeper than {MAX_NESTING} levels")
+            raise UserError(f"refusing {path}: its {key or 'content'} nests containers deeper than {MAX_NESTING} "
+                            "levels")
         if isinstance(item, torch.Tensor):
             _check_tensor(item, key, path)
         elif isinstance(item, dict):
