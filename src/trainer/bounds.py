@@ -18,8 +18,9 @@ from trainer.errors import UserError
 from trainer.runtime import available_memory_bytes, size_text
 
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
-# Image elements (C*H*W) of a stored input shape: 4096x4096 grey, 2364x2364 RGB. A model's trial forward pass on a
-# larger image (a ResNet's first activation alone is 21x the image in float32) could take all memory.
+# Image elements (C*H*W) of a stored input shape a model is rebuilt for (eval, predict, export): 4096x4096 grey,
+# 2364x2364 RGB. A model's trial forward pass on a larger image could take all memory: a ResNet's first activation
+# alone has 64 channels at half the image's height and width.
 MAX_IMAGE_ELEMENTS = 2**24
 # Containers inside containers: a checkpoint nests about 5 deep (optimizer state, per parameter, per moment), and
 # Python's recursion limit (1000) is what a deeper structure would meet in YAML's composer or any recursive walk.

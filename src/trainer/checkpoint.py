@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 import random
 import re
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from trainer.bounds import MAX_CLASSES, MAX_IMAGE_ELEMENTS, MAX_NESTING, check_loaded, check_zip_records
+from trainer.bounds import MAX_CLASSES, MAX_NESTING, check_loaded, check_zip_records
 from trainer.errors import UserError, is_number
 from trainer.fsutil import atomic_write
 
@@ -109,11 +108,7 @@ def _stored_data(data: object, path: Path) -> dict[str, Any] | None:
     if not ok:
         raise UserError(f"refusing {path}: its stored dataset identity is not a name, an image shape, class names "
                         "and a normalisation")
-    # Sizes the model and every input are made at: bounded before anything of that size is built or run.
-    if math.prod(data["in_shape"]) > MAX_IMAGE_ELEMENTS:
-        raise UserError(f"refusing {path}: its stored image shape {data['in_shape']} has {math.prod(data['in_shape'])} "
-                        f"elements; images of at most {MAX_IMAGE_ELEMENTS} (C*H*W) are read")
-    if len(data["classes"]) > MAX_CLASSES:
+    if len(data["classes"]) > MAX_CLASSES:  # the model's head, every table and picture of classes are this wide
         raise UserError(f"refusing {path}: it stores {len(data['classes'])} class names; at most {MAX_CLASSES} "
                         "classes are read")
     return data

@@ -8,6 +8,7 @@ checkout's own config options, and only plain, type-checked values from the file
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainer.bounds import require_memory
+from trainer.bounds import MAX_IMAGE_ELEMENTS, require_memory
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, is_number, shown
@@ -282,7 +283,7 @@ def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", 
     """
     state = load_checkpoint(ckpt)
     trained = rebuildable_config(state, trust, ckpt, data_root)
-    data = data_identity(state, trained)
+    data = data_identity(state, trained, ckpt)
     model_config = trained.model.copy()
     if "weights" in model_config:
         model_config.weights = None  # no pretrained download: the checkpoint holds the trained weights
@@ -296,10 +297,17 @@ def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", 
     return TrainedModel(model.to(device).eval(), trained, data, state["epoch"])
 
 
-def data_identity(state: dict, trained: DictConfig) -> dict[str, Any]:
+def data_identity(state: dict, trained: DictConfig, where: Path | str = "the checkpoint") -> dict[str, Any]:
     """The identity of the data a checkpoint was trained on. A file from before version 3 has none stored: its
     dataset was MNIST or FashionMNIST (this checkout's option class says which), whose identity is fixed."""
     if state["data"] is not None:
+        shape = state["data"]["in_shape"]
+        # The model is rebuilt, run on trial and fed images at this size. A resume compares it with its own data's
+        # instead, so only a rebuild bounds it.
+        if math.prod(shape) > MAX_IMAGE_ELEMENTS:
+            raise UserError(f"refusing {where}: its stored image shape {shape} has "
+                            f"{math.prod(shape)} elements; a model is rebuilt for images of at most "
+                            f"{MAX_IMAGE_ELEMENTS} (C*H*W)")
         return state["data"]
     cls = get_class(trained.dataset._target_)
     if not (isinstance(cls, type) and issubclass(cls, IDXImageDataset)):
