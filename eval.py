@@ -31,10 +31,10 @@ from omegaconf.errors import MissingMandatoryValue
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/eval.yaml uses)
 from trainer.config import build, check_fits, check_override_types, data_config, model_from_checkpoint
-from trainer.errors import UserError, one_line_config_errors, require_bool
+from trainer.errors import UserError, error_line, one_line_config_errors, printable, require_bool
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device, run_then_exit
-from trainer.settings import autocast_for, forward_pass
+from trainer.settings import autocast_for, check_loss, check_precision, forward_pass
 from trainer.metrics import EpochMetrics, evaluate, per_class_accuracy
 
 log = logging.getLogger("eval")
@@ -58,11 +58,16 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     if dataset is None and restored.data["digest"] not in (None, data.digest):
         log.warning("%s: the data is not the data the model was trained on (digest %s, trained on %s): its files "
                     "were added, removed or changed since, or its source reads differently; the %s split may hold "
-                    "images it was trained on", data.name,
-                    data.digest, restored.data["digest"], split)
+                    "images it was trained on", printable(data.name),
+                    data.digest, printable(restored.data["digest"]), split)
     loss_fn = build(trained.loss)
     # the forward pass the run's own test used: its precision and memory format (bf16 predictions differ from fp32's)
     precision, channels_last = trained.trainer.precision, trained.trainer.channels_last
+    try:  # values from the file that only fail when used: refused now, in one line, as train.py refuses them
+        check_precision(precision)
+        check_loss(loss_fn, data.num_classes, device)
+    except UserError as e:
+        raise UserError(f"refusing {ckpt}: its stored {e}") from None
     if precision == "fp16" and device.type != "cuda":
         log.info("trained with trainer.precision=fp16, which needs CUDA: evaluating in fp32 on %s", device.type)
         precision = "fp32"
@@ -86,13 +91,13 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     writer.writerows([name, *row] for name, row in zip(data.classes, confusion.tolist()))
     with atomic_write(out_dir / "confusion_matrix.csv") as f:
         f.write(table.getvalue().encode())
-    log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, data.name,
+    log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, printable(data.name),
              summary["images"], restored.epoch)
     log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     width = max(6, len(str(int(confusion.max()))) + 1)
     log.info("confusion matrix (rows: true class, columns: predicted class):\n%s\n%s", " " * 16 + "".join(
         f"{i:>{width}}" for i in range(data.num_classes)), "\n".join(
-        f"{i:>2} {name[:12]:<12} " + "".join(f"{n:>{width}}" for n in row) +
+        f"{i:>2} {printable(name)[:12]:<12} " + "".join(f"{n:>{width}}" for n in row) +
         (f"   acc {acc:.2%}" if acc is not None else "   acc n/a (no image of this class)")
         for i, (name, row, acc) in enumerate(zip(data.classes, confusion.tolist(), per_class))))
     log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "confusion_matrix.csv")
@@ -108,13 +113,21 @@ def main(cfg: DictConfig) -> None:
                             cfg.data_root)
         return
     except UserError as e:
-        message = f"error: {e}"
+        message = error_line(e)
     except MissingMandatoryValue:
         message = "error: ckpt is required: python eval.py ckpt=outputs/<date>/<time>/checkpoints/best.pt"
-    if HydraConfig.get().mode == RunMode.RUN:
-        discard_refused_run(out_dir, Path(cfg.output_root))  # a refused evaluation leaves nothing behind
+    except BaseException:  # a fault that is not the user's (its traceback follows) or Ctrl-C: nothing kept either
+        discard(out_dir, Path(cfg.output_root))
+        raise
+    discard(out_dir, Path(cfg.output_root))
     print(message, file=sys.stderr)
     sys.exit(1)
+
+
+def discard(out_dir: Path, output_root: Path) -> None:
+    """Remove this evaluation's directory: a refused or failed evaluation leaves nothing behind."""
+    if HydraConfig.get().mode == RunMode.RUN:
+        discard_refused_run(out_dir, output_root)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, find_unfinished_run
-from trainer.config import build, check_override_types
+from trainer.config import build, build_model, check_override_types
 from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
-from trainer.errors import UserError, one_line_config_errors
+from trainer.errors import UserError, error_line, one_line_config_errors, printable
 from trainer.fsutil import discard_refused_run
 from trainer.logger import NullLogger
 from trainer.runtime import resolve_device, run_then_exit, seed_everything
@@ -50,7 +50,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     device = dist.device
     data = build(cfg.dataset, device=device, seed=cfg.seed)
     data.shard(dist.rank, dist.world_size)
-    model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
+    model = build_model(cfg.model, data.in_shape, data.num_classes).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
@@ -69,7 +69,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     cores = torch.get_num_threads()
     threads = f" ({cores} CPU thread{'s' * (cores != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores
     log.info("%s on %s%s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
-             device, threads, data.name, type(loss_fn).__name__, type(optimizer).__name__, data.train.num_samples,
+             device, threads, printable(data.name), type(loss_fn).__name__, type(optimizer).__name__,
+             data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
     limits = {"each epoch trains on": cfg.trainer.limit_train_batches, "val and test use": cfg.trainer.limit_eval_batches}
     if any(limits.values()):  # the counts above are the splits', not what this run reads of them
@@ -123,7 +124,7 @@ def main(cfg: DictConfig) -> float | None:
         results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
         return None if cfg.optimized_metric is None else results[cfg.optimized_metric]
     except (UserError, NonFiniteLossError) as e:
-        message = f"error: {e}"
+        message = error_line(e)
     except MissingMandatoryValue as e:
         message = (f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
                    f"{e.full_key}=...")

@@ -36,7 +36,7 @@ from torch import nn
 
 from trainer.config import build, check_fits, data_config, model_from_checkpoint
 from trainer.data import BatchLoader, BatchTransform
-from trainer.errors import UserError
+from trainer.errors import UserError, error_line
 from trainer.fsutil import atomic_write
 
 ATOL = RTOL = 1e-4
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         export(args.ckpt, list(dict.fromkeys(args.format)), args.out, args.batches, args.trust_checkpoint,
                args.data_root)
     except (UserError, Mismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     return 0
 

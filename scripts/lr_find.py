@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
-from trainer.config import build, check_override_types
-from trainer.errors import UserError, one_line_config_errors
+from trainer.config import build, build_model, check_override_types
+from trainer.errors import UserError, error_line, one_line_config_errors
 from trainer.figures import lr_find_plot
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.logger import NullLogger
@@ -46,7 +46,7 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     data = build(cfg.dataset, device=device, seed=cfg.seed)
-    model = build(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes).to(device)
+    model = build_model(cfg.model, data.in_shape, data.num_classes).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     # The Trainer checks its settings where it is built; build it (without training: no run directory of its
@@ -91,7 +91,7 @@ def main(cfg: DictConfig) -> None:
         result = find(cfg, out_dir)
     except UserError as e:
         discard_refused_run(out_dir, Path(cfg.output_root))
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(1)
     overrides = [o for o in HydraConfig.get().overrides.task
                  if not o.lstrip("+~").startswith(("optimizer.lr=", "lr_find."))]

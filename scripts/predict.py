@@ -32,7 +32,7 @@ from PIL import Image
 from trainer.config import model_from_checkpoint
 from trainer.data import BatchTransform
 from trainer.data.decode import decode, to_8bit
-from trainer.errors import UserError
+from trainer.errors import UserError, error_line
 
 # Datasets made MNIST's way (centred grey content on black), and those of them whose objects fill the frame.
 MNIST_STYLE = ("MNIST", "FashionMNIST")
@@ -77,6 +77,10 @@ def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> tor
 def predict(ckpt: str, files: list[Path], top: int, trust: bool = False) -> list[list[tuple[int, str, float]]]:
     """Per file, the `top` (class index, class name, probability) pairs, most likely first.
     `trust`: rebuild the model from the checkpoint's own config (see trainer.config.rebuildable_config)."""
+    for path in files:  # a FIFO or a device would be read without end (predict waited forever on a FIFO)
+        if not Path(path).is_file():
+            raise UserError(f"{path}: not a regular file" + (" (it does not exist)" if not Path(path).exists() else
+                                                            "; only image files are read, never FIFOs or devices"))
     restored = model_from_checkpoint(ckpt, trust=trust)
     data = restored.data
     shape, normalise = tuple(data["in_shape"]), BatchTransform(data["mean"], data["std"])
@@ -105,7 +109,7 @@ def main() -> int:
             raise UserError(f"--top={args.top}: must be >= 1")
         results = predict(args.ckpt, args.images, args.top, args.trust_checkpoint)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     for path, ranked in zip(args.images, results):
         print(f"{path}  " + "  ".join(f"{i} {name!r} {p:.1%}" for i, name, p in ranked))

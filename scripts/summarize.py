@@ -79,16 +79,16 @@ def read_metrics(path: Path) -> dict:
 
 
 def progress_of(checkpoint: Path) -> dict:
-    """`epochs` and `best/val` of a stopped run, from its last.pt (weights_only: no code in the file runs)."""
-    # only for stopped runs: importing torch takes a second or two
-    from trainer.runtime import host_memory_bytes
-    from trainer.untrusted import load_torch_file
+    """`epochs` and `best/val` of a stopped run, from its last.pt, read as every consumer reads a checkpoint
+    (load_checkpoint: no code in the file runs, and a zip bomb is refused before it is inflated)."""
+    from trainer.checkpoint import load_checkpoint  # only for stopped runs: importing torch takes a second or two
+    from trainer.errors import UserError
 
-    try:  # memory-mapped after its zip records and tensor views are checked: only two numbers of it are read
-        state = load_torch_file(checkpoint, host_memory_bytes())
-        return {"epochs": int(state["epoch"]), "best/val": state.get("best_metric")}
-    except Exception:  # noqa: BLE001 (a torn or foreign file: the row keeps its blanks)
+    try:
+        state = load_checkpoint(checkpoint)
+    except UserError:  # a torn, foreign or hostile file: the row keeps its blanks
         return {}
+    return {"epochs": state["epoch"], "best/val": state.get("best_metric")}
 
 
 def is_training_run(run: Path, overrides: list[str]) -> bool:

@@ -50,6 +50,17 @@ def test_opt_out_and_bad_choice():
     assert bad.stderr.strip() == "error: TRAINER_ALLOCATOR='tcmalloc': use one of mimalloc, system"
 
 
+def test_an_impossible_allocation_fails_at_once_under_mimalloc():
+    """mimalloc maps with MAP_NORESERVE, so torch.empty of 3 TB "succeeded" and filling it ended in an out-of-memory
+    kill; under the RLIMIT_DATA cap the preloaded process sets, it fails at once, as under glibc (issue 24)."""
+    code = ("from trainer.allocator import allocator_in_use, preload_mimalloc; preload_mimalloc(); import torch\n"
+            "try:\n    torch.empty(3 << 40, dtype=torch.uint8)\nexcept RuntimeError as e:\n"
+            "    print(allocator_in_use(), 'refused:', str(e).splitlines()[0])\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TRAINER_ALLOCATOR")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=60)
+    assert result.stdout.startswith("mimalloc refused:") and "can't allocate memory" in result.stdout, result
+
+
 @pytest.mark.parametrize("choice", ["mimalloc", "system"])
 def test_train_py_records_its_allocator(tiny_root, tmp_path, choice):
     run_dir = tmp_path / "run"

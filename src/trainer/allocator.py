@@ -7,6 +7,14 @@ pages: the same run peaks at 965-974 MiB every time and its epoch is about 18% f
 "Memory and start-up"). malloc can only be replaced before a process starts (LD_PRELOAD), hence the re-exec. It happens
 before torch is imported and keeps the process id, so it costs a few tens of milliseconds and nothing else.
 
+mimalloc alone would turn an impossible allocation into an out-of-memory kill: where the kernel overcommits
+(vm.overcommit_memory 0 or 1) it maps memory with MAP_NORESERVE, which skips the kernel's check that refuses
+glibc an allocation larger than RAM + swap. `torch.empty` of 3 TB "succeeded" in 0.00 s, and filling it grew until
+the kernel killed a process, possibly another one; no mimalloc option changes that without refusing every
+allocation of 2 GiB or more (measured: docs/performance.md). So the re-executed process runs with its writable
+private memory (RLIMIT_DATA, which counts those mappings) capped at RAM + swap: the same allocation then fails at
+once with torch's "can't allocate memory", as under glibc, and the speed and memory figures stay mimalloc's.
+
 This module imports nothing heavy: scripts call `preload_mimalloc()` before their other imports.
 """
 
@@ -58,10 +66,32 @@ def preload_mimalloc() -> None:
     if library is None:
         return
     env = {**os.environ, "LD_PRELOAD": f"{library} {preload}".strip(), _PRELOADED: preload}
+    cap_data_at_memory()
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:
         return  # could not re-execute: carry on with the system malloc
+
+
+def cap_data_at_memory() -> None:
+    """Lower this process's RLIMIT_DATA (writable private memory, Linux >= 4.7) to RAM + swap, where it is higher:
+    an allocation larger than the machine then fails at once under mimalloc too (see the module doc). It is what
+    glibc's own check allows; GPU drivers reserve their address space without write access, which it does not
+    count. Processes this one starts inherit it."""
+    import resource
+
+    swap = 0
+    try:
+        with open("/proc/meminfo") as f:
+            swap = next((int(line.split()[1]) * 1024 for line in f if line.startswith("SwapTotal:")), 0)
+    except (OSError, ValueError):
+        pass
+    cap = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") + swap
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft == resource.RLIM_INFINITY or soft > cap:
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
 
 
 def allocator_in_use() -> str:

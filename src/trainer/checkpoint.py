@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import yaml
 
+from trainer.bounds import MAX_CLASSES, MAX_NESTING, check_loaded, check_zip_records
 from trainer.errors import UserError, is_number
 from trainer.fsutil import atomic_write
 from trainer.untrusted import load_yaml
@@ -58,6 +59,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         (f"; it holds {', '.join(str(p) for p in found[:2])}" if found else ""))
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
+    check_zip_records(path)  # before torch.load reads anything: a record may inflate to any size
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -71,6 +73,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         f"{type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this framework")
+    check_loaded(state, path)  # before any tensor in it is copied: a zero-stride view may stand for billions
     version = state.get("version")
     if not _is_int(version) or version < 1:
         raise UserError(f"{path}: checkpoint version {version!r} is not one this framework writes (1 to {VERSION})")
@@ -106,6 +109,9 @@ def _stored_data(data: object, path: Path) -> dict[str, Any] | None:
     if not ok:
         raise UserError(f"refusing {path}: its stored dataset identity is not a name, an image shape, class names "
                         "and a normalisation")
+    if len(data["classes"]) > MAX_CLASSES:  # the model's head, every table and picture of classes are this wide
+        raise UserError(f"refusing {path}: it stores {len(data['classes'])} class names; at most {MAX_CLASSES} "
+                        "classes are read")
     return data
 
 
@@ -139,10 +145,7 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
     if len(text) > MAX_CONFIG_CHARS:
         raise _refuse(path, f"is {len(text)} characters long (at most {MAX_CONFIG_CHARS})")
     try:
-        # Aliases would let a small text expand into an endless or exponential structure ("billion laughs");
-        # OmegaConf never writes them.
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise _refuse(path, "uses a YAML alias (*name)")
+        _check_yaml_events(text, path)
         config = yaml.safe_load(text)  # plain types only: no tags, no objects
     except yaml.YAMLError as e:
         raise _refuse(path, f"is not valid YAML ({' '.join(str(e).split())[:120]})") from None
@@ -150,6 +153,21 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
         raise _refuse(path, "is not a mapping of config keys")
     _check_plain(config, "", path)
     return config
+
+
+def _check_yaml_events(text: str, path: Path) -> None:
+    """Refuse what would make parsing a small text costly, from the parser's events (it keeps its own stack)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        # Aliases would let a small text expand into an endless or exponential structure ("billion laughs");
+        # OmegaConf never writes them.
+        if isinstance(event, yaml.AliasEvent):
+            raise _refuse(path, "uses a YAML alias (*name)")
+        # YAML's composer, and _check_plain after it, recurse once per level: 5000 levels of [[[...]]] would end
+        # in a RecursionError thousands of lines long. A real config nests about 3 deep.
+        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if depth > MAX_NESTING:
+            raise _refuse(path, f"nests deeper than {MAX_NESTING} levels")
 
 
 def _check_plain(value: object, key: str, path: Path) -> None:
@@ -288,7 +306,9 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], where: Path | str = "the checkpoint") -> None:
+    """Restore the RNGs from `rng_state()`'s dict, refused in one line unless it has exactly that form."""
+    _check_rng_state(state, where)
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -297,3 +317,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def _check_rng_state(state: object, where: Path | str) -> None:
+    """Raise UserError unless `state` has the keys, types, shapes and dtypes `rng_state()` writes: each is copied
+    into a generator, so a tensor of another size would be materialised (and its shape is this code's, not the
+    file's, to choose)."""
+    def byte_state(t: object, n: int | None) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and (n is None or t.numel() == n)
+
+    ok = isinstance(state, dict) and set(state) == {"torch", "cuda", "numpy", "python"}
+    ok = ok and byte_state(state["torch"], torch.get_rng_state().numel())
+    # a CUDA generator's state is a seed and an offset (16 bytes): 64 is room for another layout, not for a bomb
+    ok = ok and isinstance(state["cuda"], list) and len(state["cuda"]) <= 1024 and all(
+        byte_state(t, None) and t.numel() <= 64 for t in state["cuda"])
+    n = state["numpy"] if ok else None
+    ok = ok and isinstance(n, dict) and set(n) == {"kind", "keys", "pos", "has_gauss", "cached_gaussian"} and (
+        n["kind"] == "MT19937" and isinstance(n["keys"], torch.Tensor) and n["keys"].dtype == torch.int64
+        and tuple(n["keys"].shape) == (624,) and _is_int(n["pos"]) and 0 <= n["pos"] <= 624
+        and _is_int(n["has_gauss"]) and is_number(n["cached_gaussian"]))
+    py = state["python"] if ok else None
+    ok = ok and isinstance(py, (tuple, list)) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], (tuple, list))
+    ok = ok and len(py[1]) == 625 and all(map(_is_int, py[1])) and (py[2] is None or is_number(py[2]))
+    if not ok:
+        raise UserError(f"refusing {where}: its stored random-number states (rng) are not the generators' states "
+                        "this code writes (their keys, types, shapes or dtypes differ)")

@@ -8,6 +8,7 @@ checkout's own config options, and only plain, type-checked values from the file
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from trainer.bounds import MAX_IMAGE_ELEMENTS, require_memory
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, is_number, shown
@@ -45,6 +47,41 @@ def build(node: DictConfig, **runtime: Any) -> Any:
             values = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
             raise UserError(f"{node._key()}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
         raise
+
+
+def build_model(node: DictConfig, in_shape: Sequence[int], num_classes: int,
+                weights: Mapping[str, Any] | None = None, misfit: str = "") -> torch.nn.Module:
+    """`build(node)` for a model (with `in_shape` and `num_classes`), once its size is known to fit.
+
+    The model is first built on the meta device, which allocates nothing: model.hidden_sizes=[1000000000] was
+    killed at 6 GB before any check ran, and weights that fit in the machine but not in its free memory would fill
+    it under any allocator. Its weights must then fit in the memory available, and, given a checkpoint's
+    `weights`, have their names and shapes, else UserError(`misfit`).
+    """
+    planned = _on_meta(node, in_shape, num_classes)
+    if planned is not None:
+        shapes = {k: tuple(t.shape) for k, t in planned.state_dict().items()}
+        if weights is not None and not (isinstance(weights, Mapping) and set(weights) == set(shapes) and all(
+                isinstance(t, torch.Tensor) and tuple(t.shape) == shapes[k] for k, t in weights.items())):
+            raise UserError(misfit)
+        count = sum(t.numel() for t in planned.state_dict().values())
+        require_memory(sum(t.numel() * t.element_size() for t in planned.state_dict().values()),
+                       f"model={type(planned).__name__} of {count:,} weights", "make the model smaller")
+    return build(node, in_shape=tuple(in_shape), num_classes=num_classes)
+
+
+def _on_meta(node: DictConfig, in_shape: Sequence[int], num_classes: int) -> torch.nn.Module | None:
+    """The model `node` describes, built on the meta device (shapes, no memory); None if it cannot be."""
+    node = node.copy()
+    if "weights" in node:
+        node.weights = None  # pretrained weights have the same shapes; no download for a plan
+    try:
+        with torch.device("meta"):
+            return build(node, in_shape=tuple(in_shape), num_classes=num_classes)
+    except UserError:
+        raise
+    except Exception:  # a model of the user's own that needs real tensors to be built: it is built as it is
+        return None
 
 
 _NO_DEFAULT = object()
@@ -118,6 +155,9 @@ def _inferred_choices(stored: dict, where: Path) -> dict[str, str]:
     """The options a version-1 checkpoint (which stored no choices) was composed from, by its classes."""
     choices = {}
     for group in GROUPS:
+        if not isinstance(stored.get(group) or {}, dict):
+            raise UserError(f"refusing {where}: its stored {group} is a {type(stored[group]).__name__}, not a config "
+                            "group")
         target = (stored.get(group) or {}).get("_target_")
         match = [o for o in options(group) if _option_target(group, o) == target]
         if not match:
@@ -243,23 +283,31 @@ def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", 
     """
     state = load_checkpoint(ckpt)
     trained = rebuildable_config(state, trust, ckpt, data_root)
-    data = data_identity(state, trained)
+    data = data_identity(state, trained, ckpt)
     model_config = trained.model.copy()
     if "weights" in model_config:
         model_config.weights = None  # no pretrained download: the checkpoint holds the trained weights
-    model = build(model_config, in_shape=tuple(data["in_shape"]), num_classes=len(data["classes"]))
+    misfit = (f"{ckpt}: its weights do not fit the model its config describes "
+              f"({data['name']}, {len(data['classes'])} classes of {tuple(data['in_shape'])} images)")
+    model = build_model(model_config, data["in_shape"], len(data["classes"]), state["model"], misfit)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError):  # other shapes or keys; not a state dict at all
-        raise UserError(f"{ckpt}: its weights do not fit the model its config describes "
-                        f"({data['name']}, {len(data['classes'])} classes of {tuple(data['in_shape'])} images)") from None
+        raise UserError(misfit) from None
     return TrainedModel(model.to(device).eval(), trained, data, state["epoch"])
 
 
-def data_identity(state: dict, trained: DictConfig) -> dict[str, Any]:
+def data_identity(state: dict, trained: DictConfig, where: Path | str = "the checkpoint") -> dict[str, Any]:
     """The identity of the data a checkpoint was trained on. A file from before version 3 has none stored: its
     dataset was MNIST or FashionMNIST (this checkout's option class says which), whose identity is fixed."""
     if state["data"] is not None:
+        shape = state["data"]["in_shape"]
+        # The model is rebuilt, run on trial and fed images at this size. A resume compares it with its own data's
+        # instead, so only a rebuild bounds it.
+        if math.prod(shape) > MAX_IMAGE_ELEMENTS:
+            raise UserError(f"refusing {where}: its stored image shape {shape} has "
+                            f"{math.prod(shape)} elements; a model is rebuilt for images of at most "
+                            f"{MAX_IMAGE_ELEMENTS} (C*H*W)")
         return state["data"]
     cls = get_class(trained.dataset._target_)
     if not (isinstance(cls, type) and issubclass(cls, IDXImageDataset)):

@@ -19,6 +19,19 @@ def shown(value: object) -> str:
     return "null" if value is None else repr(value)
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them (a newline as \\n, ESC as \\x1b), other
+    characters as they are. Names that come from data (class folders, a checkpoint's dataset name) go through
+    this before they reach a terminal or a log: a newline would forge a line of its own, an ANSI sequence
+    would rewrite what the terminal shows."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def error_line(error: BaseException | str) -> str:
+    """The one line a refused command prints: `error: <message>`, escaped (see printable)."""
+    return f"error: {printable(str(error))}"
+
+
 def is_number(value: object) -> bool:
     """An int or a float, but not a bool (which Python counts as an int: `lr=true` would be 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

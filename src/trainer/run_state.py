@@ -178,7 +178,7 @@ class RunState:
         require_free_space(checkpoint_dir, 3 * size, f"this run's checkpoints (last.pt and best.pt of about "
                            f"{size / 2**20:.1f} MiB each, and a temporary copy while one is written)")
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: Path | str = "the checkpoint") -> None:
         self.model.load_state_dict(state.get("train_model", state["model"]))
         if self.ema is not None:  # a checkpoint written without EMA starts the average at its weights
             self.ema.module.load_state_dict(state["model"])
@@ -202,7 +202,7 @@ class RunState:
         elif not same_ema:
             log.info("resume: trainer.ema_decay turned %s; best.pt is chosen afresh from the next validation",
                      "on" if self.ema is not None else "off")
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], where)
 
     def resume(self, path: Path, *, max_epochs: int, batches_per_epoch: int, run_dir: Path,
                checkpoint_dir: str) -> None:
@@ -226,7 +226,7 @@ class RunState:
         if state["batch_in_epoch"] > batches_per_epoch:
             raise UserError(f"trainer.resume={str(path)!r} stopped after batch {state['batch_in_epoch']} of its "
                             f"epoch, but an epoch now has {batches_per_epoch} batches")
-        self.load_state_dict(state)
+        self.load_state_dict(state, path)
         if self.dist.is_main:  # left by a kill during a checkpoint write; other programs' files are left alone
             names = "|".join(re.escape(name) for name in CHECKPOINT_NAMES)
             # no grace period: this run's lock on the directory (open) keeps every other writer of these names out

@@ -88,6 +88,32 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def available_memory_bytes() -> int:
+    """Memory this process can still take: the kernel's MemAvailable, or less where a cgroup limit (v1 or v2) leaves
+    less. Physical memory is the wrong budget on a shared machine, and a container's limit kills before it runs out."""
+    found = [host_memory_bytes()]
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        with open("/proc/self/cgroup") as f:
+            groups = [line.rstrip("\n").split(":", 2) for line in f]
+    except (OSError, ValueError):
+        groups = []
+    for _, controllers, where in groups:
+        if controllers == "":  # v2
+            limit, usage = f"/sys/fs/cgroup{where}/memory.max", f"/sys/fs/cgroup{where}/memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            limit, usage = (f"/sys/fs/cgroup/memory{where}/memory.{n}" for n in ("limit_in_bytes", "usage_in_bytes"))
+        else:
+            continue
+        try:
+            with open(limit) as a, open(usage) as b:
+                found.append(int(a.read()) - int(b.read()))
+        except (OSError, ValueError):  # "max" (no limit), or not visible from this namespace
+            pass
+    return max(0, min(found))
+
+
 def device_free_bytes(device: torch.device) -> int:
     """Free memory on a CUDA device (what the data may take, less the margin)."""
     return torch.cuda.mem_get_info(device)[0]

@@ -41,8 +41,7 @@ def check_settings(*, max_epochs: int, log_every_n_steps: int, accumulate_grad_b
     for key, value in optional_counts.items():
         if value is not None:
             require_int(f"trainer.{key}", value, 1)
-    if precision not in PRECISIONS:
-        raise UserError(f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"trainer.precision=fp16 needs CUDA (it trains with a gradient scaler); on {device.type} "
                         "use bf16 or fp32")
@@ -58,6 +57,13 @@ def check_settings(*, max_epochs: int, log_every_n_steps: int, accumulate_grad_b
         raise UserError(f"trainer.early_stopping_min_delta={shown(early_stopping_min_delta)}: must be a number >= 0")
     if grad_clip_norm is not None and not (is_number(grad_clip_norm) and grad_clip_norm > 0):
         raise UserError(f"trainer.grad_clip_norm={shown(grad_clip_norm)}: must be null or a number > 0")
+
+
+def check_precision(precision: object) -> str:
+    """Return `precision` if it is one of PRECISIONS, else raise UserError naming it (eval.py reads it from a file)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={shown(precision)}: use one of {', '.join(PRECISIONS)}")
+    return precision
 
 
 def autocast_for(precision: str, device: torch.device, cache: bool = True) -> Callable[[], ContextManager]:
@@ -87,6 +93,11 @@ def check_optimizer_and_loss(optimizer: torch.optim.Optimizer, loss_fn: nn.Modul
     lrs = [float(group["lr"]) for group in optimizer.param_groups]
     if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
         raise UserError(f"optimizer.lr={lrs[0] if len(set(lrs)) == 1 else lrs}: must be a finite number > 0")
+    check_loss(loss_fn, num_classes, device)
+
+
+def check_loss(loss_fn: nn.Module, num_classes: int, device: torch.device) -> None:
+    """Refuse loss settings that fail only when the loss is called (label_smoothing=2): one call on a blank batch."""
     try:
         with torch.no_grad():  # not a training batch
             loss_fn(torch.zeros(2, num_classes, device=device), torch.zeros(2, dtype=torch.long, device=device))

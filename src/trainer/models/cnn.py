@@ -21,6 +21,8 @@ class CNN(nn.Module):
         if len(channels) != len(kernel_sizes) or not channels:
             raise UserError(f"model.channels={list(channels)} and model.kernel_sizes={list(kernel_sizes)} "
                             "must be non-empty lists of the same length")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in channels):
+            raise UserError(f"model.channels={list(channels)}: must be positive integers")
         if not all(k % 2 == 1 and k > 0 for k in kernel_sizes):
             raise UserError(f"model.kernel_sizes={list(kernel_sizes)}: must be odd positive integers")
         if not 0 <= dropout < 1:
