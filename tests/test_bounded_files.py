@@ -79,7 +79,7 @@ def test_a_pt_of_zero_stride_tensors_is_refused_before_it_is_copied(tmp_path):
     torch.save({"train_x": torch.zeros(1, dtype=torch.uint8).expand(4_000_000, 28, 28),
                 "train_y": torch.zeros(1, dtype=torch.int64).expand(4_000_000)}, path)
     assert path.stat().st_size < 4096
-    refused(tensors(path, tmp_path), "train_x is a view of 3136000000 elements")
+    refused(tensors(path, tmp_path), "its tensor train_x of shape (4000000, 28, 28) is a view of 3136000000")
     assert [p.name for p in tmp_path.iterdir() if "cache" in p.name] == []  # no 2.4 GB cache beside it
 
 
@@ -215,7 +215,7 @@ COPIED_RUN_FILES = {
     "overrides.yaml of YAML aliases": (".hydra/overrides.yaml", lambda p: p.write_text(ALIASES),
                                        "overrides.yaml: uses a YAML alias (*a)"),
     "overrides.yaml nested 5000 deep": (".hydra/overrides.yaml", lambda p: p.write_text("[" * 5000 + "]" * 5000),
-                                        "overrides.yaml: nested more than 32 levels deep"),
+                                        "overrides.yaml: nests deeper than 32 levels"),
 }
 
 

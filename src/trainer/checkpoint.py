@@ -13,10 +13,9 @@ import numpy as np
 import torch
 import yaml
 
-from trainer.bounds import MAX_CLASSES, MAX_NESTING, check_loaded, check_zip_records
 from trainer.errors import UserError, is_number
 from trainer.fsutil import atomic_write
-from trainer.untrusted import load_yaml
+from trainer.untrusted import MAX_CLASSES, check_tensors, load_yaml, yaml_hazard, zip_members
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         (f"; it holds {', '.join(str(p) for p in found[:2])}" if found else ""))
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
-    check_zip_records(path)  # before torch.load reads anything: a record may inflate to any size
+    zip_members(path, path.stat().st_size, stored_only=True, what="checkpoint")  # before torch.load reads anything
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -73,7 +72,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         f"{type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this framework")
-    check_loaded(state, path)  # before any tensor in it is copied: a zero-stride view may stand for billions
+    check_tensors(state, str(path))  # before any tensor in it is copied: a zero-stride view may stand for billions
     version = state.get("version")
     if not _is_int(version) or version < 1:
         raise UserError(f"{path}: checkpoint version {version!r} is not one this framework writes (1 to {VERSION})")
@@ -145,7 +144,9 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
     if len(text) > MAX_CONFIG_CHARS:
         raise _refuse(path, f"is {len(text)} characters long (at most {MAX_CONFIG_CHARS})")
     try:
-        _check_yaml_events(text, path)
+        hazard = yaml_hazard(text)  # before anything is built: an alias or deep nesting makes a small text costly
+        if hazard:
+            raise _refuse(path, hazard)
         config = yaml.safe_load(text)  # plain types only: no tags, no objects
     except yaml.YAMLError as e:
         raise _refuse(path, f"is not valid YAML ({' '.join(str(e).split())[:120]})") from None
@@ -153,21 +154,6 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
         raise _refuse(path, "is not a mapping of config keys")
     _check_plain(config, "", path)
     return config
-
-
-def _check_yaml_events(text: str, path: Path) -> None:
-    """Refuse what would make parsing a small text costly, from the parser's events (it keeps its own stack)."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        # Aliases would let a small text expand into an endless or exponential structure ("billion laughs");
-        # OmegaConf never writes them.
-        if isinstance(event, yaml.AliasEvent):
-            raise _refuse(path, "uses a YAML alias (*name)")
-        # YAML's composer, and _check_plain after it, recurse once per level: 5000 levels of [[[...]]] would end
-        # in a RecursionError thousands of lines long. A real config nests about 3 deep.
-        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
-        if depth > MAX_NESTING:
-            raise _refuse(path, f"nests deeper than {MAX_NESTING} levels")
 
 
 def _check_plain(value: object, key: str, path: Path) -> None:

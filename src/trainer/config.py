@@ -22,7 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainer.bounds import MAX_IMAGE_ELEMENTS, require_memory
+from trainer.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, is_number, shown

@@ -4,7 +4,8 @@ Run directories, datasets and their caches get copied in from other machines and
 *declares* (its type, its size, a zip member's inflated size, an array header's shape, a tensor's strides) is
 checked against a bound before anything that size is allocated: a few-kilobyte file must not be able to make a
 command read forever (a FIFO, a link to /dev/zero) or allocate gigabytes (YAML aliases, a zip bomb, a
-zero-stride view) before it is refused in one line.
+zero-stride view) before it is refused in one line. Checkpoints are read the same way (checkpoint.py), and a
+model a checkpoint describes is sized against the memory available before it is built (config.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ MAX_TEXT_BYTES = 4 * 2**20  # a run directory's metrics.json, overrides.yaml or 
 # gets image arrays down 2-10 times; 1000 times is a file of zeros made to fill memory.
 MAX_INFLATION = 100
 MIN_BOMB_BYTES = 16 * 2**20
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+# Image elements (C*H*W) of a stored input shape a model is rebuilt for (eval, predict, export): 4096x4096 grey,
+# 2364x2364 RGB. A model's trial forward pass on a larger image could take all memory: a ResNet's first activation
+# alone has 64 channels at half the image's height and width.
+MAX_IMAGE_ELEMENTS = 2**24
+# The pickle of a torch.save file (its data.pkl: a checkpoint's config text, class names, counters and the
+# tensors' references; the tensors' bytes are records of their own) is a few hundred KiB. Unpickled, each byte can
+# become tens of bytes of Python objects (2 million class names: 30 MB of pickle, 400 MiB in memory).
+MAX_PICKLE_BYTES = 8 << 20
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character "
           "device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -70,23 +80,27 @@ def load_json(path: str | os.PathLike, cap: int = MAX_TEXT_BYTES) -> Any:
         raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
+def yaml_hazard(text: str, max_depth: int = MAX_DEPTH) -> str | None:
+    """What would make parsing `text` costly, in words ("uses a YAML alias (*a)", "nests deeper than 32
+    levels"), or None; read from the parser's events, before any structure is built. An alias lets 300 KB expand
+    into gigabytes ("billion laughs"); nesting thousands deep exhausts the recursion of YAML's composer and of
+    every walk after it. Neither Hydra nor OmegaConf writes either."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events, one at a time: nothing is built yet
+        if isinstance(event, yaml.AliasEvent):
+            return f"uses a YAML alias (*{event.anchor})"
+        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+    return None
+
+
 def parse_yaml(text: str, where: str, max_depth: int = MAX_DEPTH) -> Any:
-    """`text` as plain YAML values (no tags), refusing aliases and nesting deeper than `max_depth` before any
-    structure is built: an alias lets 300 KB expand into gigabytes ("billion laughs"), and nesting thousands
-    deep exhausts the recursion of the parser. Neither Hydra nor OmegaConf writes either."""
+    """`text` as plain YAML values (no tags), refused (UserError naming `where`) if `yaml_hazard` finds one."""
     try:
-        depth = 0
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events, one at a time: nothing is built yet
-            if isinstance(event, yaml.AliasEvent):
-                raise UserError(f"{where}: uses a YAML alias (*{event.anchor}), which files of this project never "
-                                "hold")
-            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                depth += 1
-                if depth > max_depth:
-                    raise UserError(f"{where}: nested more than {max_depth} levels deep, deeper than any file of this "
-                                    "project")
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                depth -= 1
+        hazard = yaml_hazard(text, max_depth)
+        if hazard:
+            raise UserError(f"{where}: {hazard}; files of this project never do")
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{where}: not valid YAML ({' '.join(str(e).split())[:120]})") from None
@@ -97,59 +111,89 @@ def load_yaml(path: str | os.PathLike, cap: int = MAX_TEXT_BYTES) -> Any:
     return parse_yaml(_text(path, cap), str(path))
 
 
-def zip_members(path: Path, budget: int, *, stored_only: bool = False) -> list[zipfile.ZipInfo]:
+def zip_members(path: Path, budget: int, *, stored_only: bool = False, what: str = "zip file") -> list[zipfile.ZipInfo]:
     """The members of the zip file `path` (.npz, .pt), refused (UserError) before anything is inflated if, as its
-    directory declares them, they add up to more than `budget` bytes, one inflates like a zip bomb, or (with
-    `stored_only`: torch.save never compresses) one is compressed at all. An inflating member stops at the size
-    its directory declares, so the declared sizes bound what reading them can allocate."""
+    directory declares them, they add up to more than `budget` bytes or one inflates like a zip bomb.
+    `stored_only`, for torch.save's files (checkpoints, caches, tensors files): torch.save never compresses, and
+    torch.load inflates a compressed record whole, so any compressed one is refused, the records may not declare
+    more than the file holds, and the pickle is at most MAX_PICKLE_BYTES. `what` names the file in the message
+    for one that is not a zip at all."""
     try:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable zip file ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
-                        ) from None
-    total = sum(m.file_size for m in members)
-    if total > budget:
-        raise UserError(f"{path}: its contents declare {total / 2**30:.1f} GiB, more than the "
-                        f"{budget / 2**30:.1f} GiB of memory this machine has for them")
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path} is not a readable {what} (not a zip archive, which torch.save and numpy write; "
+                        f"truncated or another format: {type(e).__name__})") from None
     for m in members:
-        if stored_only and m.compress_type != zipfile.ZIP_STORED:
-            raise UserError(f"{path}: its record {m.filename} is compressed, which torch.save never does; refusing "
-                            "to inflate it")
+        if stored_only and (m.compress_type != zipfile.ZIP_STORED or m.compress_size != m.file_size):
+            raise UserError(f"refusing {path}: its record {m.filename!r} is compressed ({m.file_size} bytes stored in "
+                            f"{m.compress_size}); torch.save stores records uncompressed, and a compressed one could "
+                            "inflate to any size")
+        if stored_only and m.filename.rpartition("/")[2] == "data.pkl" and m.file_size > MAX_PICKLE_BYTES:
+            raise UserError(f"refusing {path}: its pickle ({m.filename!r}) is {m.file_size / 2**20:.1f} MiB; a "
+                            f"torch.save file's is at most {MAX_PICKLE_BYTES // 2**20} MiB (its tensors are records "
+                            "of their own)")
         if m.file_size > MIN_BOMB_BYTES and m.file_size > MAX_INFLATION * max(m.compress_size, 1):
             raise UserError(f"{path}: its member {m.filename} inflates {m.file_size // max(m.compress_size, 1)} "
                             f"times, to {m.file_size / 2**30:.1f} GiB (a zip bomb, not data; at most "
                             f"{MAX_INFLATION} times)")
+    total = sum(m.file_size for m in members)
+    if stored_only and total > os.stat(path).st_size:
+        raise UserError(f"refusing {path}: its records declare {total} bytes, more than the file's own "
+                        f"{os.stat(path).st_size}")
+    if total > budget:
+        raise UserError(f"{path}: its contents declare {total / 2**30:.1f} GiB, more than the "
+                        f"{budget / 2**30:.1f} GiB of memory this machine has for them")
     return members
 
 
-def require_within_storage(values: Any, where: str, key: str = "") -> None:
-    """Refuse a tensor, anywhere in `values` (nested dicts, lists, tuples), that spans more bytes than its storage
-    holds: a zero-stride or overlapping view, as the unpickler accepts it, is a few bytes in the file and its full
-    size as soon as anything copies it."""
+def check_tensors(value: Any, where: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse (UserError naming `where`, a file) a tensor anywhere in `value` (nested dicts, lists, tuples) that
+    spans more bytes than its storage holds, a sparse tensor, or containers nested deeper than `max_depth`.
+
+    torch.load(weights_only=True) rebuilds a tensor from a storage, a shape and strides: a stride of 0 makes a
+    2x10^9-element view of one stored byte, which any copy (set_rng_state, load_state_dict, a cache write)
+    materialises. A tensor whose elements fit in its storage costs at most the file's size. Walked with a
+    stack, not recursion: the pickle may nest lists thousands deep."""
     import torch
 
-    if isinstance(values, dict):
-        for k, v in values.items():
-            require_within_storage(v, where, f"{key}.{k}" if key else str(k))
-    elif isinstance(values, (list, tuple)):
-        for i, v in enumerate(values):
-            require_within_storage(v, where, f"{key}[{i}]")
-    elif isinstance(values, torch.Tensor):
-        stored = values.untyped_storage().nbytes()
-        if values.numel() * values.element_size() > stored:
-            raise UserError(f"{where}: {key} is a view of {values.numel()} elements {tuple(values.shape)} over "
-                            f"{stored} stored bytes (strides {tuple(values.stride())}); only tensors whose "
-                            "elements are all stored are read")
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, key, depth = stack.pop()
+        if depth > max_depth:
+            raise UserError(f"refusing {where}: its {key or 'content'} nests deeper than {max_depth} levels")
+        if isinstance(item, torch.Tensor):
+            if item.layout != torch.strided:  # a sparse tensor declares its dense size: to_dense() would allocate it
+                raise UserError(f"refusing {where}: its tensor {key} is {item.layout}, not a dense tensor")
+            stored = item.untyped_storage().nbytes()
+            if item.numel() * item.element_size() > stored:
+                raise UserError(f"refusing {where}: its tensor {key} of shape {tuple(item.shape)} is a view of "
+                                f"{item.numel()} elements over {stored} stored bytes (strides {item.stride()}); "
+                                "only tensors whose elements are all stored are read")
+        elif isinstance(item, dict):  # reversed: popped in the file's order, so the first bad tensor is named
+            stack.extend(reversed([(v, f"{key}.{k}" if key else str(k), depth + 1) for k, v in item.items()]))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(v, f"{key}[{i}]", depth + 1) for i, v in enumerate(item)]))
 
 
 def load_torch_file(path: Path, budget: int) -> Any:
     """What a `torch.save` file holds, as data only (`weights_only`: no pickled code runs), checked first as
     `zip_members` checks it (uncompressed records, at most `budget` bytes) and then memory-mapped, so that no
-    tensor is read before `require_within_storage` has checked every one of them. torch.load's own errors pass."""
+    tensor is read before `check_tensors` has checked every one of them. torch.load's own errors pass."""
     import torch
 
     zip_members(path, budget, stored_only=True)  # torch.save never compresses: a deflated record is a bomb
     loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    require_within_storage(loaded, str(path))
+    check_tensors(loaded, str(path))
     return loaded
+
+
+def require_memory(nbytes: int, what: str, hint: str) -> None:
+    """Raise UserError unless `nbytes` fit in the memory available to this process (see available_memory_bytes);
+    `what` needs them, `hint` says what to do instead."""
+    from trainer.runtime import available_memory_bytes, size_text
+
+    available = available_memory_bytes()
+    if nbytes > available:
+        raise UserError(f"{what} needs {size_text(nbytes)}, more than the {size_text(available)} of memory "
+                        f"available here; {hint}")
