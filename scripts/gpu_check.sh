@@ -15,6 +15,10 @@ cd "$(dirname "$0")/.."
 RESULTS=$(realpath -m "${1:-gpu_check.txt}")
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "error: gpu_check.sh needs a CUDA GPU, and $PY's torch sees none (torch.cuda.is_available() is false)" >&2
+    exit 1
+fi
 failed=()
 
 part() {  # part NAME SECONDS COMMAND...: run one part under a time limit, note it if it fails
