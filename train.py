@@ -32,7 +32,7 @@ from trainer.config import build, build_model, check_override_types
 from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
 from trainer.errors import UserError, error_line, one_line_config_errors, printable
 from trainer.fsutil import discard_refused_run
-from trainer.logger import NullLogger
+from trainer.logger import NullLogger, quiet_writer_thread_errors
 from trainer.runtime import resolve_device, run_then_exit, seed_everything
 from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
@@ -185,4 +185,5 @@ class JobFailed(Exception):
 if __name__ == "__main__":
     sys.argv += worker_hydra_overrides()  # under torchrun, ranks other than 0 make no run directory
     one_line_config_errors()
+    quiet_writer_thread_errors()  # a full disk: one line from the logger, not the writer thread's traceback
     run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/runtime.py)

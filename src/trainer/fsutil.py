@@ -23,9 +23,21 @@ RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_
 # systems may not pass locks on), whose writes keep the file's time fresh.
 STALE_AFTER_S = 10
 
-# mkstemp creates files 0600; give the final file the mode a plain open() would (0666 minus umask).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux reports it in /proc since 4.7). Elsewhere the only
+    way is to set it and set it back, which is done here, at the moment it is needed, never at import."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -45,7 +57,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600: the mode a plain open() would give
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -40,15 +40,21 @@ def hparams_of(config_yaml: str) -> dict[str, str | int | float | bool]:
     return out
 
 
-def _writer_thread_excepthook(args: threading.ExceptHookArgs, previous=threading.excepthook) -> None:
-    # TensorBoard writes events from a thread of its own; a full disk kills it with a traceback, and the
-    # main thread's next write raises the same OSError, which the logger reports in one line (OutputError).
-    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+def quiet_writer_thread_errors() -> None:
+    """Keep the traceback of TensorBoard's writer thread off the console when the disk refuses a write. The main
+    thread's next write raises the same OSError, which the logger reports in one line (OutputError). Process
+    state, so the command line's edge (train.py) calls it; importing this module changes nothing."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
         return
-    previous(args)
 
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
 
-threading.excepthook = _writer_thread_excepthook
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def _one_line_on_write_errors(cls: type) -> type:
