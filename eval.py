@@ -29,16 +29,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/eval.yaml uses)
 from trainer.config import build, check_fits, check_override_types, data_config, model_from_checkpoint
 from trainer.errors import UserError, error_line, one_line_config_errors, printable, require_bool
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.runtime import resolve_device, run_then_exit
 from trainer.settings import autocast_for, check_loss, check_precision, forward_pass
 from trainer.metrics import EpochMetrics, evaluate, per_class_accuracy
+from trainer.paths import register_resolvers
 
 log = logging.getLogger("eval")
 logging.raiseExceptions = False  # as in train.py: no traceback for a log line a full disk drops
+register_resolvers()  # ${root_dir:}, which configs/eval.yaml uses
 SPLITS = ("test", "val")
 
 

@@ -26,13 +26,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, find_unfinished_run
 from trainer.config import build, build_model, check_override_types
 from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
 from trainer.errors import UserError, error_line, one_line_config_errors, printable
 from trainer.fsutil import discard_refused_run
 from trainer.logger import NullLogger, quiet_writer_thread_errors
+from trainer.paths import register_resolvers
 from trainer.runtime import resolve_device, run_then_exit, seed_everything
 from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
@@ -40,6 +40,7 @@ log = logging.getLogger("train")
 # A log line that cannot reach train.log (a full disk) is dropped rather than printed with a traceback: the
 # console has it, and the failing write that matters is reported in one line.
 logging.raiseExceptions = False
+register_resolvers()  # ${root_dir:}, which configs/train.yaml uses: before @hydra.main composes it
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:

@@ -26,17 +26,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 
-import trainer.paths  # noqa: F401  (registers ${root_dir:}, which configs/train.yaml uses)
 from trainer.config import build, build_model, check_override_types
 from trainer.errors import UserError, error_line, one_line_config_errors
 from trainer.figures import lr_find_plot
 from trainer.fsutil import atomic_write, discard_refused_run
 from trainer.logger import NullLogger
 from trainer.lr_find import RangeTest, check_range_settings, lr_range_test
+from trainer.paths import register_resolvers
 from trainer.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("lr_find")
 logging.raiseExceptions = False  # as in train.py: no traceback for a log line a full disk drops
+register_resolvers()  # ${root_dir:}, which configs/train.yaml uses
 
 
 def find(cfg: DictConfig, out_dir: Path) -> RangeTest:

@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from trainer.idx import write_idx
+from trainer.paths import register_resolvers
 from trainer.provision import provision
+
+register_resolvers()  # the tests compose configs (${root_dir:}) as the entry points do
 
 # Under pytest-xdist, one worker per core already fills the machine: a torch process with a thread per core on
 # top (the worker's own, and every train.py it starts) leaves OpenMP threads spinning against each other. Measured

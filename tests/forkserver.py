@@ -40,7 +40,7 @@ def serve() -> dict:
 
     import trainer.checkpoint  # noqa: F401
     import trainer.config  # noqa: F401
-    import trainer.paths  # noqa: F401
+    import trainer.paths  # noqa: F401  (each script registers its resolver itself, as a fresh process would)
     import trainer.trainer  # noqa: F401
 
     Plugins.instance()  # Hydra's plugin scan (it imports every installed launcher and sweeper)

@@ -23,6 +23,7 @@ real_umask = os.umask
 os.umask = lambda mask: umask_calls.append(mask) or real_umask(mask)
 import hydra._internal.utils as hydra_utils
 import torch
+from omegaconf import OmegaConf
 
 def state():
     return {
@@ -38,6 +39,7 @@ def state():
         "data size limit": resource.getrlimit(resource.RLIMIT_DATA),
         "torch threads": torch.get_num_threads(),
         "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+        "OmegaConf resolvers": OmegaConf.has_resolver("root_dir"),
     }
 
 before = state()

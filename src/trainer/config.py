@@ -26,7 +26,7 @@ from trainer.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, is_number, shown
-from trainer.paths import CONFIG_DIR
+from trainer.paths import CONFIG_DIR, register_resolvers
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
 # and another machine's paths mean nothing here); always this checkout's own values.
@@ -170,6 +170,7 @@ def _inferred_choices(stored: dict, where: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def _project_configs() -> Iterator[None]:
     """Hydra's compose API over this checkout's configs/ (train.py and eval.py already run inside it)."""
+    register_resolvers()
     if GlobalHydra.instance().is_initialized():
         yield
         return
