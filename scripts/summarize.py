@@ -2,7 +2,7 @@
 """A sorted table of the runs under a directory: a sweep, a day, or all of outputs/.
 
     python scripts/summarize.py outputs/multirun/2026-11-23/10-00-00-123456
-    python scripts/summarize.py outputs --sort best/val/acc --format markdown
+    python scripts/summarize.py outputs --sort best/val --format markdown
     python scripts/summarize.py outputs --format csv > runs.csv
 
 A run is a directory where train.py trained: `.hydra/` says the job was `train` (eval.py's and lr_find.py's
@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.errors import UserError, is_number
+from trainer.errors import UserError, is_number, printable
 from trainer.untrusted import load_json, load_yaml
 
 COLUMNS = ("run", "status", "test/acc", "test/loss", "test/f1", "best/val", "epochs", "seconds", "overrides")
@@ -47,7 +47,8 @@ def runs(root: Path) -> list[dict]:
         # overrides get their own column.
         job = next((i for i, p in enumerate(parts) if p.partition("_")[0].isdigit() and "_" in p), None)
         name = "/".join(parts if job is None else (*parts[:job], parts[job].partition("_")[0])) or "."
-        row = {"run": name, "overrides": " ".join(overrides)}
+        # printable: a copied run's names and overrides must not forge lines or drive the terminal
+        row = {"run": printable(name), "overrides": printable(" ".join(overrides))}
         metrics_file = run / "metrics.json"
         if os.path.lexists(metrics_file):  # a link to /dev/zero or a FIFO is refused, not passed over
             metrics = read_metrics(metrics_file)

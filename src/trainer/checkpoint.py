@@ -15,7 +15,7 @@ import yaml
 
 from trainer.errors import UserError, is_number
 from trainer.fsutil import atomic_write
-from trainer.untrusted import MAX_CLASSES, check_tensors, load_yaml, yaml_hazard, zip_members
+from trainer.untrusted import MAX_CLASSES, check_tensors, file_kind, load_yaml, yaml_hazard, zip_members
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file" +
                         (f"; it holds {', '.join(str(p) for p in found[:2])}" if found else ""))
     if not path.is_file():
+        if path.exists():  # a FIFO would make torch.load wait for a writer forever
+            raise UserError(f"checkpoint {str(path)!r} is {file_kind(path.stat().st_mode)}, not a regular file")
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     zip_members(path, path.stat().st_size, stored_only=True, what="checkpoint")  # before torch.load reads anything
     try:

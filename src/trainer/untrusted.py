@@ -53,10 +53,11 @@ def read_regular(path: str | os.PathLike, cap: int = MAX_TEXT_BYTES) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # before fdopen, which raises its own error for a directory
+        os.close(fd)
+        raise UserError(f"{path}: is {file_kind(mode)}, not a regular file; only regular files are read")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UserError(f"{path}: is {file_kind(mode)}, not a regular file; only regular files are read")
         data = f.read(cap + 1)  # the size it says, and what it holds: the file may grow as it is read
     if len(data) > cap:
         raise UserError(f"{path}: larger than the {cap // 2**20} MiB such a file may be")
