@@ -5,7 +5,7 @@
 # how to read it.
 #
 #   bash scripts/gpu_check.sh                      # results in ./gpu_check.txt
-#   bash scripts/gpu_check.sh /tmp/gpu.txt         # elsewhere
+#   bash scripts/gpu_check.sh results/gpu.txt      # elsewhere (a path relative to the repository root)
 #   MIRROR=/data/mnist-mirror bash scripts/gpu_check.sh   # MNIST's raw files from a local mirror (offline)
 #
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3). Each part has its own time
