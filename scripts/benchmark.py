@@ -203,6 +203,9 @@ def main() -> int:
         return sweep_times(args.sweep, args.root, args.reps)
     args.samples = args.samples or (45_000 if args.data == "rgb32" else 55_000)  # the training split: one epoch
 
+    if any(torch.device(d).type == "cuda" for d in args.devices) and not torch.cuda.is_available():
+        print("error: --devices cuda needs a CUDA GPU, and torch sees none here; use --devices cpu", file=sys.stderr)
+        return 1
     methods = ("floor", "floor_data", "framework") + (() if args.no_tutorial else ("tutorial",))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc: {allocator_in_use()}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
