@@ -59,10 +59,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402,F401  (registers the root_dir resolver the configs use)
+from trainer.cli import train  # noqa: E402
 from trainer.config import build  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from trainer.paths import register_resolvers  # noqa: E402
 from trainer.runtime import seed_everything  # noqa: E402
 
 
@@ -362,4 +363,5 @@ def sweep_times(epochs: int, root: str, reps: int) -> int:
 
 
 if __name__ == "__main__":
+    register_resolvers()  # ${root_dir:}, which the configs use
     sys.exit(main())

@@ -102,8 +102,9 @@ MLP = ("model=mlp", "model.hidden_sizes=[64]")
 
 def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None = None,
               script: str = "train.py") -> subprocess.CompletedProcess:
-    """Run `python train.py OVERRIDES...` (or another script) from the repo root, as a user would."""
-    return run_python([str(REPO / script), *overrides], env={**os.environ, **(env or {})}, timeout=timeout,
+    """Run `python train.py OVERRIDES...` (or another script) from the repo root, as a user would: the script's
+    path as the README spells it, relative to the root (the command spells itself back so: `resume with: ...`)."""
+    return run_python([script, *overrides], env={**os.environ, **(env or {})}, timeout=timeout,
                       forkable=script in FORKABLE_SCRIPTS)
 
 
@@ -239,5 +240,5 @@ runpy.run_path(train_py, run_name="__main__")
 
 def run_train_stopping(*overrides: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     """`run_train`, with the process stopping itself as `env` says (see _STOPPING_TRAIN)."""
-    return run_python(["-c", _STOPPING_TRAIN, str(REPO / "train.py"), *overrides], env={**os.environ, **env},
+    return run_python(["-c", _STOPPING_TRAIN, "train.py", *overrides], env={**os.environ, **env},
                       timeout=timeout, forkable=True)

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import train
+from trainer.cli import train
 from conftest import REPO, TINY
 from trainer.config import build
 from trainer.logger import TensorBoardLogger

@@ -34,7 +34,7 @@ NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # the process sees no GPU: a CPU-only ma
 
 def setup_trainer(root: Path, tmp_path: Path, *overrides: str):
     """The Trainer exactly as train.py builds it, in this process (train.setup)."""
-    import train
+    from trainer.cli import train
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[*CUDA, f"dataset.root={root}", f"output_root={tmp_path}", *overrides])

@@ -40,7 +40,7 @@ def max_diffs(a: dict, b: dict) -> dict[str, float]:
 def torchrun(*overrides, nproc=2, timeout=300, wrapper=(), env=None):
     """`torchrun --standalone --nproc_per_node=N train.py OVERRIDES`, as a user would type it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *wrapper, str(REPO / "train.py"), *overrides]
+           *wrapper, "train.py", *overrides]  # the script as the user types it, from the root
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 

@@ -12,8 +12,7 @@ import torch
 
 from conftest import REPO, TINY, run_train
 
-sys.path.insert(0, str(REPO / "scripts"))
-import export  # noqa: E402
+from trainer.cli import export  # noqa: E402
 from trainer.config import build, model_from_checkpoint  # noqa: E402
 from trainer.data import BatchTransform  # noqa: E402
 

@@ -108,7 +108,7 @@ def test_no_source_says_what_was_tried_and_what_to_run(tmp_path):
     with pytest.raises(UserError) as e:
         provision("MNIST", tmp_path, download=False, mirror=tmp_path / "nowhere")
     msg = str(e.value)
-    assert "local mirror" in msg and "scripts/provision_data.py MNIST" in msg and "\n" not in msg
+    assert "local mirror" in msg and "htt-data MNIST" in msg and "\n" not in msg
 
 
 def test_label_count_mismatch_is_named(tmp_path):

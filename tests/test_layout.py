@@ -30,8 +30,8 @@ GRAPH = {name: imports_of(name, path) for name, path in MODULES.items()}
 
 
 def test_the_loop_is_imported_by_none_of_its_collaborators():
-    importers = {name for name, deps in GRAPH.items() if "trainer.trainer" in deps}
-    assert importers <= {"trainer"}, importers  # the package's lazy `trainer.Trainer` only
+    importers = {name for name, deps in GRAPH.items() if "trainer.trainer" in deps and not name.startswith("trainer.cli.")}
+    assert importers <= {"trainer"}, importers  # the package's lazy `trainer.Trainer`; the commands build the loop
 
 
 def test_the_imports_have_no_cycle():

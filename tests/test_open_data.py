@@ -433,15 +433,16 @@ def test_readme_own_dataset_and_model_classes_run_from_a_user_directory(tmp_path
     block = readme.split(README_EXAMPLE_START, 1)[1]
     module = block.split("```python\n", 1)[1].split("```", 1)[0]
     command = block.split("```bash\n", 1)[1].split("```", 1)[0].strip()
-    assert command.startswith("PYTHONPATH=. python ") and "mydata.Stripes" in command, command
+    assert command.startswith("htt-train ") and "mydata.Stripes" in command, command
     (tmp_path / "mydata.py").write_text(module)
-    args = shlex.split(command)[2:]  # after "PYTHONPATH=. python"
-    assert args[0] == "path/to/hydra-torch-trainer/train.py", args
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args[1:], f"output_root={tmp_path / 'out'}"],
-                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": "."}, capture_output=True, text=True,
-                            timeout=600)
+    args = shlex.split(command)[1:]
+    # The checkout's train.py is the same command (tests/test_install.py runs the installed one); from the user's
+    # folder, with no PYTHONPATH: the command puts the current folder on the import path.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    metrics = json.loads(next((tmp_path / "out").rglob("metrics.json")).read_text())
+    metrics = json.loads(next((tmp_path / "outputs").rglob("metrics.json")).read_text())
     assert metrics["test/acc"] >= 0.9, metrics
 
 

@@ -11,8 +11,7 @@ from PIL import Image
 from conftest import REPO, run_train
 from data_args import tiny_mnist
 
-sys.path.insert(0, str(REPO / "scripts"))
-from predict import to_training_format  # noqa: E402
+from trainer.cli.predict import to_training_format  # noqa: E402
 
 
 def predict(*args):

@@ -174,10 +174,24 @@ SKIP = {
     "python train.py dataset=cifar10 model=torchvision model.name=resnet18":
         "downloads CIFAR-10 (170 MB) from the internet; tests/test_open_data.py trains the same options on CIFAR "
         "files in torchvision's layout",
-    "PYTHONPATH=. python path/to/hydra-torch-trainer/train.py dataset=custom dataset._target_=mydata.Stripes "
-    "model=custom model._target_=mydata.TinyNet":
+    "htt-train dataset=custom dataset._target_=mydata.Stripes model=custom model._target_=mydata.TinyNet":
         "runs from a user's directory beside the mydata.py of docs/data.md: tests/test_open_data.py writes that "
         "file from docs/data.md and runs this command there",
+    **{command: "docs/your_project.md: the package installed from a wheel and the guide's project folder, which "
+                "tests/test_install.py builds, makes and runs these commands in, as written"
+       for command in ("pip install path/to/hydra-torch-trainer",
+                       "pip wheel --no-deps -w dist path/to/hydra-torch-trainer",
+                       "htt-train --config-dir configs experiment=stripes",
+                       "htt-train --config-dir configs experiment=stripes trainer.resume=auto",
+                       "htt-train --config-dir configs experiment=stripes trainer.max_epochs=6 "
+                       "trainer.resume=outputs/<date>/<time>/checkpoints/last.pt",
+                       "htt-eval --config-dir configs ckpt=outputs/<date>/<time>/checkpoints/best.pt",
+                       "python mydata.py",
+                       "htt-predict --config-dir configs outputs/<date>/<time>/checkpoints/best.pt samples/top.png "
+                       "samples/bottom.png",
+                       "htt-summarize",
+                       "pip install .",
+                       "htt-train --config-dir configs model=my_net dataset=my_data")},
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",

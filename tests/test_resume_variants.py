@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import train
+from trainer.cli import train
 from conftest import REPO, TINY
 from trainer.trainer import Trainer
 

@@ -67,7 +67,7 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
 
 def test_summarize_explains_an_empty_directory(tmp_path):
     result = summarize(str(tmp_path))
-    assert result.returncode == 1 and "no train.py runs under" in result.stderr
+    assert result.returncode == 1 and "no training runs under" in result.stderr
 
 
 def test_the_joblib_launcher_runs_jobs_in_parallel_workers_that_share_the_cores(tiny_root, tmp_path):

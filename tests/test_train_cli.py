@@ -121,6 +121,9 @@ def tree_digest(path):
 # made by the `bad_paths` fixture: {earlier} is a finished run in the same output root.
 BAD = [
     (["model=foo"], "Could not find 'model/foo'", "mlp"),  # Hydra lists the choices
+    # a class of the user's that is not on the import path (a typo, or a module outside the current folder)
+    (["model=custom", "model._target_=mynets.TinyNet"], "model._target_=mynets.TinyNet: cannot import it",
+     "No module named 'mynets'"),
     (["optimizer=adamm"], "Could not find 'optimizer/adamm'", "adamw"),
     (["dataset=cifar"], "Could not find 'dataset/cifar'", "fashion_mnist"),
     (["loss=hinge"], "Could not find 'loss/hinge'", "multi_margin"),

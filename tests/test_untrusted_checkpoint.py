@@ -23,9 +23,7 @@ from trainer.config import build, model_from_checkpoint, rebuildable_config
 from trainer.errors import UserError
 from trainer.paths import CONFIG_DIR, REPO_ROOT
 
-sys.path.insert(0, str(REPO / "scripts"))
-import export  # noqa: E402
-import predict  # noqa: E402
+from trainer.cli import export, predict  # noqa: E402
 
 CHOICES = {"dataset": "mnist", "model": "mlp", "loss": "cross_entropy", "optimizer": "adam", "scheduler": "onecycle",
            "trainer": "default", "logger": "tensorboard", "distributed": "default", "experiment": None, "debug": None}
@@ -180,7 +178,7 @@ def test_a_version_1_checkpoint_is_migrated_by_its_classes(tmp_path):
     state["config"]["model"]["_target_"] = "torch.nn.Linear"  # no option has this class: refused
     torch.save({"format": "hydra-torch-trainer", "version": 1, **state, "config": OmegaConf.to_yaml(state["config"])},
                path)
-    with pytest.raises(UserError, match=r"model._target_=torch.nn.Linear is not one of this checkout's model options"):
+    with pytest.raises(UserError, match=r"model._target_=torch.nn.Linear is not one of the model options"):
         model_from_checkpoint(path)
 
 

@@ -1,6 +1,6 @@
 """Hydra-driven PyTorch training framework: in-memory data, a short Trainer, safe checkpoints."""
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "defaults"]
 
 
 def __getattr__(name: str):
@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from trainer.trainer import Trainer
 
         return Trainer
+    if name == "defaults":
+        from trainer.options import defaults
+
+        return defaults
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

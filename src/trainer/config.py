@@ -1,8 +1,9 @@
 """Objects from config nodes: `build()` for every `_target_`, `model_from_checkpoint()` for a trained model.
 
 train.py, eval.py and the scripts all make objects through these two, so a bad value reads the same
-everywhere. A checkpoint is untrusted input: `rebuildable_config()` takes the classes from this
-checkout's own config options, and only plain, type-checked values from the file.
+everywhere. A checkpoint is untrusted input: `rebuildable_config()` takes the classes from the config options
+the user runs with (the shipped ones and the folders given with --config-dir), and only plain, type-checked values
+from the file.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import hydra
 import torch
-import yaml
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_class
@@ -26,13 +25,15 @@ from trainer.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, is_number, shown
+from trainer.options import option_defaults, option_dirs, option_target, options, read_yaml
 from trainer.paths import CONFIG_DIR, register_resolvers
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
-# and another machine's paths mean nothing here); always this checkout's own values.
+# and another machine's paths mean nothing here); always this machine's own values.
 WHERE = ("output_root", "dataset.root", "dataset.path", "dataset.mirror", "trainer.resume", "trainer.checkpoint_dir")
-TRUST_HINT = ("only if you trust the file, rebuild it from the file's own config with trust_checkpoint=true "
-              "(eval.py) or --trust-checkpoint (scripts/predict.py, scripts/export.py)")
+TRUST_HINT = ("an option of your own project is found with --config-dir DIR (your configs folder); only if you "
+              "trust the file, rebuild it from the file's own config with trust_checkpoint=true (eval) or "
+              "--trust-checkpoint (predict, export)")
 
 
 def build(node: DictConfig, **runtime: Any) -> Any:
@@ -43,6 +44,12 @@ def build(node: DictConfig, **runtime: Any) -> Any:
         cause = e.__cause__
         if isinstance(cause, UserError):
             raise cause from None
+        if isinstance(cause, ImportError) and str(e).startswith("Error locating target"):
+            # Hydra's several lines; the module or name is the user's (a typo, or a module not on the import path)
+            found = cause.__cause__ if cause.__cause__ is not None else cause
+            raise UserError(f"{node._key()}._target_={node._target_}: cannot import it ({type(found).__name__}: "
+                            f"{' '.join(str(found).split())}); a module of your own is imported from the current "
+                            "folder or an installed package") from None
         if isinstance(cause, (ValueError, TypeError)):
             values = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
             raise UserError(f"{node._key()}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
@@ -113,12 +120,12 @@ def check_override_types(config: DictConfig, overrides: Sequence[str], choices: 
 
 
 def _default_of(key: str, choices: Mapping[str, str | None], primary: str) -> Any:
-    """The value `key` has in this checkout's YAML: its group's chosen option file, else the primary config."""
+    """The value `key` has in the YAML: its group's chosen option file, else the primary config."""
     group, _, rest = key.partition(".")
     if choices.get(group):
-        node: Any = _option_defaults(group, choices[group])
+        node: Any = option_defaults(group, choices[group], option_dirs())
     else:
-        node, rest = _yaml(CONFIG_DIR / f"{primary}.yaml"), key
+        node, rest = read_yaml(CONFIG_DIR / f"{primary}.yaml"), key
     for part in rest.split("."):
         if not isinstance(node, dict) or part not in node:
             return _NO_DEFAULT
@@ -126,32 +133,7 @@ def _default_of(key: str, choices: Mapping[str, str | None], primary: str) -> An
     return node
 
 
-@lru_cache(maxsize=None)
-def _yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
-
-
-def _option_defaults(group: str, option: str) -> dict:
-    """An option file's keys, over those of the files its defaults list merges in (`/dataset_base/common@_here_`)."""
-    raw = dict(_yaml(CONFIG_DIR / group / f"{option}.yaml") or {})
-    merged: dict = {}
-    for entry in raw.pop("defaults", None) or []:
-        if isinstance(entry, str) and entry.endswith("@_here_"):
-            merged.update(_option_defaults(*entry.removesuffix("@_here_").strip("/").split("/", 1)))
-    return {**merged, **raw}
-
-
-def options(group: str) -> tuple[str, ...]:
-    """The option names of a config group in this checkout: configs/<group>/<name>.yaml."""
-    return tuple(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
-
-
-@lru_cache(maxsize=None)
-def _option_target(group: str, option: str) -> str | None:
-    return (yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}).get("_target_")
-
-
-def _inferred_choices(stored: dict, where: Path) -> dict[str, str]:
+def _inferred_choices(stored: dict, where: Path, dirs: Sequence[Path]) -> dict[str, str]:
     """The options a version-1 checkpoint (which stored no choices) was composed from, by its classes."""
     choices = {}
     for group in GROUPS:
@@ -159,55 +141,59 @@ def _inferred_choices(stored: dict, where: Path) -> dict[str, str]:
             raise UserError(f"refusing {where}: its stored {group} is a {type(stored[group]).__name__}, not a config "
                             "group")
         target = (stored.get(group) or {}).get("_target_")
-        match = [o for o in options(group) if _option_target(group, o) == target]
+        match = [o for o in options(group, dirs) if option_target(group, o, dirs) == target]
         if not match:
-            raise UserError(f"refusing to rebuild from {where}: {group}._target_={target} is not one of this "
-                            f"checkout's {group} options ({', '.join(options(group))}); {TRUST_HINT}")
+            raise UserError(f"refusing to rebuild from {where}: {group}._target_={target} is not one of the "
+                            f"{group} options ({', '.join(options(group, dirs))}); {TRUST_HINT}")
         choices[group] = match[0]
     return choices
 
 
 @contextlib.contextmanager
-def _project_configs() -> Iterator[None]:
-    """Hydra's compose API over this checkout's configs/ (train.py and eval.py already run inside it)."""
+def _project_configs(dirs: Sequence[Path]) -> Iterator[list[str]]:
+    """Hydra's compose API over the shipped configs (train.py and eval.py already run inside it); yields the
+    overrides that add the other `dirs` to its search path."""
     register_resolvers()
     if GlobalHydra.instance().is_initialized():
-        yield
+        yield []
         return
+    extra = [f"file://{Path(d).resolve()}" for d in dirs if Path(d).resolve() != CONFIG_DIR]
     with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield
+        yield [f"hydra.searchpath=[{','.join(extra)}]"] if extra else []
 
 
-def _composed(choices: dict[str, str | None], where: Path) -> dict:
+def _composed(choices: dict[str, str | None], where: Path, dirs: Sequence[Path]) -> dict:
     """train.yaml composed with these options, resolved to plain values: what the run's config looked like
-    before its command-line values, with the classes of this checkout."""
+    before its command-line values, with the classes of the options found in `dirs`."""
     for group, option in choices.items():
-        if option is not None and option not in options(group):
+        if option is not None and option not in options(group, dirs):
             raise UserError(f"refusing to rebuild from {where}: it was trained with {group}={option}, which is "
-                            f"not one of this checkout's {group} options ({', '.join(options(group))}); {TRUST_HINT}")
-    with _project_configs():
-        config = hydra.compose("train", overrides=[f"{g}={o}" for g, o in choices.items() if o is not None])
+                            f"not one of the {group} options ({', '.join(options(group, dirs))}); {TRUST_HINT}")
+    with _project_configs(dirs) as searchpath:
+        config = hydra.compose("train", overrides=[*searchpath,
+                                                   *(f"{g}={o}" for g, o in choices.items() if o is not None)])
     return OmegaConf.to_container(config, resolve=True)
 
 
 def rebuildable_config(state: dict, trust: bool = False, where: Path | str = "the checkpoint",
-                       data_root: str | Path | None = None) -> DictConfig:
+                       data_root: str | Path | None = None, config_dirs: Sequence[str | Path] = ()) -> DictConfig:
     """The config to rebuild a checkpoint's objects from, safe to hand to `build()`.
 
-    The classes (`_target_`s) and every key come from this checkout's config options, chosen by the
+    The classes (`_target_`s) and every key come from the config options (the shipped ones and, inside a command,
+    those of `--config-dir`; else those in `config_dirs`), chosen by the
     option names the run was composed with (`state["choices"]`, e.g. `model: cnn`). The checkpoint
     contributes only values, each of the type the option's YAML gives it; paths are this machine's (WHERE):
-    `data_root` is where the dataset is read: `dataset.root` (default: this checkout's data/) for datasets
+    `data_root` is where the dataset is read: `dataset.root` (default: data/ in the current folder) for datasets
     kept under a root, `dataset.path` (no default: `???`) for a folder or file of the user's own.
     Anything else (another class, an unknown key, a value of the wrong type) is refused with one line.
     `trust=True` takes the stored config as it is, for models from the user's own modules.
     """
-    stored, where = state["config"], Path(where)
+    stored, where, dirs = state["config"], Path(where), option_dirs(config_dirs)
     if trust:
         config = OmegaConf.create(stored)
     else:
-        choices = state["choices"] if state["choices"] is not None else _inferred_choices(stored, where)
-        config = OmegaConf.create(_checked(_composed(choices, where), stored, "", choices, where))
+        choices = state["choices"] if state["choices"] is not None else _inferred_choices(stored, where, dirs)
+        config = OmegaConf.create(_checked(_composed(choices, where, dirs), stored, "", choices, where))
     if data_root is not None:
         config.dataset["path" if "path" in config.dataset.keys() else "root"] = str(data_root)  # keys(): with ???
     return config
@@ -227,17 +213,17 @@ def _checked(template: Any, stored: Any, key: str, choices: dict, where: Path) -
                 if k in template and value == template[k]:
                     continue
                 option = f"{key}={choices.get(key)}"
-                raise UserError(f"refusing to rebuild from {where}: its stored {name}={value} is not this "
-                                f"checkout's {option} ({name}={template.get(k)}); {TRUST_HINT}")
+                raise UserError(f"refusing to rebuild from {where}: its stored {name}={value} is the "
+                                f"{option} option's ({name}={template.get(k)}); {TRUST_HINT}")
             if k not in template:
-                raise UserError(f"refusing {where}: its stored config has the key {name}, which this checkout's "
-                                f"options do not have; {TRUST_HINT}")
+                raise UserError(f"refusing {where}: its stored config has the key {name}, which the "
+                                f"options in use do not have; {TRUST_HINT}")
             out[k] = _checked(template[k], value, name, choices, where)
         return out
     if stored is None or _fits(template, stored):
         return stored
-    raise UserError(f"refusing {where}: its stored {key}={stored!r} is not a {_kind(template)} like this "
-                    f"checkout's default {template!r}")
+    raise UserError(f"refusing {where}: its stored {key}={stored!r} is not a {_kind(template)} like the "
+                    f"option's default {template!r}")
 
 
 def _fits(template: Any, value: Any) -> bool:
@@ -278,12 +264,12 @@ class TrainedModel:
 
 
 def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", trust: bool = False,
-                          data_root: str | Path | None = None) -> TrainedModel:
-    """Rebuild the model in `ckpt` from this checkout's config options and the values stored with it.
-    `trust` and `data_root`: see rebuildable_config. Raises UserError for an unreadable or untrustworthy checkpoint.
+                          data_root: str | Path | None = None, config_dirs: Sequence[str | Path] = ()) -> TrainedModel:
+    """Rebuild the model in `ckpt` from the config options and the values stored with it. `trust`, `data_root`
+    and `config_dirs`: see rebuildable_config. Raises UserError for an unreadable or untrustworthy checkpoint.
     """
     state = load_checkpoint(ckpt)
-    trained = rebuildable_config(state, trust, ckpt, data_root)
+    trained = rebuildable_config(state, trust, ckpt, data_root, config_dirs)
     data = data_identity(state, trained, ckpt)
     model_config = trained.model.copy()
     if "weights" in model_config:

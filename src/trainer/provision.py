@@ -117,7 +117,7 @@ def provision(name: str, root: Path, *, download: bool, mirror: Path | None = No
     raise UserError(
         f"{name} not found in {raw_dir(root, name)}"
         + (f"; tried {'; '.join(tried)}" if tried else " and dataset.download=false")
-        + f". Run: python scripts/provision_data.py {name} --root {root}")
+        + f". Run: htt-data {name} --root {root} (python scripts/provision_data.py in a checkout)")
 
 
 def _one_line(e: BaseException) -> str:

@@ -29,7 +29,7 @@ from trainer.metrics import EpochMetrics, evaluate
 from trainer.nonfinite import NonFiniteLossError, mean_finite_loss, require_finite_weights
 from trainer.report import RunReport
 from trainer.run_state import RunState
-from trainer.runtime import seconds_since_process_start, set_deterministic
+from trainer.runtime import resolve_device, seconds_since_process_start, set_deterministic
 from trainer.schedulers import Schedule
 from trainer.settings import autocast_for, check_optimizer_and_loss, check_settings, forward_pass
 from trainer.signals import StopSignals, TrainingInterrupted
@@ -42,7 +42,10 @@ __all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted"]
 class Trainer:
     """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing as it goes.
 
-    Settings come from `configs/trainer/*.yaml`, objects from `train.py` (`model` already on `device`).
+    Settings come from `configs/trainer/*.yaml` (from Python: `**trainer.defaults("trainer", ...)`), objects from
+    the composition root, trainer/cli/train.py, or a user's script (`model` and `data` already on `device`;
+    docs/python_api.md). `config_yaml` is stored in the checkpoints; `config_choices` (the option of each group)
+    lets eval rebuild the model.
     `scheduler(optimizer, steps_per_epoch, max_epochs)` and `logger(log_dir, purge_step)` are called here, where
     the run's length in steps and its directory (a resumed checkpoint's) are known. `last.pt` is written every
     epoch and `checkpoint_every_n_steps` steps, `best.pt` on improvement; `resume=PATH` continues exactly, down
@@ -52,7 +55,7 @@ class Trainer:
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Callable[..., Schedule], data: ImageDataset, logger: Callable[..., TensorBoardLogger],
-                 run_dir: str | Path, config_yaml: str, device: torch.device, max_epochs: int,
+                 run_dir: str | Path, device: torch.device | str, max_epochs: int,
                  grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
                  checkpoint_dir: str, checkpoint_every_n_steps: int | None, resume: str | None,
                  early_stopping_patience: int | None, early_stopping_min_delta: float, nonfinite_loss: str,
@@ -60,7 +63,8 @@ class Trainer:
                  accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
                  limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
                  log_graph: bool, ema_decay: float | None, ema_warmup: bool, cuda_graphs: bool, dist: Dist = Dist(),
-                 config_choices: dict[str, str | None] | None = None) -> None:
+                 config_yaml: str = "{}", config_choices: dict[str, str | None] | None = None) -> None:
+        device = resolve_device(device) if isinstance(device, str) else device  # "auto" from Python (defaults())
         check_settings(max_epochs=max_epochs, log_every_n_steps=log_every_n_steps, misclassified_images=misclassified_images,
                        accumulate_grad_batches=accumulate_grad_batches, optional_counts=dict(
                            limit_train_batches=limit_train_batches, limit_eval_batches=limit_eval_batches,

@@ -1,0 +1,132 @@
+"""Evaluate a trained checkpoint: `htt-eval ckpt=outputs/<date>/<time>/checkpoints/best.pt` (`python eval.py ...` in
+a checkout).
+
+The model, its loss and the dataset are rebuilt from the resolved config stored in the checkpoint, so
+nothing about them is repeated on the command line. `dataset=fashion_mnist` (any dataset option, with
+its keys) evaluates on another dataset of the same image shape and class count; `split=val` on the
+validation split held out in training. Prints the metrics, per-class accuracy and the confusion matrix,
+and writes them (metrics.json, confusion_matrix.csv) into this evaluation's own run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+
+from trainer.config import build, check_fits, check_override_types, data_config, model_from_checkpoint
+from trainer.errors import UserError, error_line, one_line_config_errors, printable, require_bool
+from trainer.fsutil import atomic_write, discard_refused_run
+from trainer.runtime import resolve_device, run_then_exit
+from trainer.settings import autocast_for, check_loss, check_precision, forward_pass
+from trainer.metrics import EpochMetrics, evaluate, per_class_accuracy
+from trainer.paths import CONFIG_SOURCE, command_line, register_resolvers
+
+log = logging.getLogger("eval")
+SPLITS = ("test", "val")
+
+
+def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
+                        out_dir: Path, trust: bool = False, data_root: str | None = None) -> dict:
+    """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
+    `trust`, `data_root` (where its dataset's files are): see trainer.config.rebuildable_config."""
+    require_bool("trust_checkpoint", trust)  # "no" would read as true, and rebuild whatever the file names
+    if split not in SPLITS:
+        raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
+    device = resolve_device(device_name)
+    restored = model_from_checkpoint(ckpt, device, trust, data_root)
+    model, trained = restored.model, restored.config
+    data = build(dataset if dataset is not None else data_config(trained, "data_root=PATH"), device=device,
+                 seed=trained.seed)
+    check_fits(data, restored.data, ckpt)
+    if dataset is None and restored.data["digest"] not in (None, data.digest):
+        log.warning("%s: the data is not the data the model was trained on (digest %s, trained on %s): its files "
+                    "were added, removed or changed since, or its source reads differently; the %s split may hold "
+                    "images it was trained on", printable(data.name),
+                    data.digest, printable(restored.data["digest"]), split)
+    loss_fn = build(trained.loss)
+    # the forward pass the run's own test used: its precision and memory format (bf16 predictions differ from fp32's)
+    precision, channels_last = trained.trainer.precision, trained.trainer.channels_last
+    try:  # values from the file that only fail when used: refused now, in one line, as train.py refuses them
+        check_precision(precision)
+        check_loss(loss_fn, data.num_classes, device)
+    except UserError as e:
+        raise UserError(f"refusing {ckpt}: its stored {e}") from None
+    if precision == "fp16" and device.type != "cuda":
+        log.info("trained with trainer.precision=fp16, which needs CUDA: evaluating in fp32 on %s", device.type)
+        precision = "fp32"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = functools.partial(forward_pass, model, loss_fn, channels_last=channels_last,
+                                autocast=autocast_for(precision, device))
+
+    metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
+    results = evaluate(forward, getattr(data, split), metrics, split)
+    confusion = metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
+    per_class = per_class_accuracy(confusion)
+    summary = {**results, "per_class_acc": dict(zip(data.classes, per_class)), "checkpoint": str(ckpt),
+               "checkpoint_epoch": restored.epoch, "dataset": data.name, "split": split,
+               "images": int(confusion.sum())}
+    with atomic_write(out_dir / "metrics.json") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["true \\ predicted", *data.classes])
+    writer.writerows([name, *row] for name, row in zip(data.classes, confusion.tolist()))
+    with atomic_write(out_dir / "confusion_matrix.csv") as f:
+        f.write(table.getvalue().encode())
+    log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, printable(data.name),
+             summary["images"], restored.epoch)
+    log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    width = max(6, len(str(int(confusion.max()))) + 1)
+    log.info("confusion matrix (rows: true class, columns: predicted class):\n%s\n%s", " " * 16 + "".join(
+        f"{i:>{width}}" for i in range(data.num_classes)), "\n".join(
+        f"{i:>2} {printable(name)[:12]:<12} " + "".join(f"{n:>{width}}" for n in row) +
+        (f"   acc {acc:.2%}" if acc is not None else "   acc n/a (no image of this class)")
+        for i, (name, row, acc) in enumerate(zip(data.classes, confusion.tolist(), per_class))))
+    log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "confusion_matrix.csv")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_SOURCE, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        check_override_types(cfg, HydraConfig.get().overrides.task, HydraConfig.get().runtime.choices, "eval")
+        evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, out_dir, cfg.trust_checkpoint,
+                            cfg.data_root)
+        return
+    except UserError as e:
+        message = error_line(e)
+    except MissingMandatoryValue:
+        message = f"error: ckpt is required: {command_line()} ckpt=outputs/<date>/<time>/checkpoints/best.pt"
+    except BaseException:  # a fault that is not the user's (its traceback follows) or Ctrl-C: nothing kept either
+        discard(out_dir, Path(cfg.output_root))
+        raise
+    discard(out_dir, Path(cfg.output_root))
+    print(message, file=sys.stderr)
+    sys.exit(1)
+
+
+def discard(out_dir: Path, output_root: Path) -> None:
+    """Remove this evaluation's directory: a refused or failed evaluation leaves nothing behind."""
+    if HydraConfig.get().mode == RunMode.RUN:
+        discard_refused_run(out_dir, output_root)
+
+
+def run() -> None:
+    """The command (`htt-eval`, `python eval.py`), once trainer.cli.entry has prepared the process."""
+    register_resolvers()  # ${root_dir:}, which configs/eval.yaml uses
+    one_line_config_errors()
+    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/runtime.py)

@@ -1,0 +1,117 @@
+"""Classify image files with a trained checkpoint.
+
+    htt-predict outputs/<date>/<time>/checkpoints/best.pt digit.png scan.jpg --top 3
+    python scripts/predict.py ...            # the same in a checkout
+
+The model and the dataset's classes, image shape and normalisation come from the checkpoint. Each image
+(PNG, JPEG or anything Pillow reads, any size, colour or grey) is converted the way the training images
+were made. For a model of MNIST or Fashion-MNIST: grey levels, light content on a dark background (images
+whose border is light, such as dark ink on paper, are inverted), cropped to its content, scaled to fit a
+20x20 box (MNIST's own size normalisation; 28x28 for Fashion-MNIST, whose objects fill the frame) and placed
+with its centre of mass at the centre of the 28x28 frame. For any other data: converted to the training
+images' channels (grey or RGB) and resized to their size, as the dataset itself was decoded.
+Prints, per file, the predicted class index, its name and its probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.cli import checkpoint_arguments, require_dirs
+from trainer.config import model_from_checkpoint
+from trainer.data import BatchTransform
+from trainer.data.decode import decode, to_8bit
+from trainer.errors import UserError, error_line
+
+# Datasets made MNIST's way (centred grey content on black), and those of them whose objects fill the frame.
+MNIST_STYLE = ("MNIST", "FashionMNIST")
+FULL_FRAME = ("FashionMNIST",)
+
+
+def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> torch.Tensor:
+    """One image file as a (C, H, W) uint8 tensor made like the training images."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            grey = torch.from_numpy(np.array(to_8bit(img, str(path)).convert("L"), dtype=np.uint8))  # (h, w)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError (more than twice Image.MAX_IMAGE_PIXELS) is raised by Image.open itself, from the
+        # size the header declares: nothing was decoded
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                        ) from None
+    border = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).float()
+    if border.mean() > 127:  # light background: invert to the training images' light-on-dark
+        grey = 255 - grey
+    rows, cols = (grey > 32).nonzero(as_tuple=True)
+    if len(rows):  # crop to the content
+        grey = grey[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = grey.shape
+    scale = box / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    fitted = F.interpolate(grey[None, None].float(), size=size, mode="bilinear", antialias=True,
+                           align_corners=False)[0, 0]  # (h', w')
+    c, height, width = shape
+    # centre the content's centre of mass in the frame, as MNIST was made (kept inside the frame)
+    mass = fitted.sum().clamp(min=1e-6)
+    com_y = (fitted.sum(dim=1) * torch.arange(size[0])).sum() / mass
+    com_x = (fitted.sum(dim=0) * torch.arange(size[1])).sum() / mass
+    top = int((height / 2 - com_y).round().clamp(0, height - size[0]))
+    left = int((width / 2 - com_x).round().clamp(0, width - size[1]))
+    canvas = torch.zeros(height, width)
+    canvas[top:top + size[0], left:left + size[1]] = fitted
+    return canvas.round().clamp(0, 255).to(torch.uint8).expand(c, height, width)  # (C, H, W)
+
+
+def predict(ckpt: str, files: list[Path], top: int, trust: bool = False,
+            config_dirs: Sequence[Path] = ()) -> list[list[tuple[int, str, float]]]:
+    """Per file, the `top` (class index, class name, probability) pairs, most likely first.
+    `trust`: rebuild the model from the checkpoint's own config; `config_dirs`: the user's options (see
+    trainer.config.rebuildable_config)."""
+    for path in files:  # a FIFO or a device would be read without end (predict waited forever on a FIFO)
+        if not Path(path).is_file():
+            raise UserError(f"{path}: not a regular file" + (" (it does not exist)" if not Path(path).exists() else
+                                                            "; only image files are read, never FIFOs or devices"))
+    restored = model_from_checkpoint(ckpt, trust=trust, config_dirs=config_dirs)
+    data = restored.data
+    shape, normalise = tuple(data["in_shape"]), BatchTransform(data["mean"], data["std"])
+    if data["name"] in MNIST_STYLE:
+        box = shape[1] if data["name"] in FULL_FRAME else round(shape[1] * 20 / 28)
+        images = torch.stack([to_training_format(f, shape, box) for f in files])  # (N, C, H, W) uint8
+    else:
+        images = decode(len(files), lambda i: Image.open(files[i]), lambda i: str(files[i]), shape, "images")
+    with torch.inference_mode():
+        probs = restored.model(normalise(images)).softmax(dim=1)  # (N, K)
+    values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+    return [[(int(i), data["classes"][int(i)], float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(values, indices)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    checkpoint_arguments(parser)
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--top", type=int, default=1, help="how many classes to show per image")
+    args = parser.parse_args()
+    try:
+        if args.top < 1:
+            raise UserError(f"--top={args.top}: must be >= 1")
+        results = predict(args.ckpt, args.images, args.top, args.trust_checkpoint, require_dirs(args.config_dir))
+    except UserError as e:
+        print(error_line(e), file=sys.stderr)
+        return 1
+    for path, ranked in zip(args.images, results):
+        print(f"{path}  " + "  ".join(f"{i} {name!r} {p:.1%}" for i, name, p in ranked))
+    return 0
+
+
+def run() -> None:
+    """The command (`htt-predict`, `python scripts/predict.py`), once trainer.cli.entry has prepared the process."""
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""A sorted table of the runs under a directory: a sweep, a day, or all of outputs/.
+
+    htt-summarize outputs/multirun/2026-11-23/10-00-00-123456
+    htt-summarize outputs --sort best/val --format markdown
+    htt-summarize outputs --format csv > runs.csv
+    python scripts/summarize.py ...          # the same in a checkout
+
+A run is a directory where train.py trained: `.hydra/` says the job was `train` (eval.py's and lr_find.py's
+directories are left out), and a process that resumed a run elsewhere (`trainer.resume=...`, no checkpoint or
+event file of its own; its train.log says where it continued) is that run, not one of its own. Its status is
+`finished` (it wrote metrics.json), `stopped` (it has a checkpoint to resume from, but no metrics.json; its
+epochs and best validation value so far come from that last.pt) or `failed` (neither: it stopped before its
+first checkpoint, e.g. on a bad value; its train.log ends with why). Finished runs come first, best first by
+`--sort`.
+
+Run directories get copied in from other machines: each file is read only if it is a regular file of at most a
+few MiB, YAML without aliases or deep nesting (trainer.untrusted); anything else ends the command with one
+`error:` line naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+from trainer.errors import UserError, is_number, printable
+from trainer.untrusted import load_json, load_yaml
+
+COLUMNS = ("run", "status", "test/acc", "test/loss", "test/f1", "best/val", "epochs", "seconds", "overrides")
+
+
+def runs(root: Path) -> list[dict]:
+    """One row per run directory under `root`."""
+    rows = []
+    for saved in sorted(root.rglob(".hydra/overrides.yaml")):
+        run = saved.parent.parent
+        overrides = load_yaml(saved) or []
+        if not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+            raise UserError(f"{saved}: not a list of overrides (key=value strings)")
+        if not is_training_run(run, overrides):
+            continue
+        parts = run.relative_to(root).parts
+        # A sweep job's directory is "<n>_<overrides>" (the overrides may even hold "/"): keep "<n>", the
+        # overrides get their own column.
+        job = next((i for i, p in enumerate(parts) if p.partition("_")[0].isdigit() and "_" in p), None)
+        name = "/".join(parts if job is None else (*parts[:job], parts[job].partition("_")[0])) or "."
+        # printable: a copied run's names and overrides must not forge lines or drive the terminal
+        row = {"run": printable(name), "overrides": printable(" ".join(overrides))}
+        metrics_file = run / "metrics.json"
+        if os.path.lexists(metrics_file):  # a link to /dev/zero or a FIFO is refused, not passed over
+            metrics = read_metrics(metrics_file)
+            best = next((v for k, v in metrics.items() if k.startswith("best/") and k != "best/epoch"), None)
+            row.update({"status": "finished", "test/acc": metrics.get("test/acc"),
+                        "test/loss": metrics.get("test/loss"), "test/f1": metrics.get("test/f1"), "best/val": best,
+                        "epochs": metrics.get("epochs"), "seconds": round(metrics.get("seconds_since_start") or 0, 1)})
+        else:
+            last = next(run.glob("*/last.pt"), None)
+            row["status"] = "stopped" if last is not None else "failed"
+            if last is not None:  # how far it got, and its best so far: what resuming it continues from
+                row.update(progress_of(last))
+        rows.append(row)
+    return rows
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.json as a mapping whose values in the table's columns are numbers or null (as the report writes
+    them), else UserError."""
+    metrics = load_json(path)
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path}: not a JSON object of metrics")
+    shown = ("test/acc", "test/loss", "test/f1", "epochs", "seconds_since_start")
+    bad = next((k for k, v in metrics.items() if (k in shown or k.startswith("best/")) and not (
+        v is None or is_number(v))), None)
+    if bad is not None:
+        raise UserError(f"{path}: {bad} is {str(metrics[bad])[:40]!r}, not a number")
+    return metrics
+
+
+def progress_of(checkpoint: Path) -> dict:
+    """`epochs` and `best/val` of a stopped run, from its last.pt, read as every consumer reads a checkpoint
+    (load_checkpoint: no code in the file runs, and a zip bomb is refused before it is inflated)."""
+    from trainer.checkpoint import load_checkpoint  # only for stopped runs: importing torch takes a second or two
+    from trainer.errors import UserError
+
+    try:
+        state = load_checkpoint(checkpoint)
+    except UserError:  # a torn, foreign or hostile file: the row keeps its blanks
+        return {}
+    return {"epochs": state["epoch"], "best/val": state.get("best_metric")}
+
+
+def is_training_run(run: Path, overrides: list[str]) -> bool:
+    """Whether train.py trained in `run` (see the module docstring)."""
+    saved = run / ".hydra" / "hydra.yaml"
+    job = lookup(load_yaml(saved), "hydra", "job", "name") if os.path.lexists(saved) else None
+    if (job or "train") != "train":
+        return False
+    resumed_elsewhere = any(o.startswith("trainer.resume=") for o in overrides) and not (
+        any(run.glob("*/last.pt")) or any(run.glob("events.out.tfevents.*")))
+    return not resumed_elsewhere
+
+
+def lookup(node: object, *keys: str) -> object:
+    """node[k1][k2]... of a file's YAML, or None where a key is missing or a level is not a mapping."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def sort_key(column: str):
+    lower_is_better = column.endswith("loss") or column == "seconds"
+
+    def key(row: dict):
+        value = row.get(column)
+        if value is None:
+            return (1, 0.0)
+        return (0, value if lower_is_better else -value)
+    return key
+
+
+def cell(value, column: str = "") -> str:
+    if value is None:
+        return "-"
+    if column == "seconds":
+        return f"{value:.1f}"
+    if isinstance(value, float):  # a diverged run's loss of 96.3919906616211 as 96.39
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"
+    return str(value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", nargs="?", default="outputs", help="directory to search (default: outputs)")
+    parser.add_argument("--sort", default="test/acc", choices=[c for c in COLUMNS if c not in ("run", "status",
+                                                                                               "overrides")])
+    parser.add_argument("--format", default="table", choices=("table", "markdown", "csv"))
+    args = parser.parse_args()
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        rows = sorted(runs(root), key=sort_key(args.sort))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not rows:
+        print(f"error: no training runs under {root} (a run directory holds .hydra/overrides.yaml)", file=sys.stderr)
+        return 1
+    table = [[cell(row.get(c), c) for c in COLUMNS] for row in rows]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(COLUMNS)
+        writer.writerows(table)
+    elif args.format == "markdown":
+        print("| " + " | ".join(COLUMNS) + " |")
+        print("|" + " --- |" * len(COLUMNS))
+        for line in table:
+            print("| " + " | ".join(v.replace("|", "\\|") for v in line) + " |")
+    else:
+        widths = [max(len(c), *(len(line[i]) for line in table)) for i, c in enumerate(COLUMNS)]
+        for line in [list(COLUMNS), *table]:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    return 0
+
+
+def run() -> None:
+    """The command (`htt-summarize`, `python scripts/summarize.py`)."""
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `summarize.py outputs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit would flush into the pipe again
+        sys.exit(0)

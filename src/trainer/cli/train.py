@@ -1,0 +1,184 @@
+"""Train an image classifier: `htt-train model=cnn optimizer=adam trainer.max_epochs=3` (`python train.py ...` in
+a checkout).
+
+The composition root: every object is built here from its config group, in the order a reader
+expects, and handed to the Trainer. Nothing else in the project reads the config.
+`torchrun --nproc_per_node=N train.py ...` trains with N processes (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import hydra
+import torch.distributed
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from trainer.checkpoint import GROUPS, PRESET_GROUPS, find_unfinished_run
+from trainer.config import build, build_model, check_override_types
+from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
+from trainer.errors import UserError, error_line, one_line_config_errors, printable
+from trainer.fsutil import discard_refused_run
+from trainer.logger import NullLogger, quiet_writer_thread_errors
+from trainer.paths import CONFIG_SOURCE, command_line, register_resolvers
+from trainer.runtime import resolve_device, run_then_exit, seed_everything
+from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+
+log = logging.getLogger("train")
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """Build everything from `cfg`, in order, and hand it to the Trainer."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    dist = build(cfg.distributed, device=device)  # under torchrun: joins the job; on CUDA picks cuda:LOCAL_RANK
+    device = dist.device
+    data = build(cfg.dataset, device=device, seed=cfg.seed)
+    data.shard(dist.rank, dist.world_size)
+    model = build_model(cfg.model, data.in_shape, data.num_classes).to(device)
+    loss_fn = build(cfg.loss)
+    optimizer = build(cfg.optimizer, params=model.parameters())
+    scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
+    logger = build(cfg.logger) if dist.is_main else NullLogger  # one event file per run
+    resume = cfg.trainer.resume
+    if resume == "auto" and dist.is_main:
+        resume = find_unfinished_run(Path(cfg.output_root), list(HydraConfig.get().overrides.task),
+                                     cfg.trainer.checkpoint_dir)
+        log.info("trainer.resume=auto: %s", f"continuing {resume}" if resume else "no unfinished run with these "
+                 f"overrides under {cfg.output_root}; starting a new run")
+    # Hydra made a run directory in rank 0 only (see worker_hydra_overrides); every rank continues rank 0's run.
+    run_dir, resume = dist.broadcast_object((run_dir, resume))
+    trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
+                    logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
+                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, config_choices=option_names())
+    cores = torch.get_num_threads()
+    threads = f" ({cores} CPU thread{'s' * (cores != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores
+    log.info("%s on %s%s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
+             device, threads, printable(data.name), type(loss_fn).__name__, type(optimizer).__name__,
+             data.train.num_samples,
+             data.val.num_items, data.test.num_items, trainer.run_dir)
+    limits = {"each epoch trains on": cfg.trainer.limit_train_batches, "val and test use": cfg.trainer.limit_eval_batches}
+    if any(limits.values()):  # the counts above are the splits', not what this run reads of them
+        log.info("limited: %s", "; ".join(f"{what} the first {n} batch{'es' * (n != 1)}"
+                                          for what, n in limits.items() if n))
+    if cfg.trainer.ema_decay is not None:
+        log.info("EMA of the weights, decay %g%s: validation, test and best.pt use the average", cfg.trainer.ema_decay,
+                 " with warm-up" if cfg.trainer.ema_warmup else "")
+    if dist.active:
+        log.info("%d process%s (%s): each trains on batches of %d, %d together; the learning rate is not scaled "
+                 "for that (set optimizer.lr yourself)", dist.world_size, "es" * (dist.world_size != 1), dist.backend,
+                 data.train.batch_size, data.train.global_batch_size)
+    return trainer
+
+
+def option_names() -> dict[str, str | None]:
+    """The option chosen in each config group (`model: cnn`, ...), which checkpoints store: eval.py rebuilds from
+    these options of its own checkout, never from classes named in a file."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return {group: choices.get(group) for group in GROUPS + PRESET_GROUPS}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Fit, then return the test metrics of the best checkpoint and `best/<monitor>`, the best validation value.
+    A run refused while it is set up (a bad value, a missing file, Ctrl-C) leaves no run directory behind."""
+    trainer = None
+    try:
+        if HydraConfig.initialized():  # a script's run (benchmark.py composes without Hydra's runtime)
+            hydra_cfg = HydraConfig.get()
+            check_override_types(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices, "train")
+        trainer = setup(cfg, run_dir)
+        if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
+            # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
+            raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of "
+                            f"{', '.join(trainer.result_keys)} (best/ follows trainer.monitor={trainer.monitor})")
+    except BaseException:
+        if trainer is not None:  # TensorBoard's writer thread would write its queued events into a removed directory
+            trainer.logger.close()
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN and rank_from_env() == 0:
+            discard_refused_run(run_dir, Path(cfg.output_root))  # a sweep keeps its failed job (summarize.py)
+        raise
+    best = trainer.fit()
+    results = {**trainer.test(), **best}
+    return {key: results[key] for key in trainer.result_keys}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_SOURCE, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the result named by `optimized_metric` (for a sweeper such as Optuna's), else None."""
+    try:
+        results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return None if cfg.optimized_metric is None else results[cfg.optimized_metric]
+    except (UserError, NonFiniteLossError) as e:
+        message = error_line(e)
+    except MissingMandatoryValue as e:
+        message = (f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
+                   f"{e.full_key}=...")
+    except TrainingInterrupted as e:
+        if rank_from_env() == 0:
+            print(f"{e}\n{resume_hint(e.checkpoint)}", file=sys.stderr)
+            to_log_file(f"{e}; {resume_hint(e.checkpoint)}")
+        sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
+    except RuntimeError as e:
+        lost = lost_peer_message(e, cfg.distributed.timeout_s)  # another rank died: no traceback of our own
+        if lost is None:
+            raise
+        message = f"error: {lost}"
+    except KeyboardInterrupt:  # before the Trainer handles signals: while the run is set up
+        message = "error: interrupted before training started; nothing of this run was kept"
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    print(message, file=sys.stderr)
+    to_log_file(message)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # An exception, not an exit: Hydra marks this job failed, runs the rest of the sweep, then reports it.
+        raise JobFailed(message.removeprefix("error: "))
+    sys.exit(1)
+
+
+def to_log_file(message: str) -> None:
+    """`message` in the run's train.log too (the console has it already): a directory that is kept, a diverged
+    run's or a failed sweep job's, then says why it ended."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
+
+
+def resume_hint(checkpoint: Path | None) -> str:
+    """The command that continues this run from `checkpoint`, as the user started it."""
+    if checkpoint is None:
+        return "nothing to resume: run the same command again to start over"
+    again = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
+    again.append(f"trainer.resume={override_value(str(checkpoint))}")
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
+    return f"resume with: {command_line(f'--nproc_per_node={per_node}' if world_size_from_env() > 1 else None)} " \
+           f"{shlex.join(again)}"
+
+
+def override_value(text: str) -> str:
+    """`text` as the value of a Hydra override, quoted where Hydra's grammar would read it otherwise (a sweep
+    job's directory, `0_model=mlp,optimizer=sgd`, holds `=` and `,`)."""
+    if re.fullmatch(r"[\w/.\-+:@~%$*?]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class JobFailed(Exception):
+    """One job of a sweep failed on a user error (already printed)."""
+
+
+def run() -> None:
+    """The command (`htt-train`, `python train.py`), once trainer.cli.entry has prepared the process."""
+    sys.argv += worker_hydra_overrides()  # under torchrun, ranks other than 0 make no run directory
+    register_resolvers()  # ${root_dir:}, which configs/train.yaml uses: before @hydra.main composes it
+    one_line_config_errors()
+    quiet_writer_thread_errors()  # a full disk: one line from the logger, not the writer thread's traceback
+    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/runtime.py)
