@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from trainer.cli import train
-from conftest import REPO, TINY
+from conftest import MLP, REPO, TINY
 from trainer.config import build
 from trainer.logger import TensorBoardLogger
 from trainer.trainer import Trainer
@@ -201,3 +201,19 @@ def test_rotation_shift_and_cutout_train_end_to_end(combo_root, tmp_path, monkey
     metrics = train.train(cfg, tmp_path)
     assert augmented == [32, 32, 32, 32] * 6, augmented  # the 4 training batches of each epoch: none at evaluation
     assert metrics["test/acc"] >= 0.8, metrics
+
+
+def test_mode_min_keeps_the_epoch_with_the_lowest_monitored_value(faint_root, tmp_path):
+    """trainer.mode=min with val/loss: best.pt is the epoch of the lowest val/loss (max would keep the highest)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(*TINY, *MLP, f"dataset.root={faint_root}", f"output_root={tmp_path}", "trainer.max_epochs=4",
+                 "trainer.monitor=val/loss", "trainer.mode=min", "scheduler=none", "trainer.log_graph=false")
+    metrics = train.train(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path)).Reload()
+    losses = [e.value for e in events.Scalars("val/loss")]  # one per epoch
+    assert len(losses) == 4 and losses.index(min(losses)) != losses.index(max(losses))
+    assert metrics["best/val/loss"] == pytest.approx(min(losses), abs=1e-6)
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == losses.index(min(losses)) + 1
+

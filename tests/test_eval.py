@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,6 +67,21 @@ def test_eval_on_another_dataset_and_on_the_validation_split(trained, faint_root
                       f"hydra.run.dir={tmp_path}/val")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "val" / "metrics.json").read_text())["images"] == 100
+
+
+def test_eval_warns_when_the_data_is_not_the_data_it_was_trained_on(trained, faint_root, tmp_path):
+    """One test image changed since training: eval says the split may not be what the model was tested on."""
+    changed = tmp_path / "changed"
+    shutil.copytree(faint_root, changed, ignore=shutil.ignore_patterns("*.cache.pt"))
+    images = changed / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    raw = bytearray(images.read_bytes())
+    raw[16 + 14 * 28 + 14] ^= 0xFF  # the centre pixel of the first test image
+    images.write_bytes(bytes(raw))
+    warned = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={changed}", f"hydra.run.dir={tmp_path}/a")
+    assert warned.returncode == 0, warned.stderr
+    assert "is not the data the model was trained on" in warned.stdout + warned.stderr
+    same = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={faint_root}", f"hydra.run.dir={tmp_path}/b")
+    assert same.returncode == 0 and "is not the data" not in same.stdout + same.stderr
 
 
 @pytest.mark.parametrize("overrides, says", [

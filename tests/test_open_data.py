@@ -265,10 +265,14 @@ def test_hflip_mirrors_about_half_the_batch():
 
 
 def test_per_channel_normalisation_and_its_export_form():
-    t = BatchTransform([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261])
+    mean, std = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
+    t = BatchTransform(mean, std)
     x = torch.randint(0, 256, (8, 3, 5, 5), dtype=torch.uint8)
-    want = (x.float() / 255 - torch.tensor(t.mean).view(3, 1, 1)) / torch.tensor(t.std).view(3, 1, 1)
+    # expected from the constants given, not from what the transform kept of them
+    want = (x.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert torch.allclose(t(x), want, atol=1e-5) and torch.equal(t(x), t.exportable()(x))
+    grey = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)  # white: (1 - mean) / std, channel by channel
+    assert torch.allclose(t(grey).flatten(), torch.tensor([2.0591, 2.1309, 2.1207]), atol=1e-4)
 
 
 # --- memory: on the device when it fits, else host memory copied per batch ---------------------------------

@@ -177,7 +177,7 @@ SKIP = {
     "htt-train dataset=custom dataset._target_=mydata.Stripes model=custom model._target_=mydata.TinyNet":
         "runs from a user's directory beside the mydata.py of docs/data.md: tests/test_open_data.py writes that "
         "file from docs/data.md and runs this command there",
-    **{command: "docs/your_project.md: the package installed from a wheel and the guide's project folder, which "
+    **{command: "README and docs/your_project.md: the package installed from a wheel and the guide's project folder, which "
                 "tests/test_install.py builds, makes and runs these commands in, as written"
        for command in ("pip install path/to/hydra-torch-trainer",
                        "pip wheel --no-deps -w dist path/to/hydra-torch-trainer",
@@ -191,7 +191,7 @@ SKIP = {
                        "samples/bottom.png",
                        "htt-summarize",
                        "pip install .",
-                       "htt-train --config-dir configs model=my_net dataset=my_data")},
+                       )},
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
