@@ -123,6 +123,23 @@ def test_more_classes_than_any_dataset_has_are_refused_however_short_their_names
         load_checkpoint(crafted(trained, tmp_path / "classes.pt", classes))
 
 
+@pytest.mark.parametrize("consumer", ["eval", "predict", "export"])
+def test_a_pickle_that_refers_to_one_list_a_billion_times_is_refused_in_bounds(trained, tmp_path, image, consumer):
+    """7 KB of pickle: a list of 1000 references to a list of 1000 references to a list of 1000 values. A walk
+    that follows every reference meets 10^9 values: the check of tensors ran for minutes and gigabytes."""
+    leaf = [0] * 1000
+    middle = [leaf] * 1000
+    ckpt = crafted(trained, tmp_path / "refs.pt", lambda state: state["data"].update(classes=[middle] * 1000))
+    assert ckpt.stat().st_size < 1 << 20
+    refused(consumers(ckpt, tmp_path, image)[consumer], "class names")
+
+
+def test_a_pickle_of_millions_of_references_is_refused_in_bounds(trained, tmp_path, image):
+    """7 MB of pickle (under the 8 MiB cap): one small list referred to 1.5 million times, each a value to check."""
+    ckpt = crafted(trained, tmp_path / "wide.pt", lambda state: state.update(extra=[[0]] * 1_500_000))
+    refused(consumers(ckpt, tmp_path, image)["eval"], "values (a checkpoint holds a few thousand")
+
+
 def test_a_resnet_for_8000x8000_images_is_refused_before_its_trial_forward_pass(trained, tmp_path, image):
     from trainer.models.torchvision_model import torchvision_model
 

@@ -15,7 +15,7 @@ import os
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -35,6 +35,9 @@ MAX_IMAGE_ELEMENTS = 2**24
 # tensors' references; the tensors' bytes are records of their own) is a few hundred KiB. Unpickled, each byte can
 # become tens of bytes of Python objects (2 million class names: 30 MB of pickle, 400 MiB in memory).
 MAX_PICKLE_BYTES = 8 << 20
+# Values (tensors, numbers, strings, containers) in a torch.save file, counting each reference: a checkpoint holds a
+# few thousand (its state dicts) and at most one per class name; a tensors dataset file, a few.
+MAX_VALUES = 2 * MAX_CLASSES + 1_000_000
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character "
           "device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -150,17 +153,32 @@ def zip_members(path: Path, budget: int, *, stored_only: bool = False, what: str
 
 def check_tensors(value: Any, where: str, max_depth: int = MAX_DEPTH) -> None:
     """Refuse (UserError naming `where`, a file) a tensor anywhere in `value` (nested dicts, lists, tuples) that
-    spans more bytes than its storage holds, a sparse tensor, or containers nested deeper than `max_depth`.
+    spans more bytes than its storage holds, a sparse tensor, containers nested deeper than `max_depth`, or more
+    than MAX_VALUES values in all.
 
     torch.load(weights_only=True) rebuilds a tensor from a storage, a shape and strides: a stride of 0 makes a
     2x10^9-element view of one stored byte, which any copy (set_rng_state, load_state_dict, a cache write)
-    materialises. A tensor whose elements fit in its storage costs at most the file's size. Walked with a
+    materialises. A tensor whose elements fit in its storage costs at most the file's size. A pickle can also
+    refer to one list many times: 7 KB made a list of 1000 references to a list of 1000 references to a list of
+    1000 values, 10^9 values to a walk that follows references (this one took over a minute and gigabytes before
+    it was bounded). Each container is walked once, lazily (memory grows with the depth, not the width), with a
     stack, not recursion: the pickle may nest lists thousands deep."""
     import torch
 
-    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    seen: set[int] = set()
+    left = MAX_VALUES
+    stack: list[tuple[Iterator[tuple[str, Any]], int]] = [(iter([("", value)]), 0)]  # (key, value) pairs, depth
     while stack:
-        item, key, depth = stack.pop()
+        items, depth = stack[-1]
+        entry = next(items, None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, item = entry
+        left -= 1
+        if left < 0:
+            raise UserError(f"refusing {where}: it holds more than {MAX_VALUES:,} values (a checkpoint holds a few "
+                            "thousand, and at most one per class name)")
         if depth > max_depth:
             raise UserError(f"refusing {where}: its {key or 'content'} nests deeper than {max_depth} levels")
         if isinstance(item, torch.Tensor):
@@ -171,10 +189,16 @@ def check_tensors(value: Any, where: str, max_depth: int = MAX_DEPTH) -> None:
                 raise UserError(f"refusing {where}: its tensor {key} of shape {tuple(item.shape)} is a view of "
                                 f"{item.numel()} elements over {stored} stored bytes (strides {item.stride()}); "
                                 "only tensors whose elements are all stored are read")
-        elif isinstance(item, dict):  # reversed: popped in the file's order, so the first bad tensor is named
-            stack.extend(reversed([(v, f"{key}.{k}" if key else str(k), depth + 1) for k, v in item.items()]))
-        elif isinstance(item, (list, tuple)):
-            stack.extend(reversed([(v, f"{key}[{i}]", depth + 1) for i, v in enumerate(item)]))
+        elif isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+            seen.add(id(item))  # in the file's order, so the first bad tensor is named
+            stack.append((_named_items(item, key), depth + 1))
+
+
+def _named_items(container: dict | list | tuple, key: str) -> Iterator[tuple[str, Any]]:
+    """(`key.k`, value) of a dict's items, (`key[i]`, value) of a list's or tuple's, one at a time."""
+    if isinstance(container, dict):
+        return ((f"{key}.{k}" if key else str(k), v) for k, v in container.items())
+    return ((f"{key}[{i}]", v) for i, v in enumerate(container))
 
 
 def load_torch_file(path: Path, budget: int) -> Any:
