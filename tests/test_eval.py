@@ -86,6 +86,7 @@ def test_eval_warns_when_the_data_is_not_the_data_it_was_trained_on(trained, fai
 
 @pytest.mark.parametrize("overrides, says", [
     ([], "ckpt is required"),
+    (["{trained}/checkpoints/best.pt"], "give the checkpoint as ckpt={trained}/checkpoints/best.pt"),  # as predict
     (["ckpt=/nonexistent.pt"], "does not exist"),
     (["ckpt={trained}/checkpoints/best.pt", "split=train"], "split='train': use test or val"),
     (["ckpt={trained}/train.log"], "not a readable checkpoint"),

@@ -117,7 +117,9 @@ def test_onnx_without_its_packages_says_what_to_install(runs, monkeypatch, capsy
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     assert export.main([str(runs["mlp"] / "checkpoints" / "best.pt"), "--format", "onnx"]) == 1
     assert capsys.readouterr().err == ("error: --format onnx needs the packages onnx, onnxscript and onnxruntime "
-                                       "(onnxruntime is not installed): pip install -e '.[export]'\n")
+                                       "(onnxruntime is not installed): pip install 'hydra-torch-trainer[export]' "
+                                       "(in a checkout: pip install -e '.[export]'), or export --format torchscript "
+                                       "only\n")
 
 
 def test_default_output_directory(tmp_path):

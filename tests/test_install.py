@@ -160,6 +160,9 @@ def test_a_users_option_is_refused_without_its_config_dir_in_one_line(venv, tmp_
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "dataset=stripes, which is not one of the dataset options" in result.stderr, result.stderr
     assert "--config-dir DIR" in result.stderr
+    result = run("htt-train experiment=stripes", project, venv)  # the preset of ./configs, without the flag
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.rstrip().endswith("./configs/experiment/stripes.yaml is here: add --config-dir configs")
 
 
 def test_the_installed_command_trains_under_torchrun(venv, tmp_path):

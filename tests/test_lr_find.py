@@ -43,6 +43,21 @@ def test_sweeps_exponentially_on_a_copy_and_suggests_a_fifth_of_the_minimum(tiny
     assert result.suggestion == pytest.approx(result.lrs[best] / 5)
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad,
+                                       torch.optim.Adadelta])
+def test_every_optimizer_option_is_copied_with_its_settings(optimizer):
+    """The sweep's optimizer is a new one of the same class and settings: AdamW's defaults hold a key its
+    constructor refuses (decoupled_weight_decay), which failed every `optimizer=adamw` preset with a traceback."""
+    model = torch.nn.Linear(4, 2)
+    opt = optimizer(model.parameters(), lr=0.01, weight_decay=0.05)
+    seen, state = [], {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state.items()}  # Adagrad has some
+    loss = lambda out, t: seen.append(out) or out.pow(2).mean()  # noqa: E731
+    lr_range_test(model, loss, opt, lambda: iter([(torch.ones(3, 4), None)] * 10), start_lr=1e-4, end_lr=1e-2,
+                  num_steps=10, smoothing=0.5, diverge=4.0)
+    assert len(seen) == 10 and opt.param_groups[0]["lr"] == 0.01  # ran, on a copy: the optimizer given is as it was
+    assert all(torch.equal(state[k][n], v) for k, s in opt.state.items() for n, v in s.items())
+
+
 def test_stops_when_the_loss_diverges():
     """w -> (w - t)^2, t alternating 0.5 and 1.5, with SGD: the period-2 targets swing w ever wider as the LR nears
     1, where plain SGD on this loss turns unstable."""

@@ -191,6 +191,7 @@ SKIP = {
                        "samples/bottom.png",
                        "htt-summarize",
                        "pip install .",
+                       "pip install '.[export]'",
                        )},
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "

@@ -113,6 +113,20 @@ def require_shallow_overrides(overrides: list[str]) -> None:
                             f"{MAX_DEPTH} (a config nests 3 or 4)")
 
 
+def _config_dir_hint(error: str) -> str:
+    """`; ./configs/model/x.yaml is here: add --config-dir configs` for Hydra's "Could not find 'model/x'" when the
+    current folder's configs/ has that option and no --config-dir was given (a user's project, run without it)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    found = re.search(r"Could not find '([\w/.-]+)'", error)
+    if not found or any(a.startswith(("--config-dir", "-cd")) for a in sys.argv[1:]):
+        return ""
+    option = Path("configs") / f"{found[1]}.yaml"
+    return f"; ./{option} is here: add --config-dir configs" if option.is_file() else ""
+
+
 def one_line_config_errors() -> None:
     """Make `@hydra.main` report a config error (an unknown option, a misspelt key, an override it cannot parse)
     as `error: <one line>` with exit code 1, as this project reports its own errors, instead of Hydra's
@@ -148,7 +162,7 @@ def one_line_config_errors() -> None:
                 if cause is not None and parent is not None and "not in struct" in str(cause) and cause.full_key:
                     message = unknown_key_message(cause.full_key, [str(k) for k in parent.keys()])
                 else:
-                    message = one_line(f"{e}\n{cause}" if cause is not None else str(e))
+                    message = one_line(f"{e}\n{cause}" if cause is not None else str(e)) + _config_dir_hint(str(e))
                 print(f"error: {message}", file=sys.stderr)
                 sys.exit(1)
         return report(guarded)

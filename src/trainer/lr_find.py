@@ -11,6 +11,7 @@ docs/configs.md "LR range test" has the table that checks the rule against one-e
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -57,7 +58,11 @@ def lr_range_test(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.O
     changed). `batches()` starts a new pass over the training data; the sweep takes as many as it needs."""
     check_range_settings(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, smoothing=smoothing, diverge=diverge)
     net = copy.deepcopy(model).train()
-    opt = type(optimizer)(net.parameters(), **optimizer.defaults)
+    # Only the settings its constructor takes: AdamW's defaults hold decoupled_weight_decay (torch 2.14), which
+    # AdamW() refuses since it is always on there.
+    takes = inspect.signature(type(optimizer).__init__).parameters
+    opt = type(optimizer)(net.parameters(), **{k: v for k, v in optimizer.defaults.items() if k in takes or any(
+        p.kind == p.VAR_KEYWORD for p in takes.values())})
     out, average, data = RangeTest(), 0.0, batches()
     for step in range(num_steps):
         lr = start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))

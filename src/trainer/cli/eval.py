@@ -127,6 +127,10 @@ def discard(out_dir: Path, output_root: Path) -> None:
 
 def run() -> None:
     """The command (`htt-eval`, `python eval.py`), once trainer.cli.entry has prepared the process."""
+    given = [a for a in sys.argv[1:] if "=" not in a and a.endswith((".pt", ".pth"))]
+    if given:  # as predict and export take it; Hydra's grammar would answer with a LexerNoViableAltException
+        print(f"error: {given[0]}: give the checkpoint as ckpt={given[0]}", file=sys.stderr)
+        sys.exit(1)
     register_resolvers()  # ${root_dir:}, which configs/eval.yaml uses
     one_line_config_errors()
     run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/runtime.py)

@@ -85,7 +85,8 @@ def onnx_packages() -> tuple:
         import onnxscript  # noqa: F401  (torch.onnx.export's exporter is written in it)
     except ImportError as e:
         raise UserError(f"--format onnx needs the packages onnx, onnxscript and onnxruntime ({e.name} is not "
-                        "installed): pip install -e '.[export]'") from None
+                        "installed): pip install 'hydra-torch-trainer[export]' (in a checkout: pip install -e "
+                        "'.[export]'), or export --format torchscript only") from None
     return onnx, onnxruntime
 
 

@@ -97,7 +97,7 @@ def predict(ckpt: str, files: list[Path], top: int, trust: bool = False,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     checkpoint_arguments(parser)
-    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("images", nargs="+", type=Path, help="image files: PNG, JPEG or anything Pillow reads")
     parser.add_argument("--top", type=int, default=1, help="how many classes to show per image")
     args = parser.parse_args()
     try:
