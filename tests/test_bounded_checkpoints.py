@@ -10,6 +10,7 @@ torch and the package, within SECONDS. Before the fixes, each of these was kille
 from __future__ import annotations
 
 import io
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -157,6 +158,16 @@ def test_a_billion_unit_mlp_on_the_command_line_is_refused_within_10_s(tiny_root
     line = refused([str(REPO / "train.py"), *TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={tmp_path / 'run'}",
                     "model=mlp", "model.hidden_sizes=[1000000000]"], "model=MLP of 795,000,000,010 weights needs")
     assert "of memory available here" in line and not (tmp_path / "run").exists()
+
+
+def test_a_model_whose_weights_fit_but_whose_training_does_not_is_refused_before_it_is_built(tiny_root, tmp_path):
+    """Weights of half the memory available: they fit, but training holds them 4 times (gradients, Adam's moments)."""
+    from trainer.runtime import available_memory_bytes
+
+    width = int(math.sqrt(available_memory_bytes() / 8))  # 4 bytes x width^2 ~ half the memory available
+    line = refused([str(REPO / "train.py"), *TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={tmp_path / 'run'}",
+                    "model=mlp", f"model.hidden_sizes=[{width},{width}]"], "trained (the weights, their gradients")
+    assert "4 copies), needs" in line and not (tmp_path / "run").exists()
 
 
 # --- item 3: a zip bomb, refused from the zip directory before torch.load inflates it -----------------------------

@@ -56,14 +56,20 @@ def build(node: DictConfig, **runtime: Any) -> Any:
         raise
 
 
+TRAINING_COPIES = 4  # what training holds per weight: the weight, its gradient and Adam's two moments
+
+
 def build_model(node: DictConfig, in_shape: Sequence[int], num_classes: int,
-                weights: Mapping[str, Any] | None = None, misfit: str = "") -> torch.nn.Module:
+                weights: Mapping[str, Any] | None = None, misfit: str = "",
+                train_on: torch.device | None = None) -> torch.nn.Module:
     """`build(node)` for a model (with `in_shape` and `num_classes`), once its size is known to fit.
 
     The model is first built on the meta device, which allocates nothing: model.hidden_sizes=[1000000000] was
     killed at 6 GB before any check ran, and weights that fit in the machine but not in its free memory would fill
     it under any allocator. Its weights must then fit in the memory available, and, given a checkpoint's
-    `weights`, have their names and shapes, else UserError(`misfit`).
+    `weights`, have their names and shapes, else UserError(`misfit`). To be trained on `train_on`, TRAINING_COPIES
+    times the weights must fit there: `hidden_sizes=[45000,45000]` (8 GB of weights) passed a check of the weights
+    alone on a 24 GB machine, then ran out of memory in its first step under Adam.
     """
     planned = _on_meta(node, in_shape, num_classes)
     if planned is not None:
@@ -72,8 +78,13 @@ def build_model(node: DictConfig, in_shape: Sequence[int], num_classes: int,
                 isinstance(t, torch.Tensor) and tuple(t.shape) == shapes[k] for k, t in weights.items())):
             raise UserError(misfit)
         count = sum(t.numel() for t in planned.state_dict().values())
-        require_memory(sum(t.numel() * t.element_size() for t in planned.state_dict().values()),
-                       f"model={type(planned).__name__} of {count:,} weights", "make the model smaller")
+        nbytes, what = sum(t.numel() * t.element_size() for t in planned.state_dict().values()), \
+            f"model={type(planned).__name__} of {count:,} weights"
+        require_memory(nbytes, what, "make the model smaller")
+        if train_on is not None:
+            require_memory(TRAINING_COPIES * nbytes, f"{what}, trained (the weights, their gradients and the "
+                           f"optimizer's two moments: {TRAINING_COPIES} copies),", "make the model smaller",
+                           device=train_on)
     return build(node, in_shape=tuple(in_shape), num_classes=num_classes)
 
 

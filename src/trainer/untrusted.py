@@ -213,12 +213,19 @@ def load_torch_file(path: Path, budget: int) -> Any:
     return loaded
 
 
-def require_memory(nbytes: int, what: str, hint: str) -> None:
-    """Raise UserError unless `nbytes` fit in the memory available to this process (see available_memory_bytes);
-    `what` needs them, `hint` says what to do instead."""
+def require_memory(nbytes: int, what: str, hint: str, device: Any = None) -> None:
+    """Raise UserError unless `nbytes` fit in the memory available to this process (see available_memory_bytes), or
+    free on `device` where it is a CUDA device; `what` needs them, `hint` says what to do instead."""
     from trainer.runtime import available_memory_bytes, size_text
 
-    available = available_memory_bytes()
+    if device is not None and device.type == "cuda":
+        import torch
+
+        available = torch.cuda.mem_get_info(device)[0]
+    elif device is not None and device.type != "cpu":
+        return  # MPS shares the host's memory and reports none of its own
+    else:
+        available = available_memory_bytes()
     if nbytes > available:
         raise UserError(f"{what} needs {size_text(nbytes)}, more than the {size_text(available)} of memory "
                         f"available here; {hint}")

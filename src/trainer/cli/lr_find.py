@@ -39,7 +39,7 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     data = build(cfg.dataset, device=device, seed=cfg.seed)
-    model = build_model(cfg.model, data.in_shape, data.num_classes).to(device)
+    model = build_model(cfg.model, data.in_shape, data.num_classes, train_on=device).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     # The Trainer checks its settings where it is built; build it (without training: no run directory of its

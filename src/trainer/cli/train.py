@@ -43,7 +43,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     device = dist.device
     data = build(cfg.dataset, device=device, seed=cfg.seed)
     data.shard(dist.rank, dist.world_size)
-    model = build_model(cfg.model, data.in_shape, data.num_classes).to(device)
+    model = build_model(cfg.model, data.in_shape, data.num_classes, train_on=device).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
