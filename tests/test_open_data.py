@@ -584,7 +584,8 @@ def test_every_deep_image_mode_pillow_decodes_is_scaled_to_8_bits(tmp_path):
 
 
 @pytest.mark.parametrize("values, says", [((-1.0, 0.5), "values from -1 to 0.5"), ((0.0, 300.0), "from 0 to 300"),
-                                          ((0.0, float("nan")), "nan")])
+                                          ((0.0, float("nan")), "with 128 values that are not a number (NaN or infinite)"),
+                                          ((0.0, float("inf")), "with 128 values that are not a number")])
 def test_a_float_image_of_no_one_range_is_refused_in_one_line(tmp_path, values, says):
     from PIL import Image
 

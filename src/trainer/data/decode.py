@@ -108,7 +108,11 @@ def to_8bit(img: Any, where: str) -> Any:
     a = np.asarray(img)
     if img.mode == "F":
         low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+        if not np.isfinite(a).all():  # min and max of an array holding NaN are NaN: name what is wrong instead
+            bad = int((~np.isfinite(a)).sum())
+            raise UserError(f"{where}: a floating-point image with {bad} value{'s' * (bad != 1)} that {'are' if bad != 1 else 'is'} "
+                            "not a number (NaN or infinite); those in 0-1 or 0-255 are read")
+        if low < 0 or high > 255:
             raise UserError(f"{where}: a floating-point image with values from {low:g} to {high:g}; those in 0-1 or "
                             "0-255 are read (convert it to 8 or 16 bits first)")
         levels = np.rint(a * np.float32(255 if high <= 1 else 1))
