@@ -197,12 +197,13 @@ class ImageDataset:
         return {"name": self.name, "in_shape": list(self.in_shape), "classes": list(self.classes),
                 "mean": list(self.mean), "std": list(self.std), "digest": self.digest}
 
-    def require_memory(self, nbytes: int) -> None:
-        """Raise UserError if `nbytes` of images cannot be held in this machine's memory."""
+    def require_memory(self, nbytes: int, what: str = "its images",
+                       hint: str = "use a smaller dataset.image_size or a subset of the data") -> None:
+        """Raise UserError if `nbytes` (of `what`) cannot be held in this machine's memory; `hint`: what to do."""
         ram = host_memory_bytes()
         if nbytes > ram:
-            raise UserError(f"dataset {self.name}: its images take {size_text(nbytes)}, more than this machine's "
-                            f"{size_text(ram)} of memory; use a smaller dataset.image_size or a subset of the data")
+            raise UserError(f"dataset {self.name}: {what} take {size_text(nbytes)}, more than this machine's "
+                            f"{size_text(ram)} of memory; {hint}")
 
     def _home(self, device: torch.device, nbytes: int, margin_gib: float) -> torch.device:
         """The training device when the images fit on it with `margin_gib` to spare, else host memory."""

@@ -12,7 +12,7 @@ import numpy as np
 from trainer.checkpoint import pickled_global
 from trainer.data.dataset import ImageDataset, Images
 from trainer.errors import UserError
-from trainer.runtime import host_memory_bytes
+from trainer.runtime import host_memory_bytes, size_text
 from trainer.untrusted import load_torch_file, zip_members
 
 KEYS = ("train_x", "train_y", "test_x", "test_y", "classes")
@@ -70,7 +70,10 @@ class TensorsFile(ImageDataset):
             if suffix == ".npz":
                 members = zip_members(self.path, host_memory_bytes())
                 declared = [self._npy_bytes(self.path, m) for m in members]
-                self.require_memory(sum(nbytes for nbytes, _ in declared))
+                largest, (most, _) = max(zip(members, declared), key=lambda pair: pair[1][0])
+                self.require_memory(sum(nbytes for nbytes, _ in declared),
+                                    f"the arrays of {self.path.name} (its {largest.filename} alone {size_text(most)})",
+                                    "give a file whose arrays fit in memory")
                 for member, (nbytes, held) in zip(members, declared):
                     if nbytes != held:  # np.load allocates what the header says, then reads what there is
                         raise UserError(f"{self.path}: its array {member.filename} declares {nbytes} bytes in its "
