@@ -24,6 +24,16 @@ class Schedule:
     `total_steps`), and `lr_at` gives the LRs of the schedule at its current step. When a run resumes with
     another length (trainer.max_epochs raised, say), those keys keep this run's values and the LRs are set
     from `lr_at`: from the resumed step on, the run follows the curve of a run planned with the new length.
+
+    torch's public state (state_dict, load_state_dict, get_last_lr) has no way to re-plan a schedule's length, so
+    three private names are used, each where nothing public does the same:
+    - `lrs._enable_get_lr_call`: get_lr() outside step() warns that its value is wrong, which for the closed-form
+      schedules used here it is not; this context is how torch's own step() silences that warning;
+    - `scheduler._last_lr`: what get_last_lr() returns (and what the logged LR is read from) after the LRs are set
+      here; step() sets it, and no public setter exists;
+    - CosineAnnealingLR's `_get_closed_form_lr`: its public get_lr() is recursive (the last LR times a factor),
+      so it cannot give the LR of a step on a curve of another length; the closed form can. OneCycleLR's public
+      get_lr() is already closed-form, and its `_schedule_phases` is state it saves and derives from the length.
     """
 
     def __init__(self, scheduler: Any | None, interval: Literal["step", "epoch"], needs_metric: bool = False,
@@ -120,21 +130,11 @@ def onecycle(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, max
     return Schedule(scheduler, "step", run_length_keys=("total_steps", "_schedule_phases"), lr_at=scheduler.get_lr)
 
 
-class LinearWarmup:
-    """LR factor rising linearly from 1/warmup_steps to 1 over `warmup_steps` batches, then constant.
-
-    A class rather than a lambda so LambdaLR can save its state in a checkpoint.
-    """
-
-    def __init__(self, warmup_steps: int) -> None:
-        self.warmup_steps = warmup_steps
-
-    def __call__(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.warmup_steps)
-
-
 def warmup(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, warmup_steps: int) -> Schedule:
-    """Linear warm-up (LambdaLR) over `warmup_steps` batches, then the optimizer's LR."""
+    """Linear warm-up over `warmup_steps` batches, then the optimizer's LR: batch i trains at
+    LR * min(1, (i + 1) / warmup_steps) (torch's LinearLR)."""
     if not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"warmup_steps={warmup_steps!r}: must be an integer >= 1")
-    return Schedule(lrs.LambdaLR(optimizer, LinearWarmup(warmup_steps)), "step")
+    scheduler = lrs.LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0,
+                             total_iters=max(1, warmup_steps - 1))  # (i + 1) / W reaches 1 at batch W - 1
+    return Schedule(scheduler, "step")
