@@ -154,7 +154,10 @@ def test_a_users_option_is_refused_without_its_config_dir_in_one_line(venv, tmp_
     for path, body in files.items():
         (project / path).parent.mkdir(parents=True, exist_ok=True)
         (project / path).write_text(body)
-    assert run(commands[0] + " trainer.max_epochs=1", project, venv).returncode == 0
+    (project / "configs" / "model" / "cnn.yaml").write_text("_target_: mynet.TinyNet\n")  # a shipped option's name
+    trained = run(commands[0] + " trainer.max_epochs=1", project, venv)
+    assert trained.returncode == 0, trained.stderr
+    assert f"{project / 'configs' / 'model' / 'cnn.yaml'} is not used: the shipped option" in trained.stdout
     (ckpt,) = project.glob("outputs/*/*/checkpoints/best.pt")
     result = run(f"htt-eval ckpt={ckpt.relative_to(project)}", project, venv)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr

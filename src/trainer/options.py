@@ -68,6 +68,20 @@ def option_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
     return dirs
 
 
+def shadowed_options() -> list[str]:
+    """`DIR/<group>/<name>.yaml` of each --config-dir folder that a shipped option of the same name hides (Hydra reads
+    the shipped configs first): a user's `model/cnn.yaml` is never used, and nothing else would say so."""
+    if not HydraConfig.initialized():
+        return []
+    hidden = []
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            for path in sorted(Path(source.path).glob("*/*.yaml")):
+                if (CONFIG_DIR / path.parent.name / path.name).is_file():
+                    hidden.append(str(path))
+    return hidden
+
+
 def option_file(group: str, option: str, dirs: Sequence[Path]) -> Path:
     """`<dir>/<group>/<option>.yaml` of the first of `dirs` that has it (Hydra's rule)."""
     return next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()),

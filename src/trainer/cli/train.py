@@ -28,6 +28,7 @@ from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_o
 from trainer.errors import UserError, error_line, one_line_config_errors, printable
 from trainer.fsutil import discard_refused_run
 from trainer.logger import NullLogger, quiet_writer_thread_errors
+from trainer.options import shadowed_options
 from trainer.paths import CONFIG_SOURCE, command_line, register_resolvers
 from trainer.runtime import resolve_device, run_then_exit, seed_everything
 from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
@@ -37,6 +38,9 @@ log = logging.getLogger("train")
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     """Build everything from `cfg`, in order, and hand it to the Trainer."""
+    for path in shadowed_options():
+        log.warning("%s is not used: the shipped option of the same name comes first; give yours another name",
+                    path)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     dist = build(cfg.distributed, device=device)  # under torchrun: joins the job; on CUDA picks cuda:LOCAL_RANK
