@@ -36,6 +36,29 @@ REPO = Path(__file__).resolve().parent.parent
 def pytest_addoption(parser):
     parser.addoption("--full-grid", action="store_true",
                      help="tests/test_compose.py: train all 576 option combinations, not the 48 pairwise rows")
+
+
+# Modules whose tests share module- or session-scoped state or run in order (`pytestmark = ...xdist_group(...)`):
+# the README's commands in one copy of the repository, torchrun runs, the resume variants, the installed wheel.
+GROUPED_MODULES = {p.name for p in Path(__file__).parent.glob("test_*.py") if "xdist_group(" in p.read_text()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`, with each GROUPED_MODULES module one unit of work for one worker. pytest-xdist 3.8's own
+    loadgroup marks the groups on the workers (an `@group` suffix of each test id) but the ids reach the scheduler
+    without it, so a group was spread over the workers like any test: the README's summarize.py line ran in a
+    worker whose copy had no runs yet. Measured: 12 tests of one group went 6 to each of 2 workers."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in GROUPED_MODULES else nodeid
+
+    return ModuleGroups(config, log)
 SHARED_MIRROR = REPO.parent / "shared" / "data"  # developers' and CI's local copy; optional
 
 
