@@ -65,3 +65,16 @@ def cifar10_batches(root: Path, per_batch: int, n_test: int) -> Path:
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names}, f)
     return root
+
+
+def with_one_pixel_changed(root: Path, dest: Path, split: str = "train") -> Path:
+    """A copy of the MNIST-layout data under `root` at `dest` (its caches left out), the centre pixel of the first
+    image of `split` (train or t10k) inverted: the same shapes and classes, other images."""
+    import shutil
+
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("*.cache.pt"))
+    images = dest / "MNIST" / "raw" / f"{split}-images-idx3-ubyte"
+    raw = bytearray(images.read_bytes())
+    raw[16 + 14 * 28 + 14] ^= 0xFF  # after the 16-byte IDX header: row 14, column 14 of the first 28x28 image
+    images.write_bytes(bytes(raw))
+    return dest

@@ -92,19 +92,13 @@ def test_config_changes_harmless_vs_fatal():
 def test_a_resume_on_other_data_is_refused_in_one_line(tiny_root, tmp_path):
     """A checkpoint continued on data whose images differ (one pixel of one training image) is refused: the
     resumed run would train on, and report, data the first part never saw."""
-    import shutil
-
     from conftest import MLP, TINY, run_train
+    from image_data import with_one_pixel_changed
 
     first = run_train(*TINY, *MLP, f"dataset.root={tiny_root}", f"hydra.run.dir={tmp_path / 'run'}",
                       "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr
-    changed = tmp_path / "changed"
-    shutil.copytree(tiny_root, changed, ignore=shutil.ignore_patterns("*.cache.pt"))
-    images = changed / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    raw = bytearray(images.read_bytes())
-    raw[16 + 14 * 28 + 14] ^= 0xFF  # the centre pixel of the first training image
-    images.write_bytes(bytes(raw))
+    changed = with_one_pixel_changed(tiny_root, tmp_path / "changed", "train")
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     for root, refused in ((changed, True), (tiny_root, False)):
         resumed = run_train(*TINY, *MLP, f"dataset.root={root}", f"hydra.run.dir={tmp_path / str(refused)}",

@@ -2,13 +2,13 @@
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import TINY, run_train
+from image_data import with_one_pixel_changed
 from trainer.config import model_from_checkpoint
 
 
@@ -71,12 +71,7 @@ def test_eval_on_another_dataset_and_on_the_validation_split(trained, faint_root
 
 def test_eval_warns_when_the_data_is_not_the_data_it_was_trained_on(trained, faint_root, tmp_path):
     """One test image changed since training: eval says the split may not be what the model was tested on."""
-    changed = tmp_path / "changed"
-    shutil.copytree(faint_root, changed, ignore=shutil.ignore_patterns("*.cache.pt"))
-    images = changed / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    raw = bytearray(images.read_bytes())
-    raw[16 + 14 * 28 + 14] ^= 0xFF  # the centre pixel of the first test image
-    images.write_bytes(bytes(raw))
+    changed = with_one_pixel_changed(faint_root, tmp_path / "changed", "t10k")
     warned = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={changed}", f"hydra.run.dir={tmp_path}/a")
     assert warned.returncode == 0, warned.stderr
     assert "is not the data the model was trained on" in warned.stdout + warned.stderr
