@@ -34,6 +34,16 @@ def guide(name: str) -> tuple[dict[str, str], list[str]]:
     return files, [line for block in blocks for line in block.splitlines() if line.strip()]
 
 
+def project_of_the_guide(folder: Path) -> list[str]:
+    """docs/your_project.md's files written into `folder`; returns the guide's commands."""
+    files, commands = guide("your_project.md")
+    assert {"mydata.py", "mynet.py", "configs/experiment/stripes.yaml"} <= set(files) and len(commands) == 7
+    for path, body in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(body)
+    return commands
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel, built from a copy of what the build reads (it writes build/ and egg-info beside its sources)."""
@@ -101,11 +111,7 @@ def test_the_installed_commands_run_from_the_wheel_with_its_configs(venv, tmp_pa
 def test_your_own_project_guide_runs_as_written(venv, tmp_path):
     """docs/your_project.md in a new folder outside the checkout: train, resume, train on, eval, predict, summarize."""
     project = tmp_path / "my_project"
-    files, commands = guide("your_project.md")
-    assert {"mydata.py", "mynet.py", "configs/experiment/stripes.yaml"} <= set(files) and len(commands) == 7
-    for path, body in files.items():
-        (project / path).parent.mkdir(parents=True, exist_ok=True)
-        (project / path).write_text(body)
+    commands = project_of_the_guide(project)
     outputs = project / "outputs"
 
     def runs() -> list[Path]:  # a resuming process's own directory holds only its log: the run is where it continued
@@ -150,10 +156,7 @@ def test_your_own_project_guide_runs_as_written(venv, tmp_path):
 def test_a_users_option_is_refused_without_its_config_dir_in_one_line(venv, tmp_path):
     """eval rebuilds only from options it can see: without --config-dir it names the option and the flag."""
     project = tmp_path / "p"
-    files, commands = guide("your_project.md")
-    for path, body in files.items():
-        (project / path).parent.mkdir(parents=True, exist_ok=True)
-        (project / path).write_text(body)
+    commands = project_of_the_guide(project)
     (project / "configs" / "model" / "cnn.yaml").write_text("_target_: mynet.TinyNet\n")  # a shipped option's name
     trained = run(commands[0] + " trainer.max_epochs=1", project, venv)
     assert trained.returncode == 0, trained.stderr
@@ -172,10 +175,7 @@ def test_the_installed_command_trains_under_torchrun(venv, tmp_path):
     """docs/your_project.md's torchrun line: the installed command as torchrun's program, 2 CPU processes."""
     text = (REPO / "docs" / "your_project.md").read_text()
     command = " ".join(re.search(r"`(torchrun --standalone [^`]*)`", text, re.S)[1].split())
-    files, _ = guide("your_project.md")
-    for path, body in files.items():
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(body)
+    project_of_the_guide(tmp_path)
     result = run(command, tmp_path, venv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes (gloo)" in result.stdout and len(list(tmp_path.glob("outputs/*/*/metrics.json"))) == 1

@@ -224,8 +224,8 @@ def _checked(template: Any, stored: Any, key: str, choices: dict, where: Path) -
                 if k in template and value == template[k]:
                     continue
                 option = f"{key}={choices.get(key)}"
-                raise UserError(f"refusing to rebuild from {where}: its stored {name}={value} is the "
-                                f"{option} option's ({name}={template.get(k)}); {TRUST_HINT}")
+                raise UserError(f"refusing to rebuild from {where}: its stored {name}={value} is not "
+                                f"what the {option} option has ({name}={template.get(k)}); {TRUST_HINT}")
             if k not in template:
                 raise UserError(f"refusing {where}: its stored config has the key {name}, which the "
                                 f"options in use do not have; {TRUST_HINT}")

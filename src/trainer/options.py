@@ -12,7 +12,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 
 from trainer.errors import UserError
-from trainer.paths import CONFIG_DIR
+from trainer.paths import CONFIG_DIR, given_config_dirs
 
 
 @lru_cache(maxsize=None)
@@ -71,15 +71,8 @@ def option_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
 def shadowed_options() -> list[str]:
     """`DIR/<group>/<name>.yaml` of each --config-dir folder that a shipped option of the same name hides (Hydra reads
     the shipped configs first): a user's `model/cnn.yaml` is never used, and nothing else would say so."""
-    if not HydraConfig.initialized():
-        return []
-    hidden = []
-    for source in HydraConfig.get().runtime.config_sources:
-        if source.provider == "command-line" and source.schema == "file":
-            for path in sorted(Path(source.path).glob("*/*.yaml")):
-                if (CONFIG_DIR / path.parent.name / path.name).is_file():
-                    hidden.append(str(path))
-    return hidden
+    return [str(path) for folder in given_config_dirs() for path in sorted(folder.glob("*/*.yaml"))
+            if (CONFIG_DIR / path.parent.name / path.name).is_file()]
 
 
 def option_file(group: str, option: str, dirs: Sequence[Path]) -> Path:

@@ -49,15 +49,17 @@ def command_line(torchrun: str | None = None, script: str | None = None) -> str:
     return shlex.join([*shlex.split(launcher), *_config_dir_options()])
 
 
-def _config_dir_options() -> list[str]:
-    """`--config-dir DIR` for each folder the command was given (relative to the current folder, where it is in it)."""
+def given_config_dirs() -> list[Path]:
+    """The folders this command was given with --config-dir (absolute), in Hydra's order; none outside a command."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
-    options = []
-    for source in HydraConfig.get().runtime.config_sources:
-        if source.provider == "command-line" and source.schema == "file":
-            path = Path(source.path)
-            options += ["--config-dir", str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)]
-    return options
+    return [Path(source.path) for source in HydraConfig.get().runtime.config_sources
+            if source.provider == "command-line" and source.schema == "file"]
+
+
+def _config_dir_options() -> list[str]:
+    """`--config-dir DIR` for each folder the command was given (relative to the current folder, where it is in it)."""
+    return [option for path in given_config_dirs() for option in
+            ("--config-dir", str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path))]

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Callable
 
+
 def _prepare(preload: bool = True) -> None:
     import logging
 

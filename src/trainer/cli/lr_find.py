@@ -32,6 +32,7 @@ from trainer.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("lr_find")
 
+
 def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     """Seed, data, model, loss, optimizer as train.py builds them, with the Trainer's checks of its settings
     (so the printed train.py command is one train.py takes); then the range test, and its files."""

@@ -84,8 +84,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
 
 
 def option_names() -> dict[str, str | None]:
-    """The option chosen in each config group (`model: cnn`, ...), which checkpoints store: eval.py rebuilds from
-    these options of its own checkout, never from classes named in a file."""
+    """The option chosen in each config group (`model: cnn`, ...), which checkpoints store: eval, predict and export
+    rebuild from these options (shipped, or --config-dir's), never from classes named in a file."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     return {group: choices.get(group) for group in GROUPS + PRESET_GROUPS}
 
