@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ARGS   ?= model=cnn optimizer=adam trainer.max_epochs=1
 
-.PHONY: setup train test data clean-venv
+.PHONY: setup train lint test data clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ data: setup
 train: data
 	$(PY) train.py $(ARGS)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 clean-venv:

@@ -13,8 +13,8 @@ initialisation (the config's seed) and the config's optimizer. The floor, +data 
 fresh model for each repetition; the framework column trains one Trainer through all of them, one epoch each,
 so what a run pays once (torch.compile's compilation, trainer.cuda_graphs' warm-up and capture) falls in its
 untimed warm-up. Repetitions are interleaved (floor, +data, framework, tutorial, floor, ...), after one untimed
-warm-up each, and the median is reported. `noise` is the spread (slowest / fastest - 1) of the floor's own repetitions: a
-ratio closer to 1.00 than that is within this machine's timing noise.
+warm-up each, and the median is reported. `noise` is the spread (slowest / fastest - 1) of the floor's own
+repetitions: a ratio closer to 1.00 than that is within this machine's timing noise.
 
     python scripts/benchmark.py                              # CPU (and CUDA when available), all rows
     python scripts/benchmark.py --models mlp --batch-sizes 64 --reps 5
@@ -39,7 +39,7 @@ epochs with their validation and checkpoints) it wrote in metrics.json; `--exper
 
 from __future__ import annotations
 
-from trainer.allocator import allocator_in_use, preload_mimalloc
+from trainer.cli.allocator import preload_mimalloc
 
 if __name__ == "__main__":
     preload_mimalloc()  # the allocator train.py runs with, for every loop timed here
@@ -59,12 +59,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.cli import train  # noqa: E402
-from trainer.config import build  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from trainer.paths import register_resolvers  # noqa: E402
-from trainer.runtime import seed_everything  # noqa: E402
+from trainer.cli import train  # noqa: E402
+from trainer.cli.config import build  # noqa: E402
+from trainer.cli.paths import register_resolvers  # noqa: E402
+from trainer.loop.seeding import seed_everything  # noqa: E402
+from trainer.system import allocator_in_use  # noqa: E402
 
 
 def config(*overrides: str):
@@ -175,7 +176,7 @@ class Row:
         return time.perf_counter() - start
 
 
-def main() -> int:
+def main() -> int:  # noqa: C901 (one branch per table the options ask for)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["logistic", "mlp", "cnn"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 512])
@@ -189,7 +190,8 @@ def main() -> int:
                         help="mnist (from --root), or rgb32: 50,000 generated 3x32x32 images")
     parser.add_argument("--decode", type=int, metavar="N", help="time decoding N PNGs instead (see above)")
     parser.add_argument("--mnist-fast", type=int, metavar="N", help="time experiment=mnist_fast for N seeds instead")
-    parser.add_argument("--experiment", default="mnist_fast", help="the preset --mnist-fast times (default: mnist_fast)")
+    parser.add_argument("--experiment", default="mnist_fast",
+                        help="the preset --mnist-fast times (default: mnist_fast)")
     parser.add_argument("--no-tutorial", action="store_true", help="leave out the tutorial column (its DataLoader "
                         "is most of a GPU run's time)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every row")
@@ -289,7 +291,8 @@ def decode_times(n: int, root: str) -> int:
             cfg = config(*overrides)
             start = time.perf_counter()
             data = build(cfg.dataset, device="cpu", seed=0)
-            print(f"{what:36} {time.perf_counter() - start:7.2f} s  ({data.train.num_items + data.val.num_items + data.test.num_items} images {data.in_shape})")
+            images = data.train.num_items + data.val.num_items + data.test.num_items
+            print(f"{what:36} {time.perf_counter() - start:7.2f} s  ({images} images {data.in_shape})")
     return 0
 
 
@@ -353,8 +356,8 @@ def sweep_times(epochs: int, root: str, reps: int) -> int:
                 print(f"rep {rep} {name:6} {wall:6.1f} s  ({len(results[name])} jobs)", flush=True)
     basic, joblib = (statistics.median(times[k]) for k in ("basic", "joblib"))
     same = results["basic"] == results["joblib"]
-    print(f"6-job MLP sweep, {epochs} epoch(s) a job, {os.cpu_count()} cores: basic {basic:.1f} s, joblib {joblib:.1f} s "
-          f"(medians of {reps}); basic/joblib {basic / joblib:.2f}x; test metrics of every job "
+    print(f"6-job MLP sweep, {epochs} epoch(s) a job, {os.cpu_count()} cores: basic {basic:.1f} s, "
+          f"joblib {joblib:.1f} s (medians of {reps}); basic/joblib {basic / joblib:.2f}x; test metrics of every job "
           f"{'identical' if same else 'DIFFERENT'}")
     if not same:
         for job in sorted(results["basic"]):

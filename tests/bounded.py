@@ -113,6 +113,7 @@ def run_bounded(argv: list[str], *, cap_mib: float = 4096, timeout: float = 120,
 @functools.lru_cache(maxsize=None)
 def baseline_mib() -> float:
     """Peak resident memory of a process that imports what the commands import, then exits."""
-    done = run_bounded(["-c", "import torch, hydra, omegaconf, trainer.checkpoint, trainer.config, trainer.data"])
+    done = run_bounded(["-c", "import torch, hydra, omegaconf, trainer.run.checkpoint, trainer.cli.config, "
+                              "trainer.data"])
     assert done.returncode == 0, done.stderr
     return done.peak_mib

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.idx import write_idx
-from trainer.paths import register_resolvers
-from trainer.provision import provision
+from trainer.cli.paths import register_resolvers
+from trainer.data.idx import write_idx
+from trainer.data.provision import provision
 
 register_resolvers()  # the tests compose configs (${root_dir:}) as the entry points do
 
@@ -201,14 +201,15 @@ def run_python(argv: list[str], env: dict[str, str], timeout: float, forkable: b
 _STOPPING_TRAIN = """
 import io, os, runpy, signal, sys
 import torch
-from trainer.trainer import Trainer
+from trainer.loop.trainer import Trainer
 train_py, sys.argv[0] = sys.argv[1], sys.argv[1]
 del sys.argv[1]
 if "STOP_AT_STEP" in os.environ:
     at, sig, step = int(os.environ["STOP_AT_STEP"]), int(os.environ["STOP_SIGNAL"]), Trainer._optimizer_step
     def stepping(self):
         lr = step(self)
-        if self.progress.global_step == at and os.environ.get("STOP_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
+        rank = os.environ.get("RANK")
+        if self.progress.global_step == at and os.environ.get("STOP_RANK", rank) == rank:
             os.kill(os.getpid(), sig)
         return lr
     Trainer._optimizer_step = stepping
@@ -227,7 +228,7 @@ if "FILL_DISK_AT_STEP" in os.environ:  # after that optimizer step, a file fills
         return used
     Trainer._optimizer_step = filling
 if "SIGNAL_DURING" in os.environ:  # val, test, log_graph, log_hparams or metrics_json: a signal as it starts
-    import trainer.logger, trainer.report
+    import trainer.report.logger, trainer.report.run_report
     phase, sig = os.environ["SIGNAL_DURING"], int(os.environ["STOP_SIGNAL"])
     def signalling(fn, when=lambda *args: True):
         def wrapped(*args, **kwargs):
@@ -238,9 +239,10 @@ if "SIGNAL_DURING" in os.environ:  # val, test, log_graph, log_hparams or metric
     if phase in ("val", "test"):
         Trainer.evaluate = signalling(Trainer.evaluate, lambda self, loader, prefix: prefix == phase)
     elif phase == "metrics_json":  # the report's only atomic_write is metrics.json (checkpoints have their own)
-        trainer.report.atomic_write = signalling(trainer.report.atomic_write)
+        trainer.report.run_report.atomic_write = signalling(trainer.report.run_report.atomic_write)
     else:
-        setattr(trainer.logger.TensorBoardLogger, phase, signalling(getattr(trainer.logger.TensorBoardLogger, phase)))
+        logger_class = trainer.report.logger.TensorBoardLogger
+        setattr(logger_class, phase, signalling(getattr(logger_class, phase)))
 if "CHECKPOINT_WRITE" in os.environ:
     nth, save, calls = int(os.environ["CHECKPOINT_WRITE"]), torch.save, []
     def dying_save(obj, f, *args, **kwargs):

@@ -6,8 +6,8 @@ from typing import Any
 
 import yaml
 
+from trainer.cli.paths import CONFIG_DIR
 from trainer.data import MNIST
-from trainer.paths import CONFIG_DIR
 
 COMMON: dict[str, Any] = yaml.safe_load((CONFIG_DIR / "dataset_base" / "common.yaml").read_text())
 

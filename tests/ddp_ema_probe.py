@@ -6,13 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as td
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parent.parent
 from trainer.cli import train  # noqa: E402
-from trainer.paths import register_resolvers  # noqa: E402
+from trainer.cli.paths import register_resolvers  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ starts with those modules imported and then runs the script exactly as `python S
 interpreter's normal exit (atexit, exit code, a traceback for an uncaught exception, death by a signal).
 
 The server itself runs no torch operation, so it starts no OpenMP or other threads that a fork would leave
-behind. It runs under mimalloc, as train.py re-executes itself to (trainer/allocator.py), so its children
+behind. It runs under mimalloc, as train.py re-executes itself to (trainer/cli/allocator.py), so its children
 do too. conftest.run_train falls back to a real process for anything that is decided before the first
 import (another allocator, thread count or environment than the server started with); a fresh process is
 also what `FORKSERVER=0` gives every test.
@@ -26,7 +26,7 @@ import sys
 
 def serve() -> dict:
     """Answer requests until stdin closes (then exit); in a forked child, return its request."""
-    from trainer.allocator import preload_mimalloc
+    from trainer.cli.allocator import preload_mimalloc
 
     preload_mimalloc()  # re-executes this server under mimalloc, once
     import hydra  # noqa: F401
@@ -38,10 +38,10 @@ def serve() -> dict:
     from hydra.core.plugins import Plugins
     from PIL import Image  # noqa: F401  (scripts/predict.py)
 
-    import trainer.checkpoint  # noqa: F401
-    import trainer.config  # noqa: F401
-    import trainer.paths  # noqa: F401  (each script registers its resolver itself, as a fresh process would)
-    import trainer.trainer  # noqa: F401
+    import trainer.cli.config  # noqa: F401
+    import trainer.cli.paths  # noqa: F401  (each script registers its resolver itself, as a fresh process would)
+    import trainer.loop.trainer  # noqa: F401
+    import trainer.run.checkpoint  # noqa: F401
 
     Plugins.instance()  # Hydra's plugin scan (it imports every installed launcher and sweeper)
     requests, answers = os.fdopen(0, "rb", buffering=0), 1

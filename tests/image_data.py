@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.idx import write_idx
+from trainer.data.idx import write_idx
 
 
 def pattern(label: int, h: int, w: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:

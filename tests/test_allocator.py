@@ -1,4 +1,4 @@
-"""train.py re-executes itself once with mimalloc preloaded (trainer/allocator.py): it must really run under
+"""train.py re-executes itself once with mimalloc preloaded (trainer/cli/allocator.py): it must really run under
 mimalloc, leave child processes and a user's own allocator alone, and be switchable off."""
 
 import json
@@ -7,15 +7,16 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY, run_train
-from trainer.allocator import mimalloc_library
+
+from trainer.cli.allocator import mimalloc_library
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or mimalloc_library() is None,
                                 reason="mimalloc is preloaded on Linux with cmeel-mimalloc installed")
 
 # A script that preloads as train.py does, then says what it runs under and what its children would inherit.
-PROBE = ("from trainer.allocator import allocator_in_use, preload_mimalloc; preload_mimalloc(); import os; "
+PROBE = ("from trainer.cli.allocator import preload_mimalloc; preload_mimalloc(); "
+         "from trainer.system import allocator_in_use; import os; "
          "print(allocator_in_use(), repr(os.environ.get('LD_PRELOAD')), '_TRAINER_MIMALLOC_PRELOADED' in os.environ)")
 
 
@@ -53,7 +54,8 @@ def test_opt_out_and_bad_choice():
 def test_an_impossible_allocation_fails_at_once_under_mimalloc():
     """mimalloc maps with MAP_NORESERVE, so torch.empty of 3 TB "succeeded" and filling it ended in an out-of-memory
     kill; under the RLIMIT_DATA cap the preloaded process sets, it fails at once, as under glibc (issue 24)."""
-    code = ("from trainer.allocator import allocator_in_use, preload_mimalloc; preload_mimalloc(); import torch\n"
+    code = ("from trainer.cli.allocator import preload_mimalloc; preload_mimalloc(); "
+            "from trainer.system import allocator_in_use; import torch\n"
             "try:\n    torch.empty(3 << 40, dtype=torch.uint8)\nexcept RuntimeError as e:\n"
             "    print(allocator_in_use(), 'refused:', str(e).splitlines()[0])\n")
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TRAINER_ALLOCATOR")}

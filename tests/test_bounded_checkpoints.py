@@ -9,7 +9,6 @@ torch and the package, within SECONDS. Before the fixes, each of these was kille
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import zipfile
@@ -19,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from bounded import REPO, baseline_mib, run_bounded
 from conftest import MLP, TINY, run_train
-from trainer.checkpoint import load_checkpoint
+
 from trainer.errors import UserError
+from trainer.run.checkpoint import load_checkpoint
 
 BOUND_MIB = 512  # above baseline_mib(): what a refusal may cost
 CAP_MIB = 2048  # above baseline_mib(): where the watchdog kills an unrefused bomb (so the old code fails, not the CI)
@@ -115,7 +114,7 @@ def test_two_million_class_names_are_refused(trained, tmp_path, image):
 
 
 def test_more_classes_than_any_dataset_has_are_refused_however_short_their_names(trained, tmp_path):
-    from trainer.untrusted import MAX_CLASSES
+    from trainer.run.untrusted import MAX_CLASSES
 
     def classes(state):
         state["data"]["classes"] = [""] * (MAX_CLASSES + 1)  # a pickle of a few hundred KB
@@ -162,7 +161,7 @@ def test_a_billion_unit_mlp_on_the_command_line_is_refused_within_10_s(tiny_root
 
 def test_a_model_whose_weights_fit_but_whose_training_does_not_is_refused_before_it_is_built(tiny_root, tmp_path):
     """Weights of half the memory available: they fit, but training holds them 4 times (gradients, Adam's moments)."""
-    from trainer.runtime import available_memory_bytes
+    from trainer.system import available_memory_bytes
 
     width = int(math.sqrt(available_memory_bytes() / 8))  # 4 bytes x width^2 ~ half the memory available
     line = refused([str(REPO / "train.py"), *TINY, f"dataset.root={tiny_root}", f"hydra.run.dir={tmp_path / 'run'}",
@@ -273,10 +272,10 @@ def test_negative_cnn_channels_are_one_line(tiny_root, tmp_path):
 
 FAULTY_EVAL = """
 import runpy, sys
-import trainer.metrics
+import trainer.loop.metrics
 def failing(*args, **kwargs):
     raise RuntimeError("a fault inside torch")
-trainer.metrics.evaluate = failing  # eval.py imports it by name: patched before it runs
+trainer.loop.metrics.evaluate = failing  # eval.py imports it by name: patched before it runs
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from bounded import baseline_mib, run_bounded
 from conftest import MLP, REPO, TINY, run_train
 

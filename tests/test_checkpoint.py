@@ -4,9 +4,15 @@ import pytest
 import torch
 import yaml
 
-from trainer.checkpoint import config_changes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.errors import UserError
-from trainer.fsutil import atomic_write
+from trainer.run.changes import config_changes
+from trainer.run.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from trainer.run.files import atomic_write
 
 STATE = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "epoch": 1, "global_step": 10,
          "rng": {}, "config": "a: 1\n"}
@@ -45,8 +51,10 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     (lambda p: (save_checkpoint(p, STATE), p.write_bytes(p.read_bytes()[:200])), "not a readable checkpoint"),
     (lambda p: torch.save({"w": torch.ones(1)}, p), "not a checkpoint of this framework"),
     (lambda p: torch.save({"format": "hydra-torch-trainer", "version": 2, "model": {}}, p), "missing optimizer"),
-    (lambda p: torch.save({**STATE, "format": "hydra-torch-trainer", "version": 2, "epoch": -1}, p), "epoch=-1 is not a count"),
-    (lambda p: torch.save({**STATE, "format": "hydra-torch-trainer", "version": 2, "config": "a: [1"}, p), "is not valid YAML"),
+    (lambda p: torch.save({**STATE, "format": "hydra-torch-trainer", "version": 2, "epoch": -1}, p),
+     "epoch=-1 is not a count"),
+    (lambda p: torch.save({**STATE, "format": "hydra-torch-trainer", "version": 2, "config": "a: [1"}, p),
+     "is not valid YAML"),
 ])
 def test_unusable_checkpoints_are_explained(tmp_path, make, message):
     make(tmp_path / "c.pt")

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MLP, REPO, TINY, run_train, run_train_stopping
 from hydra import compose, initialize_config_dir
 from PIL import Image
-
-from conftest import MLP, REPO, TINY, run_train, run_train_stopping
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")]
@@ -86,8 +85,8 @@ def test_autocast_runs_the_forward_pass_at_the_precision(tiny_root, tmp_path, pr
     ("trainer.precision=bf16", "trainer.compile=true"),
     ("trainer.channels_last=false",),
     ("trainer.cuda_graphs=true", "scheduler.cycle_momentum=false"),
-    ("trainer.cuda_graphs=true", "scheduler.cycle_momentum=false", "trainer.precision=bf16", "trainer.grad_clip_norm=1.0",
-     "trainer.ema_decay=0.9", "optimizer=adamw"),
+    ("trainer.cuda_graphs=true", "scheduler.cycle_momentum=false", "trainer.precision=bf16",
+     "trainer.grad_clip_norm=1.0", "trainer.ema_decay=0.9", "optimizer=adamw"),
 ], ids=lambda extra: " ".join(extra))
 def test_a_cnn_learns_on_cuda(tiny_root, tmp_path, extra):
     result = trained(tiny_root, tmp_path / "run", "trainer.max_epochs=2", *extra)
@@ -201,7 +200,9 @@ def test_a_cuda_checkpoint_is_evaluated_predicted_and_exported_without_a_gpu(rea
     acc = float(evaluated.stdout.split("test/acc ")[1].split()[0])
     assert abs(acc - trained_acc) <= 0.002, (acc, trained_acc)  # bf16 on another device: a few images may flip
 
-    from data_args import tiny_mnist  # the real test digits, as files a user would have: dark on white, larger
+    from data_args import (
+        tiny_mnist,  # the real test digits, as files a user would have: dark on white, larger
+    )
 
     test_x, test_y = tiny_mnist(real_root).test.raw()
     files = []

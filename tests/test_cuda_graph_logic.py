@@ -18,10 +18,10 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY, run_train
 from torch import nn
 
-from conftest import TINY, run_train
-from trainer.cuda_graph import GraphedStep, check_cuda_graphs
+from trainer.loop.cuda_graph import GraphedStep, check_cuda_graphs
 
 
 class StandInGraph:

@@ -1,14 +1,15 @@
 import pytest
 import torch
-
 from data_args import tiny_mnist
+
 from trainer.data import MNIST, BatchLoader, BatchTransform, FashionMNIST, random_shift
 from trainer.errors import UserError
 
 
 def loader(n=103, batch_size=10, shuffle=False, **kw):
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
-    return BatchLoader(images, torch.arange(n), batch_size, transform=BatchTransform(0.0, 1 / 255), shuffle=shuffle, **kw)
+    return BatchLoader(images, torch.arange(n), batch_size, transform=BatchTransform(0.0, 1 / 255), shuffle=shuffle,
+                       **kw)
 
 
 def test_epoch_visits_every_sample_once_in_a_seeded_order():

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import _STOPPING_TRAIN, REPO, TINY, run_train
 
 # each torchrun start costs ~10 s of imports per process; pytest-xdist: the module-scoped runs stay in one worker
@@ -21,8 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 # A faint patch, so accuracy after 3 epochs is informative (not 1.0). 480 training images: 15 global batches of
 # 32 with no remainder, so two processes of 16 see exactly the batches one process of 32 sees. Evaluation
 # batches of 64 leave the second rank a short last batch (val 120 = 64 + 56, test 200 = 128 + 64 + 8).
-COMMON = (*TINY, "dataset.val_size=120", "dataset.eval_batch_size=64", "model=mlp", "scheduler=cosine", "trainer.max_epochs=3",
-          "trainer.deterministic=true")
+COMMON = (*TINY, "dataset.val_size=120", "dataset.eval_batch_size=64", "model=mlp", "scheduler=cosine",
+          "trainer.max_epochs=3", "trainer.deterministic=true")
 DDP = "dataset.batch_size=16"  # per process: 2 x 16 = the single process's 32
 # What DDP gives is equality up to float rounding, not bit for bit: each rank's gradient is the mean over its 16
 # samples and the all-reduce averages the two, where one process takes the mean over 32 at once, so the sums run
@@ -194,7 +193,8 @@ def test_every_rank_evaluates_the_same_ema_of_a_batch_norm_model(faint_root, tmp
     diffs = json.loads(result.stdout.strip().splitlines()[-1])["ema_max_diff_per_evaluation"]
     assert diffs == [0.0] * 4  # 3 validations and the test
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["world_size"] == 2 and int(ckpt["ema_updates"]) == 45 and ckpt["model"].keys() == ckpt["train_model"].keys()
+    assert ckpt["world_size"] == 2 and int(ckpt["ema_updates"]) == 45
+    assert ckpt["model"].keys() == ckpt["train_model"].keys()
 
 
 def test_too_few_samples_for_the_processes_is_a_clean_error(faint_root, tmp_path):
@@ -208,7 +208,7 @@ def test_too_few_samples_for_the_processes_is_a_clean_error(faint_root, tmp_path
 # train.py, except that rank DIE_RANK stops answering for 15 s after optimizer step DIE_AT_STEP
 _HANGING = """
 import os, runpy, sys, time
-from trainer.trainer import Trainer
+from trainer.loop.trainer import Trainer
 train_py, sys.argv[0] = sys.argv[1], sys.argv[1]
 del sys.argv[1]
 at, step = int(os.environ["DIE_AT_STEP"]), Trainer._optimizer_step

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, run_train
 from image_data import with_one_pixel_changed
-from trainer.config import model_from_checkpoint
+
+from trainer.cli.config import model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,8 @@ def run_eval(*overrides):
 
 def test_eval_rebuilds_the_model_from_the_checkpoint_and_matches_training(trained, faint_root, tmp_path):
     # data_root: the checkpoint names where it was trained on, but never chooses where files are read or written
-    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={faint_root}", f"hydra.run.dir={tmp_path}/eval")
+    result = run_eval(f"ckpt={trained}/checkpoints/best.pt", f"data_root={faint_root}",
+                      f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 0, result.stderr
     ours = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     theirs = json.loads((trained / "metrics.json").read_text())  # train.py's own test of best.pt
@@ -110,7 +111,8 @@ def test_with_ema_eval_and_exports_read_the_average_that_the_run_tested(faint_ro
     assert any(not torch.equal(best["model"][k], v) for k, v in best["train_model"].items() if v.is_floating_point())
     restored = model_from_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert all(torch.equal(restored.model.state_dict()[k], v) for k, v in best["model"].items())
-    result = run_eval(f"ckpt={run_dir}/checkpoints/best.pt", f"data_root={faint_root}", f"hydra.run.dir={tmp_path}/eval")
+    result = run_eval(f"ckpt={run_dir}/checkpoints/best.pt", f"data_root={faint_root}",
+                      f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 0, result.stderr
     ours, theirs = (json.loads(p.read_text()) for p in (tmp_path / "eval" / "metrics.json", run_dir / "metrics.json"))
     for k in ("test/loss", "test/acc", "test/f1"):
@@ -123,7 +125,8 @@ def test_eval_of_a_bf16_run_evaluates_at_its_precision_and_matches_its_test(fain
     result = run_train(*TINY, f"dataset.root={faint_root}", f"hydra.run.dir={run_dir}", "model=cnn",
                        "model.channels=[8,16]", "trainer.max_epochs=1", "trainer.precision=bf16")
     assert result.returncode == 0, result.stderr
-    result = run_eval(f"ckpt={run_dir}/checkpoints/best.pt", f"data_root={faint_root}", f"hydra.run.dir={tmp_path}/eval")
+    result = run_eval(f"ckpt={run_dir}/checkpoints/best.pt", f"data_root={faint_root}",
+                      f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 0, result.stderr
     ours, theirs = (json.loads(p.read_text()) for p in (tmp_path / "eval" / "metrics.json", run_dir / "metrics.json"))
     for k in ("test/loss", "test/acc", "test/f1"):

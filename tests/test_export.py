@@ -9,11 +9,10 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-
 from conftest import REPO, TINY, run_train
 
 from trainer.cli import export  # noqa: E402
-from trainer.config import build, model_from_checkpoint  # noqa: E402
+from trainer.cli.config import build, model_from_checkpoint  # noqa: E402
 from trainer.data import BatchTransform  # noqa: E402
 
 MODELS = ("logistic", "mlp", "cnn")
@@ -88,7 +87,8 @@ def test_verification_catches_an_export_of_a_different_model(runs, tiny_root, tm
         return export.to_onnx(perturbed(model), example, meta)
 
     monkeypatch.setitem(export.FORMATS, "onnx", (exporting_a_perturbed_copy, export.load_onnx, ".onnx"))
-    assert export.main([str(ckpt), "--format", "onnx", "--out", str(tmp_path / "out"), "--data-root", str(tiny_root)]) == 1
+    args = [str(ckpt), "--format", "onnx", "--out", str(tmp_path / "out"), "--data-root", str(tiny_root)]
+    assert export.main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: the onnx export of {ckpt} does not match the PyTorch model on 201 test images")
     assert "nothing written" in err and len(err.strip().splitlines()) == 1

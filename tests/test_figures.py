@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from trainer.figures import confusion_matrix_image, image_grid, labelled_grid
+from trainer.report.figures import (
+    confusion_matrix_image,
+    image_grid,
+    labelled_grid,
+)
 
 
 def test_confusion_matrix_image_shades_each_cell_by_its_share_of_the_row():
@@ -50,10 +54,16 @@ def test_image_grid_draws_what_torchvision_make_grid_draws(shape):
 
 
 def test_the_lr_find_plot_shows_the_whole_descent_and_cuts_off_the_divergence():
-    from trainer.figures import lr_find_loss_range, lr_find_plot
+    from trainer.cli.lr_find import loss_range, plot
+    from trainer.loop.lr_find import RangeTest
 
     smoothed = [2.3] * 20 + [2.3 - 0.1 * i for i in range(20)] + [0.4 + 2 ** i for i in range(10)]  # flat, down, up
-    y_lo, y_hi = lr_find_loss_range(smoothed, smoothed)
+    y_lo, y_hi = loss_range(smoothed, smoothed)
     assert y_lo == min(smoothed) and 2.3 < y_hi < 2.5  # the starting loss shows; the climb to 512 does not set it
     lrs = [10 ** (-7 + i / 10) for i in range(len(smoothed))]
-    assert lr_find_plot(lrs, smoothed, smoothed, lrs[30]).shape[0] == 3
+    result = RangeTest(lrs=lrs, losses=smoothed, smoothed=smoothed, diverged=True)
+    axes = plot(result).axes[0]
+    assert axes.get_xscale() == "log" and axes.get_ylim() == (y_lo, y_hi)
+    assert axes.lines[-1].get_xdata()[0] == result.suggestion == lrs[39] / 5  # the suggestion's vertical line
+    labels = axes.get_legend_handles_labels()[1]
+    assert f"suggested {lrs[39] / 5:.2e}" in labels and f"lowest at {lrs[39]:.2e}" in labels

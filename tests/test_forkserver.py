@@ -4,9 +4,8 @@ argv, sys.path, atexit handlers, traceback and death by a signal (docs/developme
 import os
 import sys
 
-import pytest
-
 import conftest
+import pytest
 from conftest import REPO, run_python
 
 # Every case also starts a fresh interpreter (about 5 s of imports each): the slow tier, which CI runs.
@@ -18,7 +17,8 @@ CASES = {
                                             "sys.stdout.write('unflushed'); sys.exit(3)", "a", "b=c"],
     "atexit at the end": ["-c", "import atexit, sys; atexit.register(lambda: print('bye', file=sys.stderr))"],
     "uncaught exception": ["-c", "def f():\n    raise ValueError('boom')\nf()"],
-    "killed by a signal": ["-c", "import os, signal; print('before', flush=True); os.kill(os.getpid(), signal.SIGTERM)"],
+    "killed by a signal": ["-c", "import os, signal; print('before', flush=True); "
+                                 "os.kill(os.getpid(), signal.SIGTERM)"],
     "KeyboardInterrupt": ["-c", "raise KeyboardInterrupt"],
     "environment": ["-c", "import os; print(os.environ.get('FORKED_TEST_VAR'), 'LD_PRELOAD' in os.environ)"],
 }
@@ -37,6 +37,7 @@ def test_an_environment_that_acts_at_start_up_gets_a_fresh_process():
     env = {**os.environ, "TRAINER_ALLOCATOR": "system"}
     run_python(["-c", "pass"], env=os.environ.copy(), timeout=120, forkable=True)  # the server is up
     assert not conftest._fork_server.serves(env)
-    probe = "from trainer.allocator import allocator_in_use, preload_mimalloc; preload_mimalloc(); print(allocator_in_use())"
+    probe = ("from trainer.cli.allocator import preload_mimalloc; preload_mimalloc(); "
+             "from trainer.system import allocator_in_use; print(allocator_in_use())")
     result = run_python(["-c", probe], env=env, timeout=120, forkable=True)
     assert result.stdout.split() == ["system"] or sys.platform != "linux", result.stderr

@@ -3,21 +3,22 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import make_tiny_dataset
-from trainer import provision as provision_module
 from data_args import tiny_mnist
-from trainer.data import MNIST
+
+from trainer.data import provision as provision_module
+from trainer.data.idx import check_idx, write_idx
+from trainer.data.provision import FILES, provision
 from trainer.errors import UserError
-from trainer.idx import check_idx, write_idx
-from trainer.provision import FILES, provision
 
 
 def test_write_then_check_roundtrip(tmp_path):
     x = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8)
     write_idx(tmp_path / "x", x)
     assert check_idx(tmp_path / "x", ndim=3) == (7, 28, 28)
-    from torchvision.datasets.mnist import read_image_file  # torchvision parses what we wrote
+    from torchvision.datasets.mnist import (
+        read_image_file,  # torchvision parses what we wrote
+    )
     assert torch.equal(read_image_file(str(tmp_path / "x")), x)
 
 

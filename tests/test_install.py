@@ -97,7 +97,7 @@ def test_the_wheel_holds_every_module_and_config_file(wheel):
 def test_the_installed_commands_run_from_the_wheel_with_its_configs(venv, tmp_path):
     for command in COMMANDS:
         assert (venv / command).is_file(), command
-    where = run("python -c 'import trainer.paths as p; print(p.__file__, p.CONFIG_SOURCE)'", tmp_path, venv)
+    where = run("python -c 'import trainer.cli.paths as p; print(p.__file__, p.CONFIG_SOURCE)'", tmp_path, venv)
     module, source = where.stdout.split()
     assert Path(module).is_relative_to(venv.parent) and source == "pkg://trainer.configs", where.stdout
     help_text = run("htt-train --help", tmp_path, venv)

@@ -16,13 +16,13 @@ import signal
 
 import pytest
 import torch
-
 from conftest import TINY, run_train, run_train_stopping
-from test_trainer_loop import OPTIONS, RecordingLogger, linear
-from trainer import schedulers
 from data_args import tiny_mnist
-from trainer.data import MNIST
-from trainer.trainer import Trainer
+from test_trainer_loop import OPTIONS, RecordingLogger, linear
+
+from trainer.loop import schedulers
+from trainer.loop.options import TrainerOptions
+from trainer.loop.trainer import Trainer
 
 
 @pytest.mark.parametrize("phase", ["val", "test", "log_graph", "log_hparams", "metrics_json"])
@@ -56,8 +56,8 @@ def test_a_finished_and_tested_run_is_not_resumed_again(tiny_root, tmp_path):
     # best.pt may be an earlier epoch's (here epoch 1 of 2): it too would re-train a tested run's epochs
     for name in ("last.pt", "best.pt"):
         result = run_train(*overrides, f"trainer.resume={tmp_path}/run/checkpoints/{name}", f"output_root={tmp_path}")
-        assert result.returncode == 1 and "its run finished 2 epochs and was tested; raise trainer.max_epochs (now 2) " \
-            "above 2" in result.stderr, result.stderr
+        says = "its run finished 2 epochs and was tested; raise trainer.max_epochs (now 2) above 2"
+        assert result.returncode == 1 and says in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the refused run left no directory
     assert (tmp_path / "run" / "metrics.json").read_bytes() == before
 
@@ -93,11 +93,12 @@ def trained(tiny_root, run_dir, make_schedule, max_epochs, resume=None):
     data = tiny_mnist(tiny_root, batch_size=125, eval_batch_size=100, val_size=100, mean=0.13, std=0.31)
     model = linear()
     logs = []
-    trainer = Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                      scheduler=make_schedule, data=data, logger=lambda **kw: logs.append(EndOfRunLogger(**kw)) or logs[-1],
-                      run_dir=run_dir, config_yaml="{}", device=torch.device("cpu"), max_epochs=max_epochs,
-                      grad_clip_norm=None, monitor="val/acc", mode="max", checkpoint_dir="checkpoints",
-                      resume=resume, deterministic=True, **OPTIONS)
+    settings = dict(OPTIONS, max_epochs=max_epochs, grad_clip_norm=None, monitor="val/acc", mode="max",
+                    checkpoint_dir="checkpoints", resume=resume, deterministic=True)
+    trainer = Trainer(model=model, loss_fn=torch.nn.CrossEntropyLoss(),
+                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), scheduler=make_schedule,
+                      data=data, logger=lambda **kw: logs.append(EndOfRunLogger(**kw)) or logs[-1], run_dir=run_dir,
+                      device=torch.device("cpu"), options=TrainerOptions.from_settings(settings))
     trainer.fit()
     trainer.test()
     scalars = logs[0].scalars

@@ -1,4 +1,4 @@
-"""The LR range test (src/trainer/lr_find.py, scripts/lr_find.py): an exponential sweep on a copy of the model,
+"""The LR range test (src/trainer/loop/lr_find.py, scripts/lr_find.py): an exponential sweep on a copy of the model,
 smoothed, stopped at divergence, with the documented suggestion rule."""
 
 import json
@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY, run_train
 from data_args import tiny_mnist
+
 from trainer.errors import UserError
-from trainer.lr_find import lr_range_test
+from trainer.loop.lr_find import lr_range_test
 
 
 def setup(tiny_root, optimizer="sgd"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from trainer.errors import UserError
-from trainer.losses import BCEOneVsRest, MSEOnSoftmax, NLLOnLogSoftmax
+from trainer.loop.losses import BCEOneVsRest, MSEOnSoftmax, NLLOnLogSoftmax
 from trainer.models.cnn import CNN
 from trainer.models.logistic import LogisticRegression
 from trainer.models.mlp import MLP

@@ -16,18 +16,24 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_train, run_train_stopping
 from hydra import compose, initialize_config_dir
+from image_data import arrays, cifar10_batches, idx_files, image_folder, pattern
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainer.data.dataset as dataset_module
-from conftest import REPO, run_train, run_train_stopping
-from image_data import arrays, cifar10_batches, idx_files, image_folder, pattern
-from trainer.config import build
-from trainer.data import BatchLoader, BatchTransform, ImageFolder, random_crop, random_hflip
+from trainer.cli.config import build
+from trainer.data import (
+    BatchLoader,
+    BatchTransform,
+    ImageFolder,
+    random_crop,
+    random_hflip,
+)
 from trainer.data.tensors import TensorsFile
 from trainer.errors import UserError
-from trainer.runtime import canonical_device
+from trainer.system import canonical_device
 
 FAST = ("dataset.batch_size=16", "dataset.eval_batch_size=64", "trainer.device=cpu", "trainer.log_every_n_steps=5",
         "scheduler=none", "optimizer.lr=0.01")
@@ -116,7 +122,8 @@ def test_tensors_file_in_each_layout(tmp_path, layout, suffix):
     if suffix == "npz":
         np.savez(path, **content)
     else:
-        torch.save({k: torch.from_numpy(v) if k != "classes" else [str(c) for c in v] for k, v in content.items()}, path)
+        torch.save({k: torch.from_numpy(v) if k != "classes" else [str(c) for c in v] for k, v in content.items()},
+                   path)
     data = dataset("dataset=tensors", f"dataset.path={path}")
     assert data.in_shape == ((1, 10, 9) if layout == "NHW" else (3, 10, 9)) and data.classes == ("w", "x", "y", "z")
     assert torch.equal(data.test.images, torch.from_numpy(x[:20]).permute(0, 3, 1, 2))
@@ -200,8 +207,8 @@ BAD_DATA = {
     "label out of range": (lambda t: _tensors(t, train_x=x20, train_y=y20 + 5, classes=np.array(["a", "b"])),
                            "label 6 is out of range for 2 classes"),
     "image and label counts differ": (lambda t: _tensors(t, train_x=x20, train_y=y20[:15]), "20 images but 15 labels"),
-    "test images of another shape": (lambda t: _tensors(t, train_x=x20, train_y=y20, test_x=x20[:, :4],
-                                                        test_y=y20), "test images are (1, 4, 6), training images (1, 6, 6)"),
+    "test images of another shape": (lambda t: _tensors(t, train_x=x20, train_y=y20, test_x=x20[:, :4], test_y=y20),
+                                     "test images are (1, 4, 6), training images (1, 6, 6)"),
     "float images": (lambda t: _tensors(t, train_x=x20.astype(np.float32), train_y=y20), "must be uint8"),
     "pickle in a .pt file": (lambda t: torch.save({"train_x": np.zeros(3)}, t / "a.pt") or [
         "dataset=tensors", f"dataset.path={t / 'a.pt'}"], "refusing to load it: it holds a pickled numpy"),
@@ -355,7 +362,8 @@ def test_image_folder_end_to_end(tmp_path):
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     inputs = Image.open(io.BytesIO(events.Images("inputs/train")[-1].encoded_image_string))
-    assert inputs.mode == "RGB" and len(np.unique(np.asarray(inputs).reshape(-1, 3), axis=0)) > 100  # the colour images, as the model sees them
+    # the colour images, as the model sees them
+    assert inputs.mode == "RGB" and len(np.unique(np.asarray(inputs).reshape(-1, 3), axis=0)) > 100
     ckpt = run / "checkpoints" / "best.pt"
     data = torch.load(ckpt, weights_only=True)["data"]
     assert (data["name"], data["in_shape"], data["classes"]) == ("shapes", [3, 12, 18], ["left top", "middle", "right"])
@@ -584,7 +592,8 @@ def test_every_deep_image_mode_pillow_decodes_is_scaled_to_8_bits(tmp_path):
 
 
 @pytest.mark.parametrize("values, says", [((-1.0, 0.5), "values from -1 to 0.5"), ((0.0, 300.0), "from 0 to 300"),
-                                          ((0.0, float("nan")), "with 128 values that are not a number (NaN or infinite)"),
+                                          ((0.0, float("nan")),
+                                           "with 128 values that are not a number (NaN or infinite)"),
                                           ((0.0, float("inf")), "with 128 values that are not a number")])
 def test_a_float_image_of_no_one_range_is_refused_in_one_line(tmp_path, values, says):
     from PIL import Image

@@ -6,10 +6,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, run_train
 from data_args import tiny_mnist
+from PIL import Image
 
 from trainer.cli.predict import to_training_format  # noqa: E402
 

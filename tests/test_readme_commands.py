@@ -42,7 +42,6 @@ from typing import Iterable
 import numpy as np
 import pytest
 import yaml
-
 from image_data import arrays, image_folder
 
 # pytest-xdist: the commands run in order in one copy of the repository, in one worker
@@ -177,8 +176,8 @@ SKIP = {
     "htt-train dataset=custom dataset._target_=mydata.Stripes model=custom model._target_=mydata.TinyNet":
         "runs from a user's directory beside the mydata.py of docs/data.md: tests/test_open_data.py writes that "
         "file from docs/data.md and runs this command there",
-    **{command: "README and docs/your_project.md: the package installed from a wheel and the guide's project folder, which "
-                "tests/test_install.py builds, makes and runs these commands in, as written"
+    **{command: "README and docs/your_project.md: the package installed from a wheel and the guide's project "
+                "folder, which tests/test_install.py builds, makes and runs these commands in, as written"
        for command in ("pip install path/to/hydra-torch-trainer",
                        "pip wheel --no-deps -w dist path/to/hydra-torch-trainer",
                        "htt-train --config-dir configs experiment=stripes",
@@ -503,7 +502,7 @@ def draw_sevens(copy: Path) -> None:
 
 @pytest.fixture(scope="session")
 def readme(tmp_path_factory, request) -> ReadmeSession:
-    from trainer.provision import provision
+    from trainer.data.provision import provision
 
     tmp = tmp_path_factory.mktemp("readme")
     copy = tmp / REPO.name
@@ -593,7 +592,7 @@ def check_train(s: ReadmeSession, r: Result, args: list[str], torchrun: bool) ->
         assert metrics["world_size"] == nproc
 
 
-def check_result(s: ReadmeSession, r: Result) -> None:
+def check_result(s: ReadmeSession, r: Result) -> None:  # noqa: C901, PLR0915 (one branch per kind of command)
     """What each kind of README command promises, beyond exit 0 and no traceback."""
     argv = shlex.split(r.ran)
     args = train_args(argv)
@@ -604,6 +603,8 @@ def check_result(s: ReadmeSession, r: Result) -> None:
         assert len(r.new_runs) == 1, r.new_runs
         assert read_json(r.new_runs[0] / "metrics.json")["test/acc"] > 0.9
         assert (s.copy / ".venv" / ".installed").stat().st_mtime == r.extra["installed_mtime"], "make reinstalled"
+    elif argv[:2] == ["make", "lint"]:
+        assert "All checks passed!" in r.stdout, r.stdout  # ruff over the copy, with pyproject.toml's rules
     elif program == "eval.py":
         assert len(r.new_evals) == 1, r.new_evals
         split = next((a.split("=", 1)[1] for a in argv if a.startswith("split=")), "test")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import run_train
 
 # (overrides, test accuracy floor): one epoch on the defaults; the mnist_fast preset; the logistic and MLP presets,

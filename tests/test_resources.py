@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 import torch
-
 from conftest import TINY, run_train, run_train_stopping
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+
 from trainer.errors import OutputError
-from trainer import fsutil
+from trainer.run import files as fsutil
+from trainer.run.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture

@@ -13,10 +13,8 @@ import time
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import MLP, REPO, TINY, run_train, run_train_stopping
-
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # MLP with dropout and shifted inputs (both draw from the RNG), one-cycle (stepped per batch): 16 batches per
 # epoch, checkpoints every 3 steps and train/loss every 5, so checkpoints fall between log points.
@@ -158,7 +156,8 @@ def test_resume_auto_continues_the_latest_unfinished_run_with_the_same_overrides
 
     again = run_train(*same)
     assert again.returncode == 0, again.stderr
-    assert f"continuing {killed}/checkpoints/last.pt" in again.stdout and "at epoch 2, after batch 8 (step 24)" in again.stdout
+    assert f"continuing {killed}/checkpoints/last.pt" in again.stdout
+    assert "at epoch 2, after batch 8 (step 24)" in again.stdout
     assert_same_run(straight, killed)
 
     finished = run_train(*same)  # that run is finished now: nothing to continue

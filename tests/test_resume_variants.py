@@ -14,11 +14,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import REPO, TINY
 from hydra import compose, initialize_config_dir
 
 from trainer.cli import train
-from conftest import REPO, TINY
-from trainer.trainer import Trainer
+from trainer.loop.trainer import Trainer
 
 # pytest-xdist: this module's tests share module-scoped runs, so they run in one worker
 pytestmark = pytest.mark.xdist_group("resume_variants")

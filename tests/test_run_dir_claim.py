@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import MLP, REPO, TINY, run_train
 from omegaconf import OmegaConf
 
-from conftest import MLP, REPO, TINY, run_train
-from trainer.fsutil import lock_run_dir
-from trainer.hydra_callbacks import CLAIM_MARKER, RefuseExistingRunDir
+from trainer.cli.hydra_callbacks import CLAIM_MARKER, RefuseExistingRunDir
+from trainer.run.files import lock_run_dir
 
 RACERS = 8
 ROUNDS = 5  # fresh directories raced for in turn: the old check-then-create code lets two through in some round
@@ -132,7 +132,7 @@ def test_two_train_runs_in_one_dir_one_trains_the_other_stops(tiny_root, tmp_pat
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["seed"] == winner
 
 
-# --- a run directory is trained in by one process at a time (trainer.fsutil.lock_run_dir) ----------------
+# --- a run directory is trained in by one process at a time (trainer.run.files.lock_run_dir) ----------------
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""trainer.runtime.run_then_exit: a script's exit status, atexit handlers and buffered output survive the exit
+"""trainer.cli.process.run_then_exit: a script's exit status, atexit handlers and buffered output survive the exit
 that skips the interpreter's teardown."""
 
 import os
@@ -10,7 +10,7 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import atexit, sys
-    from trainer.runtime import run_then_exit
+    from trainer.cli.process import run_then_exit
 
     def main():
         atexit.register(lambda: print("atexit ran", file=sys.stderr))

@@ -5,7 +5,7 @@ import torch
 from trainer.models.cnn import CNN
 from trainer.models.logistic import LogisticRegression
 from trainer.models.mlp import MLP
-from trainer.summary import summarize
+from trainer.report.summary import summarize
 
 
 def test_counts_match_the_arithmetic_of_each_layer():

@@ -10,9 +10,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import TINY, run_train
+from PIL import Image
 
 
 def free_port() -> int:

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import MLP, REPO, TINY, make_tiny_dataset, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import MLP, REPO, TINY, make_tiny_dataset, run_train
-from trainer.idx import write_idx
+from trainer.data.idx import write_idx
 
 
 def tiny(root, run_dir, *more):
@@ -42,8 +42,8 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0, "histograms": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "lr", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/f1", "test/loss", "test/acc", "test/f1",
-            "epoch/time_s", "epoch/samples_per_s"} <= tags
+    assert {"train/loss", "lr", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/f1", "test/loss",
+            "test/acc", "test/f1", "epoch/time_s", "epoch/samples_per_s"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(5, 49, 5))  # every log_every_n_steps
     assert [e.step for e in events.Scalars("val/acc")] == [16, 32, 48]
     assert events.Scalars("test/acc")[0].value == pytest.approx(metrics["test/acc"])
@@ -65,7 +65,8 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert start.hparams["model"].string_value == "MLP" and start.hparams["scheduler"].string_value == "step"
     assert start.hparams["dataset.augment_shift"].number_value == 2 and "dataset.root" not in start.hparams
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} == {"test/loss", "test/acc", "test/f1", "best/val/acc", "params"}
+    tags = {m.name.tag for m in experiment.metric_infos}
+    assert tags == {"test/loss", "test/acc", "test/f1", "best/val/acc", "params"}
     # the model summary: an MLP of one 64-unit layer on 28x28 images, 784*64 + 64 + 64*10 + 10 parameters
     assert metrics["params"] == metrics["params_trainable"] == 50_890 == events.Scalars("params")[-1].value
     assert metrics["macs_per_image"] == 784 * 64 + 64 * 10
@@ -299,12 +300,13 @@ def test_every_experiment_preset_runs_end_to_end(tiny_root, tmp_path):
     assert len(list(tmp_path.rglob("metrics.json"))) == len(presets) and finished == {2}
     # Each job ran its own preset: its options and every value it sets, except those the command line and
     # debug=fast_dev_run set after it.
-    later = {o.split("=")[0] for o in (*TINY, "trainer.cuda_graphs=false")} | set(flat(yaml.safe_load((REPO / "configs/debug/fast_dev_run.yaml")
-                                                                    .read_text())))
+    fast_dev_run = yaml.safe_load((REPO / "configs/debug/fast_dev_run.yaml").read_text())
+    later = {o.split("=")[0] for o in (*TINY, "trainer.cuda_graphs=false")} | set(flat(fast_dev_run))
     jobs = {}
     for metrics in tmp_path.rglob("metrics.json"):
         hydra_dir = metrics.parent / ".hydra"
-        name = next(o for o in yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if o.startswith("experiment="))
+        overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text())
+        name = next(o for o in overrides if o.startswith("experiment="))
         jobs[name.split("=")[1]] = hydra_dir
     assert sorted(jobs) == presets
     for preset, hydra_dir in jobs.items():

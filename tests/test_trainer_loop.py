@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
-
-import trainer.report as report_module
 from data_args import tiny_mnist
-from trainer.data import MNIST
-from trainer import schedulers
+
+import trainer.report.run_report as report_module
 from trainer.errors import UserError
-from trainer.trainer import NonFiniteLossError, Trainer
+from trainer.loop import schedulers
+from trainer.loop.options import TrainerOptions
+from trainer.loop.trainer import NonFiniteLossError, Trainer
 
 STEPS_PER_EPOCH, EPOCHS, LR = 4, 4, 0.1
 
@@ -59,8 +59,7 @@ OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_
                limit_train_batches=None, limit_eval_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error",
                early_stopping_patience=None, early_stopping_min_delta=0.0, log_every_n_steps=1,
                misclassified_images=0, histogram_every_n_epochs=None, log_graph=False, ema_decay=None, ema_warmup=False,
-               cuda_graphs=False,
-               loss_fn=torch.nn.CrossEntropyLoss())
+               cuda_graphs=False)
 
 
 def linear():
@@ -75,18 +74,20 @@ def fit(*args, **kwargs):
 
 
 def build(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc", grad_clip_norm=None, batch_size=125,
-          make_model=linear, **options):
+          make_model=linear, loss_fn=None, **options):
     torch.manual_seed(0)
     data = tiny_mnist(tiny_root, batch_size=batch_size, eval_batch_size=100, val_size=100, mean=0.13, std=0.31)
     model = make_model()
     opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if grad_clip_norm is None else 0.0)
            if optimizer == "sgd" else torch.optim.Adagrad(model.parameters(), lr=LR))
     logs, options = [], {**OPTIONS, **options}
-    trainer = Trainer(model=model, optimizer=opt, scheduler=make_schedule, data=data,
+    settings = dict(max_epochs=EPOCHS, grad_clip_norm=grad_clip_norm, monitor=monitor,
+                    mode="max" if monitor != "val/loss" else "min", checkpoint_dir="checkpoints", resume=None,
+                    deterministic=False, **options)
+    trainer = Trainer(model=model, loss_fn=loss_fn or torch.nn.CrossEntropyLoss(), optimizer=opt,
+                      scheduler=make_schedule, data=data,
                       logger=lambda **kw: logs.append(RecordingLogger(**kw)) or logs[-1], run_dir=tmp_path,
-                      config_yaml="{}", device=torch.device("cpu"), max_epochs=EPOCHS, grad_clip_norm=grad_clip_norm,
-                      monitor=monitor, mode="max" if monitor != "val/loss" else "min",
-                      checkpoint_dir="checkpoints", resume=None, deterministic=False, **options)
+                      device=torch.device("cpu"), options=TrainerOptions.from_settings(settings))
     return trainer, logs[0].scalars
 
 
@@ -217,7 +218,7 @@ def test_compiled_model_checkpoints_load_uncompiled(tiny_root, tmp_path):
 
 
 def test_buffered_metrics_equal_per_batch_updates_and_survive_a_state_dict_roundtrip(tmp_path):
-    from trainer.metrics import EpochMetrics
+    from trainer.loop.metrics import EpochMetrics
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand((), generator=g), torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
                for n in (32, 32, 7, 32)]
@@ -237,7 +238,8 @@ def test_buffered_metrics_equal_per_batch_updates_and_survive_a_state_dict_round
     resumed.add(*batches[3])
     a, b, c = per_batch.compute("x"), buffered.compute("x"), resumed.compute("x")
     assert a == pytest.approx(b) and a == pytest.approx(c)
-    assert a["x/loss"] == pytest.approx(sum(float(l) * len(t) for l, _, t in batches) / 103)  # weighted by samples
+    weighted = sum(float(loss) * len(t) for loss, _, t in batches) / 103  # by samples
+    assert a["x/loss"] == pytest.approx(weighted)
 
 
 class NaNOnBatch(torch.nn.Module):
@@ -410,5 +412,6 @@ def test_ema_warmup_starts_fast(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("decay", [1.0, 0.0, -0.5, 2, "0.9"])
 def test_ema_decay_outside_0_1_is_refused(tiny_root, tmp_path, decay):
-    with pytest.raises(UserError, match=rf"trainer.ema_decay={decay!r}: must be null \(off\) or a number strictly between 0 and 1"):
+    says = rf"trainer.ema_decay={decay!r}: must be null \(off\) or a number strictly between 0 and 1"
+    with pytest.raises(UserError, match=says):
         build(tiny_root, tmp_path, schedulers.none, ema_decay=decay, ema_warmup=False)

@@ -9,21 +9,19 @@ scripts/export.py, all through `load_checkpoint` and `rebuildable_config`.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
+from conftest import REPO, run_train
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_train
-from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import build, model_from_checkpoint, rebuildable_config
-from trainer.errors import UserError
-from trainer.paths import CONFIG_DIR, REPO_ROOT
-
 from trainer.cli import export, predict  # noqa: E402
+from trainer.cli.config import build, model_from_checkpoint, rebuildable_config
+from trainer.cli.paths import CONFIG_DIR, REPO_ROOT
+from trainer.errors import UserError
+from trainer.run.checkpoint import load_checkpoint, save_checkpoint
 
 CHOICES = {"dataset": "mnist", "model": "mlp", "loss": "cross_entropy", "optimizer": "adam", "scheduler": "onecycle",
            "trainer": "default", "logger": "tensorboard", "distributed": "default", "experiment": None, "debug": None}
@@ -53,7 +51,8 @@ ATTACKS = {
     "write_text": (lambda c, f: c.update(model={"_target_": "builtins.dict", "x": write_text_attack(f)}),
                    "model.x._target_"),
     "open": (lambda c, f: c.update(model={"_target_": "builtins.open", "_args_": [str(f), "w"]}), "model._args_"),
-    "copyfile": (lambda c, f: c.update(model={"_target_": "shutil.copyfile", "_args_": [str(REPO / "README.md"), str(f)]}),
+    "copyfile": (lambda c, f: c.update(model={"_target_": "shutil.copyfile",
+                                              "_args_": [str(REPO / "README.md"), str(f)]}),
                  "model._args_"),
     "nested_target_in_a_list": (lambda c, f: c["model"].update(hidden_sizes=[8, write_text_attack(f)]),
                                 "model.hidden_sizes[1]"),
@@ -111,7 +110,8 @@ def test_every_consumer_refuses_the_attack_in_one_line_and_writes_nothing(tmp_pa
 @pytest.mark.parametrize("name", ["write_text", "copyfile", "open_as_the_loss", "interpolation_creating_a_target"])
 def test_commands_refuse_the_attack_exactly_as_users_run_them(tmp_path, name):
     ckpt, target, names = attacking(tmp_path, name)
-    for command in (["eval.py", f"ckpt={ckpt}"], ["scripts/predict.py", str(ckpt), str(REPO / "docs/tensorboard_images.png")],
+    for command in (["eval.py", f"ckpt={ckpt}"],
+                    ["scripts/predict.py", str(ckpt), str(REPO / "docs/tensorboard_images.png")],
                     ["scripts/export.py", str(ckpt)], ["train.py", f"trainer.resume={ckpt}", "trainer.device=cpu"]):
         result = run_train(*command[1:], script=command[0])
         assert result.returncode == 1, (command, result.stderr)
@@ -141,12 +141,14 @@ def test_a_model_from_the_users_own_module_needs_trust(tmp_path, monkeypatch):
         "import torch\n"
         "class Net(torch.nn.Sequential):\n"
         "    def __init__(self, in_shape, num_classes, width):\n"
-        "        super().__init__(torch.nn.Flatten(), torch.nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], width),\n"
+        "        pixels = in_shape[0] * in_shape[1] * in_shape[2]\n"
+        "        super().__init__(torch.nn.Flatten(), torch.nn.Linear(pixels, width),\n"
         "                         torch.nn.ReLU(), torch.nn.Linear(width, num_classes))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     state = trained_state(overrides=("model._target_=mypkg.net.Net", "~model.hidden_sizes", "~model.activation",
                                      "~model.dropout", "+model.width=5"))
-    state["model"] = build(OmegaConf.create(state["config"]["model"]), in_shape=(1, 28, 28), num_classes=10).state_dict()
+    model = build(OmegaConf.create(state["config"]["model"]), in_shape=(1, 28, 28), num_classes=10)
+    state["model"] = model.state_dict()
     ckpt = write(tmp_path / "mine.pt", state)
     with pytest.raises(UserError, match="trust_checkpoint=true") as refused:
         model_from_checkpoint(ckpt)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of a command that rebuilds a model from a checkpoint (predict, export): the checkpoint, where
-    its options are and whether to trust it (trainer.config.rebuildable_config)."""
+    its options are and whether to trust it (trainer.cli.config.rebuildable_config)."""
     parser.add_argument("ckpt", help="a checkpoint written by htt-train (train.py): best.pt or last.pt")
     parser.add_argument("--config-dir", type=Path, action="append", default=[], metavar="DIR",
                         help="your project's configs folder, for a model or dataset option of your own (as "

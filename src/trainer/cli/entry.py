@@ -1,13 +1,13 @@
 """The command-line edge: what each installed command (`htt-train`, ...) and each checkout script does to its
 process before the command runs. Nothing here runs when the library is imported.
 
-- mimalloc is preloaded by re-executing the process once, before torch is imported (trainer/allocator.py);
+- mimalloc is preloaded by re-executing the process once, before torch is imported (trainer/cli/allocator.py);
 - the current folder is put on the import path, after the installed packages, so that a `_target_` names a
   user's own module (`mynet.TinyNet`) with no PYTHONPATH, and a file there can never replace an installed
   package such as torch or trainer;
 - a log line a full disk drops is not printed with a traceback;
 - Hydra's config errors are made one line (trainer/errors.py), and the process ends without the interpreter's
-  slow teardown of torch (trainer/runtime.py).
+  slow teardown of torch (trainer/cli/process.py).
 
 Each function here is light to import: the command's own module (and torch with it) is imported only after that.
 """
@@ -27,7 +27,7 @@ def _prepare(preload: bool = True) -> None:
     # the console has it, and the failing write that matters is reported in one line.
     logging.raiseExceptions = False
     if preload:
-        from trainer.allocator import preload_mimalloc
+        from trainer.cli.allocator import preload_mimalloc
 
         preload_mimalloc()  # re-executes this process once; returns at once in the re-executed one
     cwd = os.getcwd()

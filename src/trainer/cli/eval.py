@@ -25,13 +25,26 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.config import build, check_fits, check_override_types, data_config, model_from_checkpoint
-from trainer.errors import UserError, error_line, one_line_config_errors, printable, require_bool
-from trainer.fsutil import atomic_write, discard_refused_run
-from trainer.runtime import resolve_device, run_then_exit
-from trainer.settings import autocast_for, check_loss, check_precision, forward_pass
-from trainer.metrics import EpochMetrics, evaluate, per_class_accuracy
-from trainer.paths import CONFIG_SOURCE, command_line, register_resolvers
+from trainer.cli.config import (
+    build,
+    check_fits,
+    check_override_types,
+    data_config,
+    model_from_checkpoint,
+)
+from trainer.cli.paths import CONFIG_SOURCE, command_line, register_resolvers
+from trainer.cli.process import run_then_exit
+from trainer.errors import (
+    UserError,
+    error_line,
+    one_line_config_errors,
+    printable,
+    require_bool,
+)
+from trainer.loop.metrics import EpochMetrics, evaluate, per_class_accuracy
+from trainer.loop.step import autocast_for, check_loss, check_precision, forward_pass
+from trainer.run.files import atomic_write, discard_refused_run
+from trainer.system import resolve_device
 
 log = logging.getLogger("eval")
 SPLITS = ("test", "val")
@@ -40,7 +53,7 @@ SPLITS = ("test", "val")
 def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
                         out_dir: Path, trust: bool = False, data_root: str | None = None) -> dict:
     """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
-    `trust`, `data_root` (where its dataset's files are): see trainer.config.rebuildable_config."""
+    `trust`, `data_root` (where its dataset's files are): see trainer.cli.config.rebuildable_config."""
     require_bool("trust_checkpoint", trust)  # "no" would read as true, and rebuild whatever the file names
     if split not in SPLITS:
         raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
@@ -133,4 +146,4 @@ def run() -> None:
         sys.exit(1)
     register_resolvers()  # ${root_dir:}, which configs/eval.yaml uses
     one_line_config_errors()
-    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/runtime.py)
+    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/cli/process.py)

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from trainer.cli import checkpoint_arguments, require_dirs
-from trainer.config import build, check_fits, data_config, model_from_checkpoint
+from trainer.cli.config import build, check_fits, data_config, model_from_checkpoint
 from trainer.data import BatchLoader, BatchTransform
 from trainer.errors import UserError, error_line
-from trainer.fsutil import atomic_write
+from trainer.run.files import atomic_write
 
 ATOL = RTOL = 1e-4
 INPUT = ("uint8 images (batch, C, H, W), grey levels 0-255 as the dataset stores them (light content on a "
@@ -178,7 +178,7 @@ def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int, tr
            data_root: Path | None = None, config_dirs: Sequence[Path] = ()) -> list[tuple[str, Path, Agreement]]:
     """Export `ckpt` in each of `formats`, verify each and write it; stop at the first that fails to verify.
     `trust`, `data_root` (where the test images are read), `config_dirs` (the user's options): see
-    trainer.config.rebuildable_config.
+    trainer.cli.config.rebuildable_config.
 
     Raises UserError for a bad argument or checkpoint, Mismatch for an export that does not match.
     """
@@ -195,8 +195,8 @@ def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int, tr
     data = build(data_config(trained, "--data-root PATH"), device="cpu", seed=trained.seed)
     check_fits(data, dataset, ckpt)
     out_dir = out_dir or default_out_dir(Path(ckpt).expanduser(), trained.trainer.checkpoint_dir)
-    meta = {"dataset": dataset["name"], "classes": dataset["classes"], "mean": dataset["mean"], "std": dataset["std"], "input": INPUT, "output": OUTPUT,
-            "checkpoint": str(ckpt), "epoch": restored.epoch}
+    meta = {"dataset": dataset["name"], "classes": dataset["classes"], "mean": dataset["mean"], "std": dataset["std"],
+            "input": INPUT, "output": OUTPUT, "checkpoint": str(ckpt), "epoch": restored.epoch}
     example = data.test.raw(slice(2))[0]  # (2, C, H, W) uint8; not 1, which the ONNX exporter would fix as the size
     results = []
     for name in formats:

@@ -3,7 +3,7 @@ train.py would take.
 
 Builds the dataset, model, loss and optimizer exactly as `python train.py OVERRIDES` would, trains a copy of the
 model for `lr_find.num_steps` steps while the LR grows exponentially from `lr_find.start_lr` to `lr_find.end_lr`
-(stopping once the smoothed loss diverges), and suggests an LR (src/trainer/lr_find.py says by which rule).
+(stopping once the smoothed loss diverges), and suggests an LR (src/trainer/loop/lr_find.py says by which rule).
 Writes lr_find.png, lr_find.json and a TensorBoard event file to outputs/lr_find/<date>/<time>/, and prints the
 train.py command with the suggested `optimizer.lr`. Nothing is trained or written for a run of train.py.
 """
@@ -15,20 +15,25 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-from PIL import Image
+from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import build, build_model, check_override_types
+from trainer.cli.config import build, build_model, check_override_types
+from trainer.cli.paths import CONFIG_SOURCE, command_line, register_resolvers
 from trainer.errors import UserError, error_line, one_line_config_errors
-from trainer.figures import lr_find_plot
-from trainer.fsutil import atomic_write, discard_refused_run
-from trainer.logger import NullLogger
-from trainer.lr_find import RangeTest, check_range_settings, lr_range_test
-from trainer.paths import CONFIG_SOURCE, command_line, register_resolvers
-from trainer.runtime import resolve_device, seed_everything
+from trainer.loop.lr_find import RangeTest, check_range_settings, lr_range_test
+from trainer.loop.options import TrainerOptions
+from trainer.loop.seeding import seed_everything
+from trainer.loop.trainer import Trainer
+from trainer.report.logger import NullLogger
+from trainer.run.files import atomic_write, discard_refused_run
+from trainer.system import resolve_device
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("lr_find")
 
@@ -45,8 +50,10 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     optimizer = build(cfg.optimizer, params=model.parameters())
     # The Trainer checks its settings where it is built; build it (without training: no run directory of its
     # own, no logger) so a setting train.py would refuse is refused here too.
-    build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=build(cfg.scheduler, _partial_=True),
-          data=data, logger=NullLogger, device=device, run_dir=out_dir, resume=None, config_yaml="{}")
+    settings = {**OmegaConf.to_container(cfg.trainer, resolve=True), "resume": None}
+    Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=build(cfg.scheduler, _partial_=True),
+            data=data, logger=NullLogger, device=device, run_dir=out_dir,
+            options=TrainerOptions.from_settings(settings))
     passes = iter(range(sys.maxsize))
 
     def batches():  # a new shuffled pass over the training split, as each epoch of train.py is
@@ -58,9 +65,9 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     result = lr_range_test(model, loss_fn, optimizer, batches, start_lr=cfg.lr_find.start_lr,
                            end_lr=cfg.lr_find.end_lr, num_steps=cfg.lr_find.num_steps,
                            smoothing=cfg.lr_find.smoothing, diverge=cfg.lr_find.diverge)
-    plot = lr_find_plot(result.lrs, result.losses, result.smoothed, result.suggestion)  # (3, H, W) uint8
+    figure = plot(result)
     with atomic_write(out_dir / "lr_find.png") as f:
-        Image.fromarray(plot.permute(1, 2, 0).numpy()).save(f, format="PNG")
+        figure.savefig(f, format="png")
     with atomic_write(out_dir / "lr_find.json") as f:
         f.write(json.dumps({"suggestion": result.suggestion, "diverged": result.diverged, "lr": result.lrs,
                             "loss": result.losses, "smoothed_loss": result.smoothed}, indent=1).encode())
@@ -73,8 +80,42 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
             writer.add_scalar("lr_find/loss", loss, step)
             writer.add_scalar("lr_find/smoothed_loss", smooth, step)
             writer.add_scalar("lr_find/lr", lr, step)
-        writer.add_image("lr_find/curve", plot, 0)
+        writer.add_figure("lr_find/curve", figure, 0)
     return result
+
+
+def loss_range(losses: Sequence[float], smoothed: Sequence[float]) -> tuple[float, float]:
+    """The plot's loss axis: from the lowest loss up to the highest smoothed loss before the smoothed minimum, so
+    the whole descent shows; the divergence after the minimum is cut off at that level."""
+    y_lo = min(min(losses), min(smoothed))
+    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
+    top = max(smoothed[:lowest + 1])
+    y_hi = top + 0.05 * (top - y_lo)
+    return y_lo, y_hi if y_hi > y_lo else y_lo + 1
+
+
+def plot(result: RangeTest) -> Figure:
+    """The loss against the LR (log scale): raw losses faint, the smoothed curve dark, its lowest point marked, the
+    suggested LR as a vertical line with its value. Matplotlib is imported here only: no training run pays for it."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no backend chosen for the process
+
+    lrs, smoothed = result.lrs, result.smoothed
+    figure = Figure(figsize=(7.2, 4.2), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(lrs, result.losses, color="#bebeeb", linewidth=1, label="loss")
+    axes.plot(lrs, smoothed, color="#1e3cc8", linewidth=2, label="smoothed loss")
+    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
+    axes.plot([lrs[lowest]], [smoothed[lowest]], "o", markerfacecolor="none", color="#1e3cc8",
+              label=f"lowest at {lrs[lowest]:.2e}")
+    axes.axvline(result.suggestion, color="#dc2828", linewidth=2, label=f"suggested {result.suggestion:.2e}")
+    axes.set_xscale("log")
+    axes.set_ylim(*loss_range(result.losses, smoothed))
+    axes.set_xlabel("learning rate (log scale)")
+    axes.set_ylabel("training loss")
+    axes.set_title("LR range test")
+    axes.grid(True, which="major", color="#e1e1e1")
+    axes.legend(loc="lower left")
+    return figure
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_SOURCE, config_name="lr_find")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.cli import checkpoint_arguments, require_dirs
-from trainer.config import model_from_checkpoint
+from trainer.cli.config import model_from_checkpoint
 from trainer.data import BatchTransform
 from trainer.data.decode import decode, to_8bit
 from trainer.errors import UserError, error_line
@@ -75,7 +75,7 @@ def predict(ckpt: str, files: list[Path], top: int, trust: bool = False,
             config_dirs: Sequence[Path] = ()) -> list[list[tuple[int, str, float]]]:
     """Per file, the `top` (class index, class name, probability) pairs, most likely first.
     `trust`: rebuild the model from the checkpoint's own config; `config_dirs`: the user's options (see
-    trainer.config.rebuildable_config)."""
+    trainer.cli.config.rebuildable_config)."""
     for path in files:  # a FIFO or a device would be read without end (predict waited forever on a FIFO)
         if not Path(path).is_file():
             raise UserError(f"{path}: not a regular file" + (" (it does not exist)" if not Path(path).exists() else

@@ -16,8 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from trainer.data.provision import MD5, provision, verify
 from trainer.errors import UserError
-from trainer.provision import MD5, provision, verify
 
 
 def main() -> int:

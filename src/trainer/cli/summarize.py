@@ -14,7 +14,7 @@ first checkpoint, e.g. on a bad value; its train.log ends with why). Finished ru
 `--sort`.
 
 Run directories get copied in from other machines: each file is read only if it is a regular file of at most a
-few MiB, YAML without aliases or deep nesting (trainer.untrusted); anything else ends the command with one
+few MiB, YAML without aliases or deep nesting (trainer.run.untrusted); anything else ends the command with one
 `error:` line naming the file.
 """
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError, is_number, printable
-from trainer.untrusted import load_json, load_yaml
+from trainer.run.untrusted import load_json, load_yaml
 
 COLUMNS = ("run", "status", "test/acc", "test/loss", "test/f1", "best/val", "epochs", "seconds", "overrides")
 
@@ -82,8 +82,10 @@ def read_metrics(path: Path) -> dict:
 def progress_of(checkpoint: Path) -> dict:
     """`epochs` and `best/val` of a stopped run, from its last.pt, read as every consumer reads a checkpoint
     (load_checkpoint: no code in the file runs, and a zip bomb is refused before it is inflated)."""
-    from trainer.checkpoint import load_checkpoint  # only for stopped runs: importing torch takes a second or two
     from trainer.errors import UserError
+    from trainer.run.checkpoint import (
+        load_checkpoint,  # only for stopped runs: importing torch takes a second or two
+    )
 
     try:
         state = load_checkpoint(checkpoint)

@@ -22,16 +22,25 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.checkpoint import GROUPS, PRESET_GROUPS, find_unfinished_run
-from trainer.config import build, build_model, check_override_types
-from trainer.distributed import lost_peer_message, rank_from_env, worker_hydra_overrides, world_size_from_env
+from trainer.cli.config import build, build_model, check_override_types
+from trainer.cli.options import shadowed_options
+from trainer.cli.paths import CONFIG_SOURCE, command_line, register_resolvers
+from trainer.cli.process import run_then_exit
+from trainer.distributed import (
+    lost_peer_message,
+    rank_from_env,
+    worker_hydra_overrides,
+    world_size_from_env,
+)
 from trainer.errors import UserError, error_line, one_line_config_errors, printable
-from trainer.fsutil import discard_refused_run
-from trainer.logger import NullLogger, quiet_writer_thread_errors
-from trainer.options import shadowed_options
-from trainer.paths import CONFIG_SOURCE, command_line, register_resolvers
-from trainer.runtime import resolve_device, run_then_exit, seed_everything
-from trainer.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+from trainer.loop.options import TrainerOptions
+from trainer.loop.seeding import seed_everything
+from trainer.loop.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+from trainer.report.logger import NullLogger, quiet_writer_thread_errors
+from trainer.run.checkpoint import GROUPS, PRESET_GROUPS
+from trainer.run.discovery import find_unfinished_run
+from trainer.run.files import discard_refused_run
+from trainer.system import resolve_device
 
 log = logging.getLogger("train")
 
@@ -60,16 +69,18 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                  f"overrides under {cfg.output_root}; starting a new run")
     # Hydra made a run directory in rank 0 only (see worker_hydra_overrides); every rank continues rank 0's run.
     run_dir, resume = dist.broadcast_object((run_dir, resume))
-    trainer = build(cfg.trainer, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data,
-                    logger=logger, device=device, run_dir=run_dir, resume=str(resume) if resume else None,
-                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, config_choices=option_names())
+    settings = {**OmegaConf.to_container(cfg.trainer, resolve=True), "resume": str(resume) if resume else None}
+    trainer = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data, logger=logger,
+                      run_dir=run_dir, options=TrainerOptions.from_settings(settings), device=device, dist=dist,
+                      config_yaml=OmegaConf.to_yaml(cfg, resolve=True), config_choices=option_names())
     cores = torch.get_num_threads()
     threads = f" ({cores} CPU thread{'s' * (cores != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores
     log.info("%s on %s%s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
              device, threads, printable(data.name), type(loss_fn).__name__, type(optimizer).__name__,
              data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
-    limits = {"each epoch trains on": cfg.trainer.limit_train_batches, "val and test use": cfg.trainer.limit_eval_batches}
+    limits = {"each epoch trains on": cfg.trainer.limit_train_batches,
+              "val and test use": cfg.trainer.limit_eval_batches}
     if any(limits.values()):  # the counts above are the splits', not what this run reads of them
         log.info("limited: %s", "; ".join(f"{what} the first {n} batch{'es' * (n != 1)}"
                                           for what, n in limits.items() if n))
@@ -185,4 +196,4 @@ def run() -> None:
     register_resolvers()  # ${root_dir:}, which configs/train.yaml uses: before @hydra.main composes it
     one_line_config_errors()
     quiet_writer_thread_errors()  # a full disk: one line from the logger, not the writer thread's traceback
-    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/runtime.py)
+    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/cli/process.py)

@@ -4,7 +4,15 @@ The config options name these classes (`_target_: trainer.data.MNIST`); a user's
 subclasses `ImageDataset` and returns `Images` from `read()`.
 """
 
-from trainer.data.batches import Batch, BatchLoader, BatchTransform, epoch_seed, random_crop, random_hflip, random_shift
+from trainer.data.batches import (
+           Batch,
+           BatchLoader,
+           BatchTransform,
+           epoch_seed,
+           random_crop,
+           random_hflip,
+           random_shift,
+)
 from trainer.data.dataset import ImageDataset, Images
 from trainer.data.image_folder import ImageFolder
 from trainer.data.mnist import MNIST, FashionMNIST, IDXImageDataset

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError, is_number, require_int
-from trainer.runtime import canonical_device
+from trainer.system import canonical_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -27,7 +27,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def check_augmentation(augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int) -> None:
     """Raise UserError naming the first bad `dataset.` augmentation setting."""
-    for key, value in (("augment_shift", augment_shift), ("random_crop", random_crop), ("augment_cutout", augment_cutout)):
+    for key, value in (("augment_shift", augment_shift), ("random_crop", random_crop),
+                       ("augment_cutout", augment_cutout)):
         require_int(f"dataset.{key}", value, 0)
     if not (is_number(augment_rotate) and 0 <= augment_rotate <= 180):
         raise UserError(f"dataset.augment_rotate={augment_rotate!r}: must be a number of degrees from 0 to 180")
@@ -41,7 +42,8 @@ def check_augmentation_fits(in_shape: tuple[int, int, int], augment_shift: int, 
                              ("augment_shift", augment_shift, "the shift"),
                              ("augment_cutout", augment_cutout, "the cut-out square's side")):
         if value >= min(in_shape[1:]):
-            raise UserError(f"dataset.{key}={value}: {what} must be smaller than the {in_shape[1]}x{in_shape[2]} images")
+            raise UserError(f"dataset.{key}={value}: {what} must be smaller than the {in_shape[1]}x{in_shape[2]} "
+                            "images")
 
 
 class BatchTransform:

@@ -1,7 +1,7 @@
 """The dataset cache: decoded tensors beside the data, checked on every load (see ImageDataset).
 
 The cache lies in the user's data folder and may have come with it from elsewhere, so it is read as a file
-from elsewhere is (trainer.untrusted): its zip records and tensor views are checked before anything is read,
+from elsewhere is (trainer.run.untrusted): its zip records and tensor views are checked before anything is read,
 and its content against its digest on every load. A kill during a write leaves a temporary file there, which
 a later run removes.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from trainer.fsutil import remove_stale_temps
-from trainer.runtime import host_memory_bytes
-from trainer.untrusted import load_torch_file
+from trainer.run.files import remove_stale_temps
+from trainer.run.untrusted import load_torch_file
+from trainer.system import host_memory_bytes
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from trainer.data.batches import BatchLoader, BatchTransform, check_augmentation, check_augmentation_fits
-from trainer.errors import OutputError, UserError, is_number, require_bool, require_int
+from trainer.data.batches import (
+    BatchLoader,
+    BatchTransform,
+    check_augmentation,
+    check_augmentation_fits,
+)
 from trainer.data.cache import digest, load_cache, remove_killed_writes
-from trainer.fsutil import atomic_write
-from trainer.runtime import device_free_bytes, host_memory_bytes, size_text
+from trainer.errors import OutputError, UserError, is_number, require_bool, require_int
+from trainer.run.files import atomic_write
+from trainer.system import device_free_bytes, host_memory_bytes, size_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,8 @@ class ImageDataset:
 
     name: str = ""  # shown in logs and stored in checkpoints; default: the class name
 
-    def __init__(self, *, batch_size: int, eval_batch_size: int, val_size: int | float, test_size: int | float,
+    # One keyword per key of configs/dataset_base/common.yaml, which every dataset option extends (docs/data.md).
+    def __init__(self, *, batch_size: int, eval_batch_size: int, val_size: int | float, test_size: int | float,  # noqa: PLR0913
                  split_seed: int, mean: str | float | list[float], std: str | float | list[float],
                  augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int, hflip: bool,
                  shuffle: bool, drop_last: bool, cache: bool,
@@ -120,7 +126,8 @@ class ImageDataset:
         self.mean = _per_channel("mean", record["mean"] if mean == "auto" else mean, channels)
         self.std = _per_channel("std", record["std"] if std == "auto" else std, channels)
         check_augmentation_fits(self.in_shape, augment_shift, augment_cutout, random_crop)
-        train_tf = BatchTransform(self.mean, self.std, augment_shift, random_crop, hflip, augment_rotate, augment_cutout)
+        train_tf = BatchTransform(self.mean, self.std, augment_shift, random_crop, hflip, augment_rotate,
+                                  augment_cutout)
         eval_tf = BatchTransform(self.mean, self.std)
 
         test_x, test_y, val_x, val_y = (record.get(k) for k in ("test_x", "test_y", "val_x", "val_y"))

@@ -110,8 +110,9 @@ def to_8bit(img: Any, where: str) -> Any:
         low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if not np.isfinite(a).all():  # min and max of an array holding NaN are NaN: name what is wrong instead
             bad = int((~np.isfinite(a)).sum())
-            raise UserError(f"{where}: a floating-point image with {bad} value{'s' * (bad != 1)} that {'are' if bad != 1 else 'is'} "
-                            "not a number (NaN or infinite); those in 0-1 or 0-255 are read")
+            raise UserError(f"{where}: a floating-point image with {bad} value{'s' * (bad != 1)} that "
+                            f"{'are' if bad != 1 else 'is'} not a number (NaN or infinite); those in 0-1 or 0-255 "
+                            "are read")
         if low < 0 or high > 255:
             raise UserError(f"{where}: a floating-point image with values from {low:g} to {high:g}; those in 0-1 or "
                             "0-255 are read (convert it to 8 or 16 bits first)")

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from trainer import provision
+from trainer.data import provision
 from trainer.data.dataset import ImageDataset, Images
+from trainer.data.idx import check_idx
 from trainer.errors import UserError, require_bool
-from trainer.idx import check_idx
 
 
 class IDXImageDataset(ImageDataset):

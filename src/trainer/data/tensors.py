@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from trainer.checkpoint import pickled_global
 from trainer.data.dataset import ImageDataset, Images
 from trainer.errors import UserError
-from trainer.runtime import host_memory_bytes, size_text
-from trainer.untrusted import load_torch_file, zip_members
+from trainer.run.checkpoint import pickled_global
+from trainer.run.untrusted import load_torch_file, zip_members
+from trainer.system import host_memory_bytes, size_text
 
 KEYS = ("train_x", "train_y", "test_x", "test_y", "classes")
 

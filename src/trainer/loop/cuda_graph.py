@@ -219,8 +219,9 @@ def graphed_training_step(enabled: bool, *, forward: Step, model: torch.nn.Modul
     gives a batch's (logits, loss); clipping, when on, is in the graph too (torch's clip makes no host sync)."""
     if not enabled:
         return None
-    check_cuda_graphs(device=device, optimizer=optimizer, scheduler=scheduler, precision=precision, world_size=world_size,
-                      accumulate_grad_batches=accumulate_grad_batches, nonfinite_loss=nonfinite_loss, compile=compile)
+    check_cuda_graphs(device=device, optimizer=optimizer, scheduler=scheduler, precision=precision,
+                      world_size=world_size, accumulate_grad_batches=accumulate_grad_batches,
+                      nonfinite_loss=nonfinite_loss, compile=compile)
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, loss = forward(images, targets)

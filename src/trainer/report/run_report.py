@@ -7,21 +7,22 @@ import json
 import logging
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from trainer.allocator import allocator_in_use
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
-from trainer.figures import confusion_matrix_image, labelled_grid
-from trainer.fsutil import atomic_write
-from trainer.logger import TensorBoardLogger, hparams_of
-from trainer.metrics import EpochMetrics, per_class_accuracy
-from trainer.run_state import Progress
-from trainer.runtime import seconds_since_process_start
-from trainer.summary import summarize
+from trainer.errors import require_bool, require_int
+from trainer.loop.metrics import EpochMetrics, per_class_accuracy
+from trainer.loop.state import Progress
+from trainer.report.figures import confusion_matrix_image, labelled_grid
+from trainer.report.logger import TensorBoardLogger, hparams_of
+from trainer.report.summary import summarize
+from trainer.run.files import atomic_write
+from trainer.system import allocator_in_use, seconds_since_process_start
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,38 @@ def peak_rss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+@dataclass(frozen=True)
+class ReportOptions:
+    """What a run shows beyond its metrics (the `trainer` settings that only the report reads).
+
+    misclassified_images: each validation, a TensorBoard grid of the first N misclassified images (0: off).
+    histogram_every_n_epochs: weight and gradient histograms every N epochs (None: off). log_graph: the model
+    graph in TensorBoard's Graphs tab, once at the end.
+    """
+
+    misclassified_images: int
+    histogram_every_n_epochs: int | None
+    log_graph: bool
+
+    def validate(self) -> None:
+        require_int("trainer.misclassified_images", self.misclassified_images, 0)
+        if self.histogram_every_n_epochs is not None:
+            require_int("trainer.histogram_every_n_epochs", self.histogram_every_n_epochs, 1)
+        require_bool("trainer.log_graph", self.log_graph)
+
+
 class RunReport:
     """Writes the run's pictures and results through `logger` (rank 0's; other ranks hold a NullLogger) and
-    `metrics.json` into `run_dir`. `misclassified_images`: how many wrong predictions each validation shows."""
+    `metrics.json` into `run_dir`. `channels_last` and `limit_eval_batches` are the loop's, for the graph's
+    example input and for finding the misclassified images' positions."""
 
     def __init__(self, *, logger: TensorBoardLogger, data: ImageDataset, run_dir: Path, config_yaml: str,
-                 device: torch.device, dist: Dist, misclassified_images: int, log_graph: bool, channels_last: bool,
+                 device: torch.device, dist: Dist, options: ReportOptions, channels_last: bool,
                  limit_eval_batches: int | None) -> None:
         self.logger, self.data, self.run_dir, self.config_yaml = logger, data, run_dir, config_yaml
-        self.device, self.dist = device, dist
-        self.misclassified_images, self.log_graph, self.channels_last = misclassified_images, log_graph, channels_last
+        self.device, self.dist, self.channels_last = device, dist, channels_last
         self.limit_eval_batches = limit_eval_batches
+        self.misclassified_images, self.log_graph = options.misclassified_images, options.log_graph
 
     def start(self, model: nn.Module, resumed: bool) -> None:
         """The model summary in the log; for a new run also in TensorBoard, with the config and the first training
@@ -73,7 +95,8 @@ class RunReport:
         positions = loader.positions(self.limit_eval_batches).to(wrong.device)  # (N,) where they are stored
         images, labels = loader.raw(positions[wrong])  # (n, C, H, W) uint8, (n,)
         names = self.data.classes
-        captions = [(f"pred {names[p]}", f"true {names[t]}") for p, t in zip(predicted[wrong].tolist(), labels.tolist())]
+        captions = [(f"pred {names[p]}", f"true {names[t]}")
+                    for p, t in zip(predicted[wrong].tolist(), labels.tolist())]
         self.logger.log_image(f"{prefix}/misclassified", labelled_grid(images, captions), step)
 
     def test_results(self, model: nn.Module, metrics: dict[str, float], confusion: torch.Tensor, monitor: str,

@@ -21,12 +21,18 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainer.untrusted import MAX_IMAGE_ELEMENTS, require_memory
-from trainer.checkpoint import GROUPS, PRESET_GROUPS, RESERVED, load_checkpoint
+from trainer.cli.options import (
+    option_defaults,
+    option_dirs,
+    option_target,
+    options,
+    read_yaml,
+)
+from trainer.cli.paths import CONFIG_DIR, register_resolvers
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, is_number, shown
-from trainer.options import option_defaults, option_dirs, option_target, options, read_yaml
-from trainer.paths import CONFIG_DIR, register_resolvers
+from trainer.run.checkpoint import GROUPS, RESERVED, load_checkpoint
+from trainer.run.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
 # and another machine's paths mean nothing here); always this machine's own values.

@@ -12,7 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.fsutil import CLAIM_MARKER
+from trainer.run.files import CLAIM_MARKER
 
 
 class RefuseExistingRunDir(Callback):

@@ -19,7 +19,8 @@ class ModelSummary:
     def text(self) -> str:
         """A fixed-width table: one line per layer, then the totals."""
         rows = [("layer", "type", "output shape", "params")] + [
-            (name, kind, "x".join(map(str, shape)) or "scalar", f"{params:,}") for name, kind, shape, params in self.layers]
+            (name, kind, "x".join(map(str, shape)) or "scalar", f"{params:,}")
+            for name, kind, shape, params in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                  for row in rows]

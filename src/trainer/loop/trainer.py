@@ -1,6 +1,7 @@
-"""The train / evaluate / checkpoint loop. What is not the loop lives with its collaborators: settings checks
-(trainer.settings), the resumable state and checkpoints (trainer.run_state), epoch metrics (trainer.metrics),
-stop signals (trainer.signals) and the pictures and results (trainer.report)."""
+"""The train / evaluate / checkpoint loop. What is not the loop lives with its collaborators: the settings
+(trainer.loop.options), one step's forward pass (trainer.loop.step), the resumable state (trainer.loop.state),
+epoch metrics (trainer.loop.metrics), stop signals (trainer.loop.signals), the checkpoint format (trainer.run)
+and the pictures and results (trainer.report)."""
 
 from __future__ import annotations
 
@@ -17,22 +18,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainer import schedulers
-from trainer.allocator import allocator_in_use
-from trainer.checkpoint import load_checkpoint
-from trainer.cuda_graph import graphed_training_step
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
-from trainer.ema import make_ema
-from trainer.logger import TensorBoardLogger
-from trainer.metrics import EpochMetrics, evaluate
-from trainer.nonfinite import NonFiniteLossError, mean_finite_loss, require_finite_weights
-from trainer.report import RunReport
-from trainer.run_state import RunState
-from trainer.runtime import resolve_device, seconds_since_process_start, set_deterministic
-from trainer.schedulers import Schedule
-from trainer.settings import autocast_for, check_optimizer_and_loss, check_settings, forward_pass
-from trainer.signals import StopSignals, TrainingInterrupted
+from trainer.loop import schedulers
+from trainer.loop.cuda_graph import graphed_training_step
+from trainer.loop.ema import make_ema
+from trainer.loop.metrics import EpochMetrics, evaluate
+from trainer.loop.nonfinite import (
+    NonFiniteLossError,
+    mean_finite_loss,
+    require_finite_weights,
+)
+from trainer.loop.options import TrainerOptions
+from trainer.loop.schedulers import Schedule
+from trainer.loop.seeding import set_deterministic
+from trainer.loop.signals import StopSignals, TrainingInterrupted
+from trainer.loop.state import RunState
+from trainer.loop.step import autocast_for, check_optimizer_and_loss, forward_pass
+from trainer.report.logger import TensorBoardLogger
+from trainer.report.run_report import RunReport
+from trainer.run.checkpoint import load_checkpoint
+from trainer.system import allocator_in_use, resolve_device, seconds_since_process_start
 
 log = logging.getLogger(__name__)
 
@@ -42,90 +48,79 @@ __all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted"]
 class Trainer:
     """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing as it goes.
 
-    Settings come from `configs/trainer/*.yaml` (from Python: `**trainer.defaults("trainer", ...)`), objects from
-    the composition root, trainer/cli/train.py, or a user's script (`model` and `data` already on `device`;
-    docs/python_api.md). `config_yaml` is stored in the checkpoints; `config_choices` (the option of each group)
-    lets eval rebuild the model.
-    `scheduler(optimizer, steps_per_epoch, max_epochs)` and `logger(log_dir, purge_step)` are called here, where
-    the run's length in steps and its directory (a resumed checkpoint's) are known. `last.pt` is written every
-    epoch and `checkpoint_every_n_steps` steps, `best.pt` on improvement; `resume=PATH` continues exactly, down
-    to the batch and the RNGs. SIGINT/SIGTERM stop after the current step, with a checkpoint. Under torchrun
-    each rank trains its shard through DDP and rank 0 alone writes files; `self.model` stays the plain module.
+    Objects come from the composition root (trainer/cli/train.py) or a user's script (docs/python_api.md):
+    `model` and `data` already on `device` ("auto" picks cuda, mps, then cpu); `scheduler(optimizer,
+    steps_per_epoch, max_epochs)` and `logger(log_dir, purge_step)` are called here, where the run's length in
+    steps and its directory (a resumed checkpoint's) are known. `options` holds every setting, in groups
+    (trainer.loop.options: fit, checkpoints, hardware, averaging, report), each validated before anything is
+    built. `config_yaml` is stored in the checkpoints; `config_choices` (the option of each group) lets eval
+    rebuild the model.
+    `last.pt` is written every epoch and `checkpoint_every_n_steps` steps, `best.pt` on improvement;
+    `options.checkpoints.resume` continues exactly, down to the batch and the RNGs. SIGINT/SIGTERM stop after the
+    current step, with a checkpoint. Under torchrun each rank trains its shard through DDP and rank 0 alone
+    writes files; `self.model` stays the plain module.
     """
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Callable[..., Schedule], data: ImageDataset, logger: Callable[..., TensorBoardLogger],
-                 run_dir: str | Path, device: torch.device | str, max_epochs: int,
-                 grad_clip_norm: float | None, log_every_n_steps: int, monitor: str, mode: str,
-                 checkpoint_dir: str, checkpoint_every_n_steps: int | None, resume: str | None,
-                 early_stopping_patience: int | None, early_stopping_min_delta: float, nonfinite_loss: str,
-                 deterministic: bool, precision: str, compile: bool, channels_last: bool,
-                 accumulate_grad_batches: int, num_threads: int | None, limit_train_batches: int | None,
-                 limit_eval_batches: int | None, misclassified_images: int, histogram_every_n_epochs: int | None,
-                 log_graph: bool, ema_decay: float | None, ema_warmup: bool, cuda_graphs: bool, dist: Dist = Dist(),
+                 run_dir: str | Path, options: TrainerOptions, device: torch.device | str = "auto", dist: Dist = Dist(),
                  config_yaml: str = "{}", config_choices: dict[str, str | None] | None = None) -> None:
         device = resolve_device(device) if isinstance(device, str) else device  # "auto" from Python (defaults())
-        check_settings(max_epochs=max_epochs, log_every_n_steps=log_every_n_steps, misclassified_images=misclassified_images,
-                       accumulate_grad_batches=accumulate_grad_batches, optional_counts=dict(
-                           limit_train_batches=limit_train_batches, limit_eval_batches=limit_eval_batches,
-                           checkpoint_every_n_steps=checkpoint_every_n_steps, num_threads=num_threads,
-                           early_stopping_patience=early_stopping_patience, histogram_every_n_epochs=histogram_every_n_epochs),
-                       precision=precision, monitor=monitor, mode=mode, nonfinite_loss=nonfinite_loss,
-                       early_stopping_min_delta=early_stopping_min_delta, grad_clip_norm=grad_clip_norm,
-                       switches=dict(deterministic=deterministic, compile=compile, channels_last=channels_last,
-                                     log_graph=log_graph, cuda_graphs=cuda_graphs), device=device, dist=dist)
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
+        options.validate(device, dist)
+        fit, ckpt, hw = options.fit, options.checkpoints, options.hardware
+        if hw.num_threads is not None:
+            torch.set_num_threads(hw.num_threads)
         check_optimizer_and_loss(optimizer, loss_fn, data.num_classes, device)
-        set_deterministic(deterministic)
+        set_deterministic(hw.deterministic)
         self.model, self.loss_fn, self.optimizer, self.data, self.device = model, loss_fn, optimizer, data, device
-        self.max_epochs, self.log_every, self.monitor, self.mode = max_epochs, log_every_n_steps, monitor, mode
-        self.checkpoint_every, self.skip_nonfinite = checkpoint_every_n_steps, nonfinite_loss == "skip"
-        self.accumulate, self.limit_train_batches, self.grad_clip_norm = accumulate_grad_batches, limit_train_batches, grad_clip_norm
-        self.limit_eval_batches, self.histogram_every = limit_eval_batches, histogram_every_n_epochs
-        self.patience, self.min_delta, self.channels_last = early_stopping_patience, early_stopping_min_delta, channels_last
-        if channels_last:
+        self.options, self.max_epochs, self.accumulate = options, fit.max_epochs, fit.accumulate_grad_batches
+        self.monitor, self.mode, self.skip_nonfinite = ckpt.monitor, ckpt.mode, fit.nonfinite_loss == "skip"
+        self.histogram_every = options.report.histogram_every_n_epochs
+        if hw.channels_last:
             model.to(memory_format=torch.channels_last)
         # Checkpoints save self.model (no "_orig_mod." keys); training and evaluation call the compiled one.
-        self.net = torch.compile(model) if compile else model
-        self.ema = make_ema(model, ema_decay, ema_warmup)  # validation, test and best.pt use it when on
+        self.net = torch.compile(model) if hw.compile else model
+        averaging = options.averaging
+        self.ema = make_ema(model, averaging.ema_decay, averaging.ema_warmup)  # validation, test and best.pt use it
         self.eval_model = self.ema.module if self.ema is not None else model
         self.eval_net = self.ema.module if self.ema is not None else self.net
         self.dist, self.train_net = dist, dist.for_training(self.net)
         # per-step schedules need the run's length in optimizer steps, which only the Trainer knows
-        self.schedule = schedulers.bind(scheduler, optimizer, self.steps_per_epoch, max_epochs)
-        self.autocast = autocast_for(precision, device, cache=not cuda_graphs)  # a graph cannot keep autocast's cache
+        self.schedule = schedulers.bind(scheduler, optimizer, self.steps_per_epoch, fit.max_epochs)
+        self.autocast = autocast_for(hw.precision, device, cache=not hw.cuda_graphs)  # a graph can't keep the cache
         self.graph = graphed_training_step(  # None unless trainer.cuda_graphs
-            cuda_graphs, forward=functools.partial(self._forward, net=self.train_net), model=model, optimizer=optimizer,
-            scheduler=self.schedule.scheduler, grad_clip_norm=grad_clip_norm, device=device, precision=precision,
-            accumulate_grad_batches=accumulate_grad_batches, nonfinite_loss=nonfinite_loss, world_size=dist.world_size,
-            compile=compile)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+            hw.cuda_graphs, forward=functools.partial(self._forward, net=self.train_net), model=model,
+            optimizer=optimizer, scheduler=self.schedule.scheduler, grad_clip_norm=fit.grad_clip_norm, device=device,
+            precision=hw.precision, accumulate_grad_batches=fit.accumulate_grad_batches,
+            nonfinite_loss=fit.nonfinite_loss, world_size=dist.world_size, compile=hw.compile)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=hw.precision == "fp16")
         self.startup_s = self.fit_s = None  # process start -> first training step; fit()'s own time (set by fit)
         self.train_metrics = EpochMetrics(data.num_classes, device)
         self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
         self.state = RunState(model=model, optimizer=optimizer, schedule=self.schedule, scaler=self.scaler,
-                              ema=self.ema, train_metrics=self.train_metrics, monitor=monitor, config_yaml=config_yaml,
-                              choices=config_choices, data_identity=data.identity(), dist=dist)
+                              ema=self.ema, train_metrics=self.train_metrics, monitor=ckpt.monitor,
+                              config_yaml=config_yaml, choices=config_choices, data_identity=data.identity(), dist=dist)
         self.progress = self.state.progress
-        self.run_dir = self.state.open(Path(resume).expanduser() if resume else None, Path(run_dir), checkpoint_dir,
-                                       max_epochs=max_epochs, batches_per_epoch=self.batches_per_epoch)
-        self.ckpt_dir = self.run_dir / checkpoint_dir
+        resume = ckpt.resume
+        self.run_dir = self.state.open(Path(resume).expanduser() if resume else None, Path(run_dir),
+                                       ckpt.checkpoint_dir, max_epochs=fit.max_epochs,
+                                       batches_per_epoch=self.batches_per_epoch)
+        self.ckpt_dir = self.run_dir / ckpt.checkpoint_dir
         self.signals = StopSignals(dist, self.ckpt_dir / "last.pt")
         self.logger = logger(log_dir=self.run_dir, purge_step=self.progress.global_step + 1 if resume else None)
         self.report = RunReport(logger=self.logger, data=data, run_dir=self.run_dir, config_yaml=config_yaml,
-                                device=device, dist=dist, misclassified_images=misclassified_images,
-                                log_graph=log_graph, channels_last=channels_last, limit_eval_batches=limit_eval_batches)
+                                device=device, dist=dist, options=options.report, channels_last=hw.channels_last,
+                                limit_eval_batches=fit.limit_eval_batches)
         self.report.start(model, resumed=bool(resume))
 
     def fit(self) -> dict[str, float]:
         """Train from the current epoch to `max_epochs`; validate, step epoch schedules and checkpoint each epoch."""
         self.startup_s, started = seconds_since_process_start(), time.perf_counter()
         log.info("first training step %.1fs after process start (malloc: %s)", self.startup_s, allocator_in_use())
-        p = self.progress
+        p, ckpt = self.progress, self.options.checkpoints
         with self.signals.catching(lambda: f"in epoch {p.epoch + 1}"):
             for epoch in range(p.epoch, self.max_epochs):
-                if p.patience_exhausted(self.patience, self.monitor, self.min_delta):
+                if p.patience_exhausted(ckpt.early_stopping_patience, self.monitor, ckpt.early_stopping_min_delta):
                     break
                 start, first_batch = time.perf_counter(), p.batch_in_epoch
                 train = self.train_epoch(epoch)
@@ -133,7 +128,7 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 p.epoch, p.batch_in_epoch = epoch + 1, 0
                 self.schedule.after_epoch(val[self.monitor])
-                improved = p.record(val[self.monitor], self.mode, self.min_delta)
+                improved = p.record(val[self.monitor], self.mode, ckpt.early_stopping_min_delta)
                 samples = self.data.train.samples_between(first_batch, self.batches_per_epoch)
                 speed = {"epoch/time_s": seconds, "epoch/samples_per_s": samples / seconds}
                 self.logger.log_metrics({**train, **val, **speed, "epoch": p.epoch}, p.global_step)
@@ -154,7 +149,8 @@ class Trainer:
         """
         self.model.train()
         self.data.train.set_epoch(epoch)
-        p, batches = self.progress, self.batches_per_epoch
+        p, batches, fit = self.progress, self.batches_per_epoch, self.options.fit
+        every = self.options.checkpoints.checkpoint_every_n_steps
         bar = tqdm(total=batches, initial=p.batch_in_epoch, desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         for i, (images, targets) in zip(range(p.batch_in_epoch, batches), self.data.train.iter_from(p.batch_in_epoch)):
@@ -173,13 +169,13 @@ class Trainer:
                 self.logger.log_histograms(self.model, p.global_step + 1, self.scaler.get_scale())
             used = self._optimizer_step()
             p.batch_in_epoch = i + 1
-            if p.global_step % self.log_every == 0 and self.train_metrics.has_pending:
+            if p.global_step % fit.log_every_n_steps == 0 and self.train_metrics.has_pending:
                 mean_loss = self._check_finite(epoch)  # the one host sync per log interval
                 self.logger.log_metrics({"train/loss": mean_loss, **used}, p.global_step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 self.train_metrics.flush()
             if i + 1 < batches:  # the epoch's end has its own checkpoint and signal check
-                if self.checkpoint_every and p.global_step % self.checkpoint_every == 0:
+                if every and p.global_step % every == 0:
                     self._check_finite(epoch)
                     self.save_checkpoint("last.pt")
                 self._stop_if_signalled(epoch)
@@ -195,7 +191,7 @@ class Trainer:
 
     @property
     def batches_per_epoch(self) -> int:
-        return min(len(self.data.train), self.limit_train_batches or len(self.data.train))
+        return min(len(self.data.train), self.options.fit.limit_train_batches or len(self.data.train))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -205,7 +201,7 @@ class Trainer:
     def _forward(self, images: torch.Tensor, targets: torch.Tensor,
                  net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_pass(self.net if net is None else net, self.loss_fn, images, targets,
-                            channels_last=self.channels_last, autocast=self.autocast)
+                            channels_last=self.options.hardware.channels_last, autocast=self.autocast)
 
     def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, i: int) -> None:
         """Forward and backward of batch `i`; its loss and logits go to the epoch's metrics. Under
@@ -224,12 +220,13 @@ class Trainer:
     def _optimizer_step(self) -> dict[str, float]:
         """Clip, step (through the fp16 scaler when on), zero the grads and step per-batch schedules.
         Returns the `lr` (and `momentum`: SGD's momentum or Adam's beta1, if any) this step used."""
+        clip = self.options.fit.grad_clip_norm
         # only skip mode can leave no gradient (every batch skipped); walking the parameters costs ~13 us a step
         if not self.skip_nonfinite or any(p.grad is not None for p in self.model.parameters()):
             if self.graph is None:  # a CUDA graph's replay has taken the step
-                if self.grad_clip_norm is not None:
+                if clip is not None:
                     self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -248,7 +245,7 @@ class Trainer:
         self.dist.broadcast_module(self.eval_model)  # rank 0's: DDP syncs batch-norm buffers only in forward (ema.py)
         self.eval_net.eval()
         metrics = evaluate(functools.partial(self._forward, net=self.eval_net), loader, self.eval_metrics, prefix,
-                           self.limit_eval_batches)
+                           self.options.fit.limit_eval_batches)
         self.report.evaluation(self.eval_metrics, loader, prefix, self.progress.global_step)
         return metrics
 
@@ -301,7 +298,7 @@ class Trainer:
     def _stop_if_signalled(self, epoch: int | None = None) -> None:
         """After a stop signal: checkpoint mid-epoch (`epoch` given) or rely on the epoch's, then raise."""
         step = self.progress.global_step
-        signum = self.signals.requested(ranks_may_agree=epoch is None or step % self.log_every == 0)
+        signum = self.signals.requested(ranks_may_agree=epoch is None or step % self.options.fit.log_every_n_steps == 0)
         if signum is None:
             return
         if epoch is not None:

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import yaml
 from hydra.core.hydra_config import HydraConfig
 
+from trainer.cli.paths import CONFIG_DIR, given_config_dirs
 from trainer.errors import UserError
-from trainer.paths import CONFIG_DIR, given_config_dirs
 
 
 @lru_cache(maxsize=None)

@@ -1,20 +1,14 @@
-"""Process-wide setup: device choice, seeding, determinism."""
+"""What this machine and process have: the device to train on, free memory (host and device), the malloc in use,
+and the time since the process started. Nothing here changes process state."""
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
-import random
-import sys
-import threading
 import time
-from typing import Callable, NoReturn
 
-import numpy as np
 import torch
 
-from trainer.errors import UserError, require_int
+from trainer.errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,25 +45,9 @@ def canonical_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    require_int("seed", seed, 0)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def set_deterministic(enabled: bool) -> None:
-    """Make kernels deterministic (bitwise-repeatable runs) at some speed cost, or let them be fast."""
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled
-
-
 def seconds_since_process_start() -> float:
-    """Wall time since this process started (from /proc on Linux), so timings include interpreter and import start-up."""
+    """Wall time since this process started (from /proc on Linux): timings include the interpreter's and the
+    imports' start-up."""
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
@@ -127,31 +105,10 @@ def size_text(nbytes: float) -> str:
     raise AssertionError
 
 
-def run_then_exit(main: Callable[[], object]) -> NoReturn:
-    """Run a script's `main`, then end the process with its exit status, skipping the interpreter's teardown.
-
-    Tearing down every module object with torch and torch._dynamo loaded takes about 0.8 s on a 2-core CPU, a
-    tenth of `experiment=mnist_fast`'s whole run. Everything a run writes is closed before `main` returns
-    (Trainer.test closes the TensorBoard writer); atexit handlers and logging's shutdown still run here, and
-    the standard streams are flushed. An exit with a message (`sys.exit("text")`) or any other exception
-    leaves the normal way, which prints it.
-    """
+def allocator_in_use() -> str:
+    """`mimalloc` if it serves this process's malloc, else `system`."""
     try:
-        main()
-        code = 0
-    except SystemExit as e:
-        if e.code is not None and not isinstance(e.code, int):
-            raise
-        code = e.code or 0
-    # The interpreter first waits for non-daemon threads, whose pools (a joblib sweep's executor) then stop their
-    # worker processes; atexit alone would wait for those workers forever. With any of them, leave the normal way.
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
-    atexit._run_exitfuncs()  # what the interpreter would run next on its way out
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
-            pass
-    os._exit(code)
+        with open("/proc/self/maps") as f:
+            return "mimalloc" if "libmimalloc" in f.read() else "system"
+    except OSError:
+        return "system"

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
+from trainer.data.idx import write_idx
 from trainer.errors import UserError
-from trainer.fsutil import atomic_write
-from trainer.idx import write_idx
+from trainer.run.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Pictures for TensorBoard's Images tab, drawn with Pillow (which torchvision already needs).
 
-Each function returns a (3, H, W) uint8 tensor, the layout `SummaryWriter.add_image` takes. No
-matplotlib: one more heavy dependency for two simple drawings is not worth it.
+Each function returns a (3, H, W) uint8 tensor, the layout `SummaryWriter.add_image` takes. Pillow, not
+matplotlib: these are drawn during training, where importing matplotlib would add to every run's start-up. The LR
+finder's plot, drawn once at the end of its own command, is matplotlib's (trainer/cli/lr_find.py).
 """
 
 from __future__ import annotations
@@ -111,60 +112,3 @@ def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], colum
             colour = INK if li == 0 else FAINT
             draw.text((x + PAD, y + PAD + h * scale + li * (CAPTION_SIZE + 2)), text, fill=colour, font=font)
     return _to_tensor(sheet)
-
-
-def lr_find_loss_range(losses: Sequence[float], smoothed: Sequence[float]) -> tuple[float, float]:
-    """The loss axis of `lr_find_plot`: from the lowest loss up to the highest smoothed loss before the smoothed
-    minimum, so the whole descent shows; the divergence after the minimum is cut off at that level."""
-    y_lo = min(min(losses), min(smoothed))
-    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
-    top = max(smoothed[:lowest + 1])
-    y_hi = top + 0.05 * (top - y_lo)
-    return y_lo, y_hi if y_hi > y_lo else y_lo + 1
-
-
-def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
-                 width: int = 720, height: int = 420) -> torch.Tensor:
-    """The LR range test's loss against the LR (log scale): raw losses faint, the smoothed curve dark, its lowest
-    point marked, the suggested LR as a vertical line with its value."""
-    import math
-
-    from PIL import Image, ImageDraw
-
-    font = _font(13)
-    image = Image.new("RGB", (width, height), PAPER)
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 64, width - 16, 30, height - 48
-    lo, hi = math.log10(lrs[0]), math.log10(lrs[-1]) if lrs[-1] > lrs[0] else math.log10(lrs[0]) + 1
-    y_lo, y_hi = lr_find_loss_range(losses, smoothed)
-
-    def xy(lr: float, loss: float) -> tuple[float, float]:
-        x = left + (math.log10(lr) - lo) / (hi - lo) * (right - left)
-        y = bottom - (min(max(loss, y_lo), y_hi) - y_lo) / (y_hi - y_lo) * (bottom - top)
-        return x, y
-
-    draw.rectangle((left, top, right, bottom), outline=FAINT)
-    for decade in range(math.ceil(lo), math.floor(hi) + 1):
-        x, _ = xy(10.0 ** decade, y_lo)
-        draw.line((x, top, x, bottom), fill=(225, 225, 225))
-        draw.text((x - 14, bottom + 6), f"1e{decade}", fill=INK, font=font)
-    for i in range(5):
-        loss = y_lo + (y_hi - y_lo) * i / 4
-        _, y = xy(10.0 ** lo, loss)
-        draw.text((6, y - 7), f"{loss:.3g}", fill=INK, font=font)
-    draw.line([xy(lr, v) for lr, v in zip(lrs, losses)], fill=(190, 190, 235), width=1)
-    draw.line([xy(lr, v) for lr, v in zip(lrs, smoothed)], fill=(30, 60, 200), width=2)
-    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
-    mx, my = xy(lrs[lowest], smoothed[lowest])
-    draw.ellipse((mx - 4, my - 4, mx + 4, my + 4), outline=(30, 60, 200), width=2)
-    label_y = max(my - 70, top + 24)  # above the curve, where it is empty: the minimum is the curve's lowest point
-    draw.line((mx, my - 6, mx, label_y + 18), fill=(30, 60, 200), width=1)
-    draw.text((min(max(mx - 60, left + 4), right - 150), label_y), f"lowest at {lrs[lowest]:.2e}",
-              fill=(30, 60, 200), font=font)
-    draw.text(((left + right) // 2 - 80, bottom + 26), "learning rate (log scale)", fill=INK, font=font)
-    x, _ = xy(suggestion, y_lo)
-    draw.line((x, top, x, bottom), fill=(220, 40, 40), width=2)
-    draw.text((min(x + 6, right - 150), top + 6), f"suggested {suggestion:.2e}", fill=(220, 40, 40), font=font)
-    draw.text((left, 8), "LR range test: training loss (raw faint, smoothed dark) against the learning rate",
-              fill=INK, font=font)
-    return _to_tensor(image)

@@ -14,8 +14,14 @@ import torch
 import yaml
 
 from trainer.errors import UserError, is_number
-from trainer.fsutil import atomic_write
-from trainer.untrusted import MAX_CLASSES, check_tensors, file_kind, load_yaml, yaml_hazard, zip_members
+from trainer.run.files import atomic_write
+from trainer.run.untrusted import (
+    MAX_CLASSES,
+    check_tensors,
+    file_kind,
+    yaml_hazard,
+    zip_members,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,11 @@ PRESET_GROUPS = ("experiment", "debug")
 # _recursive_, _convert_, and any it may add. Only a group's own root may hold _target_ and _partial_.
 RESERVED = re.compile(r"^_\w+_$")
 ROOT_KEYS = {"_target_": str, "_partial_": bool}
+# Where shipped options' classes lived before the package was split into loop/, run/, report/ and cli/: a
+# checkpoint written then names these, and is read as naming the same class in its new module.
+MOVED_TARGETS = {"trainer.schedulers.": "trainer.loop.schedulers.", "trainer.losses.": "trainer.loop.losses.",
+                 "trainer.logger.": "trainer.report.logger."}
 MAX_CONFIG_CHARS = 1_000_000  # a resolved config is a few KiB
-# Config keys that must be equal to resume: they change what the saved tensors mean.
-MUST_MATCH = ("model", "dataset._target_", "dataset.val_size", "dataset.split_seed",
-              "optimizer._target_", "scheduler._target_")
-# ... and, for a checkpoint written mid-epoch, the keys that say which samples the epoch's remaining batches hold.
-MUST_MATCH_MID_EPOCH = ("dataset.batch_size", "trainer.limit_train_batches", "trainer.accumulate_grad_batches")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -138,7 +143,7 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
     Every checkpoint consumer (resume, eval, predict, export, the final test) reads configs through
     `load_checkpoint`, hence through this. A reserved key (`_target_`, `_args_`, `_partial_`, ...) is
     refused anywhere except a group's own `_target_` (a string) and `_partial_` (a bool); those are
-    only ever compared with the project's own options (`trainer.config.rebuildable_config`), never used
+    only ever compared with the project's own options (`trainer.cli.config.rebuildable_config`), never used
     as they are unless the user passes trust_checkpoint.
     """
     if not isinstance(text, str):
@@ -155,6 +160,14 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise _refuse(path, "is not a mapping of config keys")
     _check_plain(config, "", path)
+    for group in GROUPS:
+        node = config.get(group)
+        target = node.get("_target_") if isinstance(node, dict) else None
+        for old, new in MOVED_TARGETS.items():
+            if isinstance(target, str) and target.startswith(old):
+                node["_target_"] = new + target.removeprefix(old)
+    if isinstance(config.get("trainer"), dict) and config["trainer"].get("_target_") == "trainer.Trainer":
+        del config["trainer"]["_target_"]  # the settings of the Trainer, which train.py now builds from them
     return config
 
 
@@ -192,94 +205,6 @@ def _stored_choices(choices: object, path: Path) -> dict[str, str | None] | None
         raise UserError(f"refusing {path}: its stored choices {choices!r} are not option names of the groups "
                         f"{', '.join(groups)}")
     return choices
-
-
-def find_unfinished_run(output_root: Path, overrides: list[str], checkpoint_dir: str) -> Path | None:
-    """`last.pt` of the newest unfinished run under `output_root` started with these command-line overrides.
-
-    A run is unfinished when it has a checkpoint but no `metrics.json` (written after the final test).
-    Overrides are compared as a set, ignoring `trainer.resume`, from each run's `.hydra/overrides.yaml`; a run
-    whose overrides.yaml cannot be read (not a small regular file of plain YAML) is passed over with a warning.
-    """
-    def key(items: list[str]) -> set[str]:
-        return {o for o in items if not o.startswith("trainer.resume=")}
-
-    want, found = key(overrides), []
-    for saved in output_root.rglob(".hydra/overrides.yaml"):
-        run = saved.parent.parent
-        last = run / checkpoint_dir / "last.pt"
-        if not last.is_file() or (run / "metrics.json").exists():
-            continue
-        # A run directory copied in from elsewhere is read within bounds; one that cannot be read is no run to
-        # continue, and must not stop every other resume=auto under output_root.
-        try:
-            saved_overrides = load_yaml(saved) or []
-            if not (isinstance(saved_overrides, list) and all(isinstance(o, str) for o in saved_overrides)):
-                raise UserError(f"{saved}: not a list of overrides (key=value strings)")
-        except UserError as e:
-            log.warning("trainer.resume=auto: passing over %s: %s", run, e)
-            continue
-        if key(saved_overrides) == want:
-            found.append(last)
-    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    if len(found) > 1:
-        log.info("trainer.resume=auto: %d unfinished runs with these overrides; continuing the newest, %s, and "
-                 "passing over %s", len(found), found[0], ", ".join(str(p) for p in found[1:]))
-    return found[0] if found else None
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}."))
-    return {k.rstrip("."): v for k, v in out.items()}
-
-
-NOT_CHANGES = {"trainer.resume"}  # differs in every resume: the checkpoint being resumed is named there
-
-
-def config_changes(saved: dict, current_yaml: str, mid_epoch: bool = False) -> list[str]:
-    """Compare a checkpoint's config (as `load_checkpoint` returns it) with the current one.
-
-    Raises UserError naming the keys that make resuming meaningless (architecture, data split,
-    optimizer or scheduler type; for a checkpoint written `mid_epoch`, also the batching); returns
-    `key: old -> new` lines for the harmless differences.
-    """
-    old, new = flatten(saved), flatten(yaml.safe_load(current_yaml))
-    changed = sorted(k for k in (old.keys() | new.keys()) - NOT_CHANGES if old.get(k, "<unset>") != new.get(k, "<unset>"))
-
-    def diffs(keys: list[str]) -> str:
-        return "; ".join(f"{k}: {old.get(k, '<unset>')!r} in the checkpoint, {new.get(k, '<unset>')!r} now" for k in keys)
-
-    fatal = [k for k in changed if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)]
-    if fatal:
-        raise UserError(f"cannot resume: the checkpoint was trained with a different setup ({diffs(fatal)})")
-    batching = [k for k in changed if k in MUST_MATCH_MID_EPOCH] if mid_epoch else []
-    if batching:
-        raise UserError(f"cannot resume: the checkpoint was written mid-epoch and its epoch's remaining batches "
-                        f"depend on the batching ({diffs(batching)}); resume it as it was, or resume an epoch-end "
-                        "checkpoint (best.pt, or last.pt after an epoch) with the new batching")
-    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed]
-
-
-def require_same_data(saved: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
-    """Raise UserError unless the data a checkpoint was trained on is the data of this run (same images, labels,
-    classes and shape; a file from before version 3, which records none, was checked by its config alone)."""
-    if saved is None:
-        return
-    for key in ("in_shape", "classes", "digest"):
-        if saved[key] != current[key] and saved[key] is not None:
-            what = {"in_shape": "image shape", "classes": "class names", "digest": "images or labels"}[key]
-            raise UserError(f"cannot resume {path}: it was trained on other data ({what} differ: {saved['name']} "
-                            f"{_short(saved[key])} in the checkpoint, {current['name']} {_short(current[key])} now)")
-
-
-def _short(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def rng_state() -> dict[str, Any]:

@@ -216,7 +216,7 @@ def load_torch_file(path: Path, budget: int) -> Any:
 def require_memory(nbytes: int, what: str, hint: str, device: Any = None) -> None:
     """Raise UserError unless `nbytes` fit in the memory available to this process (see available_memory_bytes), or
     free on `device` where it is a CUDA device; `what` needs them, `hint` says what to do instead."""
-    from trainer.runtime import available_memory_bytes, size_text
+    from trainer.system import available_memory_bytes, size_text
 
     if device is not None and device.type == "cuda":
         import torch

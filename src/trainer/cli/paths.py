@@ -19,9 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # src/trainer/cli/paths.py -> src/trainer
 _SHIPPED = _PACKAGE / "configs"  # present in an installed wheel only
-REPO_ROOT = _PACKAGE.parents[1]  # src/trainer/paths.py -> the checkout (in a checkout)
+REPO_ROOT = _PACKAGE.parents[1]  # src/trainer -> the checkout (in a checkout)
 CONFIG_DIR = _SHIPPED if _SHIPPED.is_dir() else REPO_ROOT / "configs"  # the shipped options
 CONFIG_SOURCE = "pkg://trainer.configs" if _SHIPPED.is_dir() else str(CONFIG_DIR)  # as Hydra's search path names it
 

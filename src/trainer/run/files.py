@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from trainer.errors import OutputError, UserError
-from trainer.untrusted import file_kind
+from trainer.run.untrusted import file_kind
 
 CLAIM_MARKER = ".run_dir_claim"  # claims a run directory when hydra.output_subdir=null (Hydra saves no .hydra/)
 RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_dir)
@@ -22,7 +22,6 @@ RUN_LOCK = ".lock"  # held by the process training in a run directory (lock_run_
 # between its creation and its writer's lock, and a writer on another machine sharing the folder (network file
 # systems may not pass locks on), whose writes keep the file's time fresh.
 STALE_AFTER_S = 10
-
 
 
 def current_umask() -> int:
@@ -161,7 +160,10 @@ def discard_refused_run(run_dir: Path, output_root: Path) -> None:
     is left alone.
     """
     run_dir = Path(run_dir)
-    ours = (lambda p: p.name in (".hydra", CLAIM_MARKER, RUN_LOCK) or p.suffix == ".log" or p.name.startswith("events.out.tfevents."))
+
+    def ours(p: Path) -> bool:
+        return p.name in (".hydra", CLAIM_MARKER, RUN_LOCK) or p.suffix == ".log" or p.name.startswith("events.out.")
+
     if not run_dir.is_dir() or not all(ours(p) for p in run_dir.iterdir()):
         return
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -94,10 +94,3 @@ def cap_data_at_memory() -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
 
 
-def allocator_in_use() -> str:
-    """`mimalloc` if it serves this process's malloc, else `system`."""
-    try:
-        with open("/proc/self/maps") as f:
-            return "mimalloc" if "libmimalloc" in f.read() else "system"
-    except OSError:
-        return "system"

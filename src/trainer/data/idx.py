@@ -42,7 +42,7 @@ def check_idx(path: Path, ndim: int) -> tuple[int, ...]:
 
 def write_idx(path: Path, tensor: torch.Tensor) -> None:
     """Write a uint8 tensor as an IDX file (used to provision data and to make test fixtures)."""
-    from trainer.fsutil import atomic_write
+    from trainer.run.files import atomic_write
 
     data = tensor.to(torch.uint8).contiguous()
     header = bytes([0, 0, UINT8, data.dim()]) + struct.pack(f">{data.dim()}I", *data.shape)

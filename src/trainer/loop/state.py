@@ -14,14 +14,19 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from trainer.checkpoint import (config_changes, load_checkpoint, require_same_data, rng_state, save_checkpoint,
-                                set_rng_state)
 from trainer.distributed import Dist
 from trainer.errors import UserError
-from trainer.fsutil import lock_run_dir, remove_stale_temps, require_free_space
-from trainer.metrics import EpochMetrics, to_cpu
-from trainer.schedulers import Schedule
-from trainer.untrusted import load_json
+from trainer.loop.metrics import EpochMetrics, to_cpu
+from trainer.loop.schedulers import Schedule
+from trainer.run.changes import config_changes, require_same_data
+from trainer.run.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from trainer.run.files import lock_run_dir, remove_stale_temps, require_free_space
+from trainer.run.untrusted import load_json
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +121,8 @@ class RunState:
     """
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 scaler: torch.amp.GradScaler, ema: AveragedModel | None, train_metrics: EpochMetrics, monitor: str, config_yaml: str,
-                 choices: dict[str, str | None] | None, data_identity: dict, dist: Dist) -> None:
+                 scaler: torch.amp.GradScaler, ema: AveragedModel | None, train_metrics: EpochMetrics, monitor: str,
+                 config_yaml: str, choices: dict[str, str | None] | None, data_identity: dict, dist: Dist) -> None:
         self.model, self.optimizer, self.schedule, self.scaler, self.ema = model, optimizer, schedule, scaler, ema
         self.train_metrics, self.monitor, self.dist = train_metrics, monitor, dist
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from trainer.checkpoint import flatten
 from trainer.errors import OutputError
+from trainer.run.changes import flatten
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ class TensorBoardLogger:
     """
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None, flush_secs: int = 30) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it off module import
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # imports tensorboard: keep it off module import
+        )
 
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=flush_secs)
@@ -104,7 +106,7 @@ class TensorBoardLogger:
 
     def log_images(self, tag: str, images, step: int = 0) -> None:
         """A grid of uint8 images (N, C, H, W), eight per row."""
-        from trainer.figures import image_grid
+        from trainer.report.figures import image_grid
 
         self.writer.add_image(tag, image_grid(images), step)
 
