@@ -63,7 +63,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from trainer.cli import train  # noqa: E402
 from trainer.cli.config import build  # noqa: E402
-from trainer.cli.paths import register_resolvers  # noqa: E402
+from trainer.cli.paths import prepare_hydra  # noqa: E402
 from trainer.loop.seeding import seed_everything  # noqa: E402
 from trainer.system import allocator_in_use  # noqa: E402
 
@@ -366,5 +366,5 @@ def sweep_times(epochs: int, root: str, reps: int) -> int:
 
 
 if __name__ == "__main__":
-    register_resolvers()  # ${root_dir:}, which the configs use
+    prepare_hydra()  # ${root_dir:} and the schemas, which the configs use
     sys.exit(main())

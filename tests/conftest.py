@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.cli.paths import register_resolvers
+from trainer.cli.paths import prepare_hydra
 from trainer.data.idx import write_idx
 from trainer.data.provision import provision
 
-register_resolvers()  # the tests compose configs (${root_dir:}) as the entry points do
+prepare_hydra()  # the tests compose configs (${root_dir:}) as the entry points do
 
 # Under pytest-xdist, one worker per core already fills the machine: a torch process with a thread per core on
 # top (the worker's own, and every train.py it starts) leaves OpenMP threads spinning against each other. Measured

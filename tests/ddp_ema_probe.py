@@ -11,11 +11,11 @@ from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parent.parent
 from trainer.cli import train  # noqa: E402
-from trainer.cli.paths import register_resolvers  # noqa: E402
+from trainer.cli.paths import prepare_hydra  # noqa: E402
 
 
 def main() -> None:
-    register_resolvers()  # ${root_dir:}, as the command registers it
+    prepare_hydra()  # ${root_dir:}, as the command registers it
     run_dir = Path(sys.argv[1])
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=sys.argv[2:])

@@ -84,10 +84,10 @@ def test_eval_warns_when_the_data_is_not_the_data_it_was_trained_on(trained, fai
     ([], "ckpt is required"),
     (["{trained}/checkpoints/best.pt"], "give the checkpoint as ckpt={trained}/checkpoints/best.pt"),  # as predict
     (["ckpt=/nonexistent.pt"], "does not exist"),
-    (["ckpt={trained}/checkpoints/best.pt", "split=train"], "split='train': use test or val"),
+    (["ckpt={trained}/checkpoints/best.pt", "split=train"], "split=train: must be one of val, test"),
     (["ckpt={trained}/train.log"], "not a readable checkpoint"),
     (["ckpt={trained}"], "is a directory, not a checkpoint file; it holds {trained}/checkpoints/best.pt"),
-    (["ckpt={trained}/checkpoints/best.pt", "trust_checkpoint=no"], "trust_checkpoint='no': must be true or false"),
+    (["ckpt={trained}/checkpoints/best.pt", "trust_checkpoint=no"], "trust_checkpoint=no: must be true or false"),
     (["ckpt={trained}/checkpoints/best.pt", "dataset.download=false"],
      "dataset has no keys until an option of the dataset group is chosen (dataset=<option> dataset.download=...)"),
 ])

@@ -145,8 +145,9 @@ def test_a_model_from_the_users_own_module_needs_trust(tmp_path, monkeypatch):
         "        super().__init__(torch.nn.Flatten(), torch.nn.Linear(pixels, width),\n"
         "                         torch.nn.ReLU(), torch.nn.Linear(width, num_classes))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    state = trained_state(overrides=("model._target_=mypkg.net.Net", "~model.hidden_sizes", "~model.activation",
-                                     "~model.dropout", "+model.width=5"))
+    # the option of a model of the user's own (model=custom: no schema, so a key of its own is added with +)
+    state = trained_state(choices={**CHOICES, "model": "custom"},
+                          overrides=("model._target_=mypkg.net.Net", "+model.width=5"))
     model = build(OmegaConf.create(state["config"]["model"]), in_shape=(1, 28, 28), num_classes=10)
     state["model"] = model.state_dict()
     ckpt = write(tmp_path / "mine.pt", state)

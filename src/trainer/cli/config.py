@@ -19,18 +19,16 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_class
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.cli.options import (
-    option_defaults,
     option_dirs,
     option_target,
     options,
-    read_yaml,
 )
-from trainer.cli.paths import CONFIG_DIR, register_resolvers
+from trainer.cli.paths import CONFIG_DIR, prepare_hydra
 from trainer.data import IDXImageDataset, ImageDataset
-from trainer.errors import UserError, is_number, shown
+from trainer.errors import UserError
 from trainer.run.checkpoint import GROUPS, RESERVED, load_checkpoint
 from trainer.run.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 
@@ -45,7 +43,9 @@ TRUST_HINT = ("an option of your own project is found with --config-dir DIR (you
 def build(node: DictConfig, **runtime: Any) -> Any:
     """`hydra.utils.instantiate` with plain containers, turning bad values into a one-line UserError."""
     try:
-        return hydra.utils.instantiate(node, _convert_="all", **runtime)
+        # plain values: a schema's closed choice (an enum) reaches the class as the string it is in the YAML
+        plain = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+        return hydra.utils.instantiate(plain, _convert_="all", **runtime)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, UserError):
@@ -108,48 +108,6 @@ def _on_meta(node: DictConfig, in_shape: Sequence[int], num_classes: int) -> tor
         return None
 
 
-_NO_DEFAULT = object()
-POLYMORPHIC = ("dataset.mean", "dataset.std")  # a number, one per channel (a list) or auto, whatever the default
-
-
-def check_override_types(config: DictConfig, overrides: Sequence[str], choices: Mapping[str, str | None],
-                         primary: str) -> None:
-    """Refuse a command-line value of a type the key's YAML default rules out, before anything is built: anything
-    but true or false for a true/false key (a string reads as true: optimizer.nesterov=off turned Nesterov on,
-    trust_checkpoint=no trusted), anything but a number for a number (optimizer.lr=true trained at lr 1;
-    optimizer.lr=abc failed inside torch), anything but a list for a list (optimizer.betas=0.9). `choices`:
-    the option chosen in each group; `primary`: the script's own config (train, eval) for keys outside a group."""
-    for override in overrides:
-        key, assigns, _ = override.partition("=")
-        key = key.removeprefix("++")
-        if not assigns or key.startswith(("+", "~", "hydra.", "hydra/")) or key in choices:
-            continue  # an added key (no default), a deletion, Hydra's own, or a group's option
-        default = _default_of(key, choices, primary)
-        value = OmegaConf.select(config, key, default=None)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise UserError(f"{key}={shown(value)}: must be true or false")
-        if key in POLYMORPHIC or value is None:  # null: "off" for the keys that take it, checked where they are used
-            continue
-        if is_number(default) and not is_number(value):
-            raise UserError(f"{key}={shown(value)}: must be a number (its default is {default})")
-        if isinstance(default, list) and not isinstance(value, (list, ListConfig)):
-            raise UserError(f"{key}={shown(value)}: must be a list, such as {key}={default}")
-
-
-def _default_of(key: str, choices: Mapping[str, str | None], primary: str) -> Any:
-    """The value `key` has in the YAML: its group's chosen option file, else the primary config."""
-    group, _, rest = key.partition(".")
-    if choices.get(group):
-        node: Any = option_defaults(group, choices[group], option_dirs())
-    else:
-        node, rest = read_yaml(CONFIG_DIR / f"{primary}.yaml"), key
-    for part in rest.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _NO_DEFAULT
-        node = node[part]
-    return node
-
-
 def _inferred_choices(stored: dict, where: Path, dirs: Sequence[Path]) -> dict[str, str]:
     """The options a version-1 checkpoint (which stored no choices) was composed from, by its classes."""
     choices = {}
@@ -170,7 +128,7 @@ def _inferred_choices(stored: dict, where: Path, dirs: Sequence[Path]) -> dict[s
 def _project_configs(dirs: Sequence[Path]) -> Iterator[list[str]]:
     """Hydra's compose API over the shipped configs (train.py and eval.py already run inside it); yields the
     overrides that add the other `dirs` to its search path."""
-    register_resolvers()
+    prepare_hydra()
     if GlobalHydra.instance().is_initialized():
         yield []
         return
@@ -189,7 +147,7 @@ def _composed(choices: dict[str, str | None], where: Path, dirs: Sequence[Path])
     with _project_configs(dirs) as searchpath:
         config = hydra.compose("train", overrides=[*searchpath,
                                                    *(f"{g}={o}" for g, o in choices.items() if o is not None)])
-    return OmegaConf.to_container(config, resolve=True)
+    return OmegaConf.to_container(config, resolve=True, enum_to_str=True)
 
 
 def rebuildable_config(state: dict, trust: bool = False, where: Path | str = "the checkpoint",

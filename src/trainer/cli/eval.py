@@ -28,18 +28,17 @@ from omegaconf.errors import MissingMandatoryValue
 from trainer.cli.config import (
     build,
     check_fits,
-    check_override_types,
     data_config,
     model_from_checkpoint,
 )
-from trainer.cli.paths import CONFIG_SOURCE, command_line, register_resolvers
+from trainer.cli.config_errors import with_one_line_errors
+from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
 from trainer.cli.process import run_then_exit
+from trainer.cli.schema import EvalKeys, check_keys
 from trainer.errors import (
     UserError,
     error_line,
-    one_line_config_errors,
     printable,
-    require_bool,
 )
 from trainer.loop.metrics import EpochMetrics, evaluate, per_class_accuracy
 from trainer.loop.step import autocast_for, check_loss, check_precision, forward_pass
@@ -47,16 +46,13 @@ from trainer.run.files import atomic_write, discard_refused_run
 from trainer.system import resolve_device
 
 log = logging.getLogger("eval")
-SPLITS = ("test", "val")
 
 
 def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
                         out_dir: Path, trust: bool = False, data_root: str | None = None) -> dict:
     """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
-    `trust`, `data_root` (where its dataset's files are): see trainer.cli.config.rebuildable_config."""
-    require_bool("trust_checkpoint", trust)  # "no" would read as true, and rebuild whatever the file names
-    if split not in SPLITS:
-        raise UserError(f"split={split!r}: use {' or '.join(SPLITS)}")
+    `trust`, `data_root` (where its dataset's files are): see trainer.cli.config.rebuildable_config. The types of
+    `split` (test or val) and `trust` are the schema's (EvalKeys), checked before this is called."""
     device = resolve_device(device_name)
     restored = model_from_checkpoint(ckpt, device, trust, data_root)
     model, trained = restored.model, restored.config
@@ -116,7 +112,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        check_override_types(cfg, HydraConfig.get().overrides.task, HydraConfig.get().runtime.choices, "eval")
+        check_keys(cfg, EvalKeys, HydraConfig.get().overrides.task)  # a dataset's keys: as Hydra composed them
         evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, out_dir, cfg.trust_checkpoint,
                             cfg.data_root)
         return
@@ -144,6 +140,6 @@ def run() -> None:
     if given:  # as predict and export take it; Hydra's grammar would answer with a LexerNoViableAltException
         print(f"error: {given[0]}: give the checkpoint as ckpt={given[0]}", file=sys.stderr)
         sys.exit(1)
-    register_resolvers()  # ${root_dir:}, which configs/eval.yaml uses
-    one_line_config_errors()
-    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/cli/process.py)
+    prepare_hydra()  # ${root_dir:} and the schemas, which configs/eval.yaml use
+    # without the interpreter's 0.8 s teardown of torch (trainer/cli/process.py)
+    run_then_exit(with_one_line_errors(main))

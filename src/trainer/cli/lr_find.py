@@ -21,9 +21,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli.config import build, build_model, check_override_types
-from trainer.cli.paths import CONFIG_SOURCE, command_line, register_resolvers
-from trainer.errors import UserError, error_line, one_line_config_errors
+from trainer.cli.config import build, build_model
+from trainer.cli.config_errors import with_one_line_errors
+from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
+from trainer.cli.schema import TrainKeys, check_keys
+from trainer.errors import UserError, error_line
 from trainer.loop.lr_find import RangeTest, check_range_settings, lr_range_test
 from trainer.loop.options import TrainerOptions
 from trainer.loop.seeding import seed_everything
@@ -50,7 +52,7 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     optimizer = build(cfg.optimizer, params=model.parameters())
     # The Trainer checks its settings where it is built; build it (without training: no run directory of its
     # own, no logger) so a setting train.py would refuse is refused here too.
-    settings = {**OmegaConf.to_container(cfg.trainer, resolve=True), "resume": None}
+    settings = {**OmegaConf.to_container(cfg.trainer, resolve=True, enum_to_str=True), "resume": None}
     Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=build(cfg.scheduler, _partial_=True),
             data=data, logger=NullLogger, device=device, run_dir=out_dir,
             options=TrainerOptions.from_settings(settings))
@@ -122,7 +124,7 @@ def plot(result: RangeTest) -> Figure:
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        check_override_types(cfg, HydraConfig.get().overrides.task, HydraConfig.get().runtime.choices, "lr_find")
+        check_keys(cfg, TrainKeys, HydraConfig.get().overrides.task)  # the groups' and lr_find's: as composed
         result = find(cfg, out_dir)
     except UserError as e:
         discard_refused_run(out_dir, Path(cfg.output_root))
@@ -140,6 +142,5 @@ def main(cfg: DictConfig) -> None:
 
 def run() -> None:
     """The command (`htt-lr-find`, `python scripts/lr_find.py`), once trainer.cli.entry has prepared the process."""
-    register_resolvers()  # ${root_dir:}, which configs/train.yaml uses
-    one_line_config_errors()
-    main()
+    prepare_hydra()  # ${root_dir:} and the schemas, which configs/train.yaml use
+    with_one_line_errors(main)()

@@ -5,9 +5,10 @@ wheel is built) and Hydra finds it as `pkg://trainer.configs`; in a checkout (an
 itself. Either way there is one copy.
 
 `${root_dir:}`, which the configs use for `outputs/` and `data/`, is the folder the command was started from: a
-user's project folder, or the checkout for `python train.py` run there. Registering a resolver is process state
-(OmegaConf's registry), so importing this module does not do it: every command calls `register_resolvers()` before
-Hydra composes a config, and so does the library before it composes one itself (config.py).
+user's project folder, or the checkout for `python train.py` run there. Registering a resolver, like the schemas
+in Hydra's ConfigStore (schema.py), is process state, so importing this module does not do it: every command calls
+`prepare_hydra()` before Hydra composes a config, and so does the library before it composes one itself
+(config.py).
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ CONFIG_DIR = _SHIPPED if _SHIPPED.is_dir() else REPO_ROOT / "configs"  # the shi
 CONFIG_SOURCE = "pkg://trainer.configs" if _SHIPPED.is_dir() else str(CONFIG_DIR)  # as Hydra's search path names it
 
 
-def register_resolvers() -> None:
-    """Register `${root_dir:}` (the current folder), once; calling it again changes nothing."""
+def prepare_hydra() -> None:
+    """Register `${root_dir:}` (the current folder) and the options' schemas, which the configs name; calling it
+    again changes nothing."""
+    from trainer.cli import schema
+
     if not OmegaConf.has_resolver("root_dir"):
         OmegaConf.register_new_resolver("root_dir", os.getcwd)
+    schema.register()
 
 
 def command_line(torchrun: str | None = None, script: str | None = None) -> str:

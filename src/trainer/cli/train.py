@@ -22,17 +22,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.cli.config import build, build_model, check_override_types
+from trainer.cli.config import build, build_model
+from trainer.cli.config_errors import with_one_line_errors
 from trainer.cli.options import shadowed_options
-from trainer.cli.paths import CONFIG_SOURCE, command_line, register_resolvers
+from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
 from trainer.cli.process import run_then_exit
+from trainer.cli.schema import TrainKeys, check_keys
 from trainer.distributed import (
     lost_peer_message,
     rank_from_env,
     worker_hydra_overrides,
     world_size_from_env,
 )
-from trainer.errors import UserError, error_line, one_line_config_errors, printable
+from trainer.errors import UserError, error_line, printable
 from trainer.loop.options import TrainerOptions
 from trainer.loop.seeding import seed_everything
 from trainer.loop.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
@@ -69,7 +71,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                  f"overrides under {cfg.output_root}; starting a new run")
     # Hydra made a run directory in rank 0 only (see worker_hydra_overrides); every rank continues rank 0's run.
     run_dir, resume = dist.broadcast_object((run_dir, resume))
-    settings = {**OmegaConf.to_container(cfg.trainer, resolve=True), "resume": str(resume) if resume else None}
+    settings = {**OmegaConf.to_container(cfg.trainer, resolve=True, enum_to_str=True),
+                "resume": str(resume) if resume else None}
     trainer = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data, logger=logger,
                       run_dir=run_dir, options=TrainerOptions.from_settings(settings), device=device, dist=dist,
                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True), config_choices=option_names())
@@ -106,9 +109,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     A run refused while it is set up (a bad value, a missing file, Ctrl-C) leaves no run directory behind."""
     trainer = None
     try:
-        if HydraConfig.initialized():  # a script's run (benchmark.py composes without Hydra's runtime)
-            hydra_cfg = HydraConfig.get()
-            check_override_types(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices, "train")
+        given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []  # benchmark.py: no Hydra
+        check_keys(cfg, TrainKeys, given)  # the groups' keys were type-checked as Hydra composed them
         trainer = setup(cfg, run_dir)
         if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
             # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
@@ -193,7 +195,7 @@ class JobFailed(Exception):
 def run() -> None:
     """The command (`htt-train`, `python train.py`), once trainer.cli.entry has prepared the process."""
     sys.argv += worker_hydra_overrides()  # under torchrun, ranks other than 0 make no run directory
-    register_resolvers()  # ${root_dir:}, which configs/train.yaml uses: before @hydra.main composes it
-    one_line_config_errors()
+    prepare_hydra()  # ${root_dir:} and the schemas, which configs/train.yaml uses: before @hydra.main composes it
     quiet_writer_thread_errors()  # a full disk: one line from the logger, not the writer thread's traceback
-    run_then_exit(main)  # without the interpreter's 0.8 s teardown of torch (trainer/cli/process.py)
+    # without the interpreter's 0.8 s teardown of torch (trainer/cli/process.py)
+    run_then_exit(with_one_line_errors(main))

@@ -27,7 +27,7 @@ from trainer.data.batches import (
     check_augmentation_fits,
 )
 from trainer.data.cache import digest, load_cache, remove_killed_writes
-from trainer.errors import OutputError, UserError, is_number, require_bool, require_int
+from trainer.errors import OutputError, UserError, is_number, require_bool, require_int, shown
 from trainer.run.files import atomic_write
 from trainer.system import device_free_bytes, host_memory_bytes, size_text
 
@@ -271,7 +271,7 @@ def _split_size(key: str, value: Any, pool: int) -> int:
     """A split size given as a count (int >= 0) or a fraction (float in [0, 1)) of `pool` images, as a count."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
             isinstance(value, float) and value >= 1):
-        raise UserError(f"dataset.{key}={value!r}: must be a count (an integer >= 0) or a fraction in [0, 1)")
+        raise UserError(f"dataset.{key}={shown(value)}: must be a count (an integer >= 0) or a fraction in [0, 1)")
     return int(value * pool) if isinstance(value, float) else value
 
 
