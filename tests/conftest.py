@@ -4,6 +4,7 @@ and a helper that runs train.py as a user would."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import select
@@ -129,6 +130,51 @@ def run_train(*overrides: str, timeout: float = 600, env: dict[str, str] | None 
     path as the README spells it, relative to the root (the command spells itself back so: `resume with: ...`)."""
     return run_python([script, *overrides], env={**os.environ, **(env or {})}, timeout=timeout,
                       forkable=script in FORKABLE_SCRIPTS)
+
+
+def train_in_process(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """What `python train.py OVERRIDES...` answers, computed in this process through the library: the config
+    composed as @hydra.main composes it, trainer.cli.train.train() run in the run directory Hydra would make, and
+    the one line its main() prints for a failure (the status is 1 then, as the command's). An error of the
+    code's own is raised, not answered. For what only a process shows (the exit path, signals, Hydra's
+    run-directory callbacks, the console's single line), use run_train."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.cli import train as command
+    from trainer.cli.config_errors import config_error_line
+
+    answer = functools.partial(subprocess.CompletedProcess, ["train.py", *overrides])
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        try:
+            with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+                cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as e:
+            return answer(1, "", f"error: {config_error_line(e)}\n")
+        run_dir = Path(cfg.hydra.run.dir)
+        with open_dict(cfg):
+            cfg.hydra.mode, cfg.hydra.runtime.output_dir = RunMode.RUN, str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what the task function gets
+        run_dir.mkdir(parents=True, exist_ok=True)  # as Hydra's run_job does
+        try:
+            command.train(job, run_dir)
+            return answer(0, "", "")
+        except (command.UserError, command.NonFiniteLossError, OmegaConfBaseException, RuntimeError) as e:
+            line = command.failure_line(e, job.distributed.timeout_s)
+            if line is None:
+                raise
+            return answer(1, "", line + "\n")
+    finally:
+        HydraConfig.instance().cfg = None
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # Scripts that preload mimalloc as their first step, as the fork server's children already run under it.

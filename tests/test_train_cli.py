@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import MLP, REPO, TINY, make_tiny_dataset, run_train
+from conftest import MLP, REPO, TINY, make_tiny_dataset, run_train, train_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -252,15 +252,26 @@ def bad_paths(finished_run, tmp_path_factory):
             "attack": base / "attack.pt", "mid_epoch": base / "mid_epoch.pt", **roots}
 
 
-@pytest.mark.parametrize("overrides, names_value, says", BAD, ids=[" ".join(b[0]) for b in BAD])
+# The rows run as a process, `python train.py` through its exit path: one of each kind of refusal (Hydra's,
+# the schema's, an object's, a checkpoint's, a download's, a diverged run's) and what only the command does (Hydra's
+# run-directory callback). The others run in-process through the library (conftest.train_in_process), which
+# answers with the line the command prints.
+AS_PROCESS = {"model=foo", "dataset.batch_size=ten", "optimizer.lr=[0.1", "trainer.max_epochs=0",
+              "trainer.resume={junk}", "dataset.root={empty}", "optimizer.lr=1e30", "hydra.run.dir={earlier}",
+              "hydra.run.dir={a_file}/run", "trainer.device=tpu"}
+
+
+@pytest.mark.parametrize("overrides, names_value, says, as_process",
+                         [(*b, " ".join(b[0]) in AS_PROCESS) for b in BAD], ids=[" ".join(b[0]) for b in BAD])
 def test_bad_input_one_clear_line_and_earlier_run_untouched(finished_run, bad_paths, tiny_root, tmp_path, overrides,
-                                                            names_value, says):
+                                                            names_value, says, as_process):
     earlier, _ = finished_run
     before = tree_digest(earlier.parent)  # the whole output root the earlier run lives in
     overrides = [o.format(**bad_paths) for o in overrides]
     run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else [f"hydra.run.dir={tmp_path / 'bad'}"]
     model = () if any(o.startswith("model=") for o in overrides) else MLP  # the row's own model, else the small MLP
-    result = run_train(*TINY, f"dataset.root={tiny_root}", *run_dir, *model, *overrides, env=OFFLINE)
+    run = run_train if as_process else train_in_process
+    result = run(*TINY, f"dataset.root={tiny_root}", *run_dir, *model, *overrides, env=OFFLINE)
     assert result.returncode == 1
     assert names_value in result.stderr and says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

@@ -133,23 +133,15 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
         return None if cfg.optimized_metric is None else results[cfg.optimized_metric]
-    except (UserError, NonFiniteLossError) as e:
-        message = error_line(e)
-    except MissingMandatoryValue as e:
-        message = (f"error: config value {e.full_key} is required (it is ??? in the config); set it with "
-                   f"{e.full_key}=...")
     except TrainingInterrupted as e:
         if rank_from_env() == 0:
             print(f"{e}\n{resume_hint(e.checkpoint)}", file=sys.stderr)
             to_log_file(f"{e}; {resume_hint(e.checkpoint)}")
         sys.exit(128 + e.signum)  # the shell's convention for "killed by this signal"
-    except RuntimeError as e:
-        lost = lost_peer_message(e, cfg.distributed.timeout_s)  # another rank died: no traceback of our own
-        if lost is None:
+    except (UserError, NonFiniteLossError, MissingMandatoryValue, RuntimeError, KeyboardInterrupt) as e:
+        message = failure_line(e, cfg.distributed.timeout_s)
+        if message is None:
             raise
-        message = f"error: {lost}"
-    except KeyboardInterrupt:  # before the Trainer handles signals: while the run is set up
-        message = "error: interrupted before training started; nothing of this run was kept"
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -159,6 +151,20 @@ def main(cfg: DictConfig) -> float | None:
         # An exception, not an exit: Hydra marks this job failed, runs the rest of the sweep, then reports it.
         raise JobFailed(message.removeprefix("error: "))
     sys.exit(1)
+
+
+def failure_line(error: BaseException, timeout_s: float) -> str | None:
+    """The one line (`error: ...`) a run that failed this way prints, or None for an error of the code's own (its
+    traceback is printed instead). `timeout_s`: distributed.timeout_s, for the message of a lost rank."""
+    if isinstance(error, (UserError, NonFiniteLossError)):
+        return error_line(error)
+    if isinstance(error, MissingMandatoryValue):
+        return (f"error: config value {error.full_key} is required (it is ??? in the config); set it with "
+                f"{error.full_key}=...")
+    if isinstance(error, KeyboardInterrupt):  # before the Trainer handles signals: while the run is set up
+        return "error: interrupted before training started; nothing of this run was kept"
+    lost = lost_peer_message(error, timeout_s) if isinstance(error, RuntimeError) else None
+    return None if lost is None else f"error: {lost}"  # another rank died: no traceback of our own
 
 
 def to_log_file(message: str) -> None:
