@@ -7,6 +7,7 @@ import fcntl
 import functools
 import json
 import os
+import random
 import select
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,6 +152,9 @@ def train_in_process(*overrides: str, env: dict[str, str] | None = None) -> subp
 
     answer = functools.partial(subprocess.CompletedProcess, ["train.py", *overrides])
     saved = dict(os.environ)
+    # what a run sets for its process, put back after it: the RNGs (train seeds them), threads, determinism
+    rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     os.environ.update(env or {})
     try:
         try:
@@ -175,6 +180,11 @@ def train_in_process(*overrides: str, env: dict[str, str] | None = None) -> subp
         HydraConfig.instance().cfg = None
         os.environ.clear()
         os.environ.update(saved)
+        torch.set_rng_state(rngs[0])
+        np.random.set_state(rngs[1])
+        random.setstate(rngs[2])
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 # Scripts that preload mimalloc as their first step, as the fork server's children already run under it.

@@ -183,6 +183,7 @@ def test_rotation_and_shift_are_one_batched_resampling(monkeypatch):
 def test_cutout_zeroes_one_square_per_image():
     from trainer.data.batches import random_cutout
 
+    torch.manual_seed(0)  # the fraction of whole squares below is a sample: not the RNG state earlier tests left
     images = torch.full((400, 3, 12, 12), 255, dtype=torch.uint8)
     out = random_cutout(images, 4)
     assert out.dtype == torch.uint8

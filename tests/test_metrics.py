@@ -77,7 +77,7 @@ def test_a_state_dict_of_another_form_is_refused_in_one_line():
 
 
 def test_per_class_accuracy_of_a_class_with_no_sample_is_none_not_zero():
-    from trainer.loop.metrics import per_class_accuracy
+    from trainer.report.run_report import per_class_accuracy
 
     confusion = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]])  # no sample of class 1 (rows: true class)
     assert per_class_accuracy(confusion) == [0.75, None, 0.5]

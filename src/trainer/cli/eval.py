@@ -40,8 +40,9 @@ from trainer.errors import (
     error_line,
     printable,
 )
-from trainer.loop.metrics import EpochMetrics, evaluate, per_class_accuracy
+from trainer.loop.metrics import EpochMetrics, evaluate
 from trainer.loop.step import autocast_for, check_loss, check_precision, forward_pass
+from trainer.report.run_report import per_class_accuracy
 from trainer.run.files import atomic_write, discard_refused_run
 from trainer.system import resolve_device
 

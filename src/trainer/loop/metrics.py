@@ -155,12 +155,6 @@ def to_cpu(obj: object) -> object:
     return obj
 
 
-def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
-    """Recall of each class from a (classes, classes) confusion matrix with true classes as rows; None for a class
-    with no sample in the split (a small folder's test split may hold none of a class: not 0% right)."""
-    counts = confusion.sum(dim=1)  # (classes,) samples of each true class
-    recall = (confusion.diag() / counts.clamp(min=1)).tolist()
-    return [None if n == 0 else r for n, r in zip(counts.tolist(), recall)]
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (images, targets) -> logits, loss

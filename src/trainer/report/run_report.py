@@ -9,6 +9,7 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,13 +17,15 @@ from torch import nn
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.errors import require_bool, require_int
-from trainer.loop.metrics import EpochMetrics, per_class_accuracy
-from trainer.loop.state import Progress
 from trainer.report.figures import confusion_matrix_image, labelled_grid
 from trainer.report.logger import TensorBoardLogger, hparams_of
 from trainer.report.summary import summarize
 from trainer.run.files import atomic_write
 from trainer.system import allocator_in_use, seconds_since_process_start
+
+if TYPE_CHECKING:  # the loop's objects this draws; the loop imports this module, not the reverse
+    from trainer.loop.metrics import EpochMetrics
+    from trainer.loop.state import Progress
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +137,11 @@ class RunReport:
                 f.write(json.dumps(summary, indent=2).encode())
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
                  metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
+    """Recall of each class from a (classes, classes) confusion matrix with true classes as rows; None for a class
+    with no sample in the split (a small folder's test split may hold none of a class: not 0% right)."""
+    counts = confusion.sum(dim=1)  # (classes,) samples of each true class
+    recall = (confusion.diag() / counts.clamp(min=1)).tolist()
+    return [None if n == 0 else r for n, r in zip(counts.tolist(), recall)]
