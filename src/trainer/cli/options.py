@@ -26,7 +26,7 @@ def option_defaults(group: str, option: str, dirs: Sequence[Path]) -> dict:
     raw = dict(read_yaml(option_file(group, option, dirs)) or {})
     merged: dict = {}
     for entry in raw.pop("defaults", None) or []:
-        if isinstance(entry, str) and entry.endswith("@_here_") and not entry.startswith("/schema/"):
+        if isinstance(entry, str) and entry.endswith("@_here_") and not entry.startswith("/schema_"):
             merged.update(option_defaults(*entry.removesuffix("@_here_").strip("/").split("/", 1), dirs))
     return {**merged, **raw}
 

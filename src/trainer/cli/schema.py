@@ -1,7 +1,7 @@
 """The config schema: the type of every key of every shipped option, in one place.
 
 Each dataclass here is the schema of one option (`configs/<group>/<option>.yaml`), registered in Hydra's
-ConfigStore as `schema/<group>/<option>`; the option's YAML puts it first in its defaults list, so composing a
+ConfigStore as `schema_<group>_<option>`; the option's YAML puts it first in its defaults list, so composing a
 config type-checks every key it sets, whether it comes from the YAML, a preset or the command line, and an option
 that extends another (`fashion_mnist` extends `mnist`, `cifar10` extends `torchvision`) extends its schema too.
 The values stay in the YAML: a field here has a default only where the YAML has none to give (`???`).
@@ -332,14 +332,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 
 def register() -> None:
-    """Put every schema into Hydra's ConfigStore (as `schema/<group>/<option>`); calling it again changes nothing.
+    """Put every schema into Hydra's ConfigStore (as `schema_<group>_<option>`, a config of no group: --help lists
+    only the groups a user picks from); calling it again changes nothing.
     Before anything composes a config: the options' YAML names these in their defaults lists."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for group, schemas in SCHEMAS.items():
         for option, schema in schemas.items():
-            store.store(group=f"schema/{group}", name=option, node=schema)
+            store.store(name=f"schema_{group}_{option}", node=schema)
 
 
 def check_keys(config: DictConfig, schema: type, overrides: Sequence[str] = ()) -> None:
