@@ -77,9 +77,9 @@ def test_the_words_for_each_kind_of_type():
     assert refusal("trainer.grad_clip_norm=abc") == "trainer.grad_clip_norm=abc: must be a number or null"
     assert refusal("trainer.deterministic=null") == "trainer.deterministic=null: must be true or false"
     assert refusal("optimizer.betas=0.9") == \
-        "optimizer.betas=0.9: must be a list of numbers, such as optimizer.betas=[0.9, 0.999]"
+        "optimizer.betas=0.9: must be a list of numbers, such as optimizer.betas=[0.9,0.999]"
     assert refusal("model=mlp", "model.hidden_sizes=[64,a]") == \
-        "model.hidden_sizes=[64,a]: must be a list of integers, such as model.hidden_sizes=[512, 256]"
+        "model.hidden_sizes=[64,a]: must be a list of integers, such as model.hidden_sizes=[512,256]"
     # a key the schema does not have: the keys it has, without `_target_` and without "+key=" advice (the class
     # would not take another key)
     line = refusal("dataset.batch=3")

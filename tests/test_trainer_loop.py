@@ -2,6 +2,8 @@
 gradient clipping bounds the updates."""
 
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +83,8 @@ def build(tiny_root, tmp_path, make_schedule, optimizer="sgd", monitor="val/acc"
     opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if grad_clip_norm is None else 0.0)
            if optimizer == "sgd" else torch.optim.Adagrad(model.parameters(), lr=LR))
     logs, options = [], {**OPTIONS, **options}
+    if (tmp_path / "checkpoints").exists():  # a test's second run: a directory of its own (a run refuses another's)
+        tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
     settings = dict(max_epochs=EPOCHS, grad_clip_norm=grad_clip_norm, monitor=monitor,
                     mode="max" if monitor != "val/loss" else "min", checkpoint_dir="checkpoints", resume=None,
                     deterministic=False, **options)
@@ -415,3 +419,20 @@ def test_ema_decay_outside_0_1_is_refused(tiny_root, tmp_path, decay):
     says = rf"trainer.ema_decay={decay!r}: must be null \(off\) or a number strictly between 0 and 1"
     with pytest.raises(UserError, match=says):
         build(tiny_root, tmp_path, schedulers.none, ema_decay=decay, ema_warmup=False)
+
+
+def test_a_new_run_in_a_directory_that_holds_a_run_is_refused(tiny_root, tmp_path):
+    """From Python a run directory is the caller's; given one twice, the second run would overwrite the first's
+    best.pt, last.pt and metrics.json. It is refused, and the first run's files are untouched."""
+    trainer, _ = fit(tiny_root, tmp_path, schedulers.none)
+    trainer.test()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    data = tiny_mnist(tiny_root, batch_size=125, eval_batch_size=100, val_size=100, mean=0.13, std=0.31)
+    model = linear()
+    settings = dict(OPTIONS, max_epochs=EPOCHS, grad_clip_norm=None, monitor="val/acc", mode="max",
+                    checkpoint_dir="checkpoints", resume=None, deterministic=False)
+    with pytest.raises(UserError, match=rf"run directory {tmp_path} already holds a run .*checkpoints/last.pt"):
+        Trainer(model=model, loss_fn=torch.nn.CrossEntropyLoss(), optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                scheduler=schedulers.none, data=data, logger=RecordingLogger, run_dir=tmp_path, device="cpu",
+                options=TrainerOptions.from_settings(settings))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before

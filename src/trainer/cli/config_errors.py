@@ -84,7 +84,9 @@ def config_error_line(error: BaseException) -> str:
         if isinstance(schema, type) and schema is not dict:
             field = key.rpartition(".")[2]
             default = node.get(field) if OmegaConf.is_dict(node) else None
-            example = f", such as {key}={OmegaConf.to_object(default)}" if OmegaConf.is_list(default) else ""
+            # no spaces: the example pastes into a shell as one argument
+            items = ",".join(str(v) for v in OmegaConf.to_object(default)) if OmegaConf.is_list(default) else None
+            example = f", such as {key}=[{items}]" if items is not None else ""
             return f"{given}: must be {expected(schema, field)}{example}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and parent is not None and cause.full_key:
         schema = OmegaConf.get_type(parent)

@@ -72,6 +72,19 @@ def claim_checkpoint_dir(ckpt_dir: Path, run_dir: Path, resumed: Path | None) ->
     return lock
 
 
+def _require_new(run_dir: Path, checkpoint_dir: str) -> None:
+    """Refuse to start a new run in a directory that holds a run's checkpoints or its test result: the new run
+    would overwrite them. The commands give every run a new directory (Hydra); a Python caller gives its own,
+    and may give the same one twice. A checkpoint directory outside the run directory is claim_checkpoint_dir's."""
+    ckpt_dir = run_dir / checkpoint_dir
+    found = [ckpt_dir / name for name in CHECKPOINT_NAMES if _inside(ckpt_dir, run_dir) and os.path.lexists(
+        ckpt_dir / name)] + [p for p in (run_dir / "metrics.json",) if os.path.lexists(p)]
+    if found:
+        raise UserError(f"run directory {run_dir} already holds a run ({found[0]}), which a new run there would "
+                        f"overwrite: give each run its own directory, or continue that run with its checkpoint "
+                        f"(resume=.../last.pt)")
+
+
 @dataclass
 class Progress:
     """The run's counters and its best validation value so far."""
@@ -160,6 +173,8 @@ class RunState:
         for as long as this run trains in it, from before a resume reads its files; then the resume, if any."""
         if resumed:
             run_dir = next((d for d in (resumed.parent, resumed.parent.parent) if (d / ".hydra").is_dir()), run_dir)
+        elif self.dist.is_main:
+            _require_new(run_dir, checkpoint_dir)
         if self.dist.is_main:
             self._lock = lock_run_dir(run_dir)
             self._ckpt_lock = claim_checkpoint_dir(run_dir / checkpoint_dir, run_dir, resumed)
