@@ -22,7 +22,10 @@ from typing import Any, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from trainer.distributed import BACKENDS
 from trainer.errors import UserError, shown
+from trainer.loop.options import MODES, NONFINITE_POLICIES
+from trainer.loop.step import PRECISIONS
 
 
 class Choice(str, Enum):
@@ -35,12 +38,18 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-Precision = Choice("Precision", {name: name for name in ("fp32", "bf16", "fp16")})
-Mode = Choice("Mode", {name: name for name in ("min", "max")})
-NonFinite = Choice("NonFinite", {name: name for name in ("error", "skip")})
-Anneal = Choice("Anneal", {name: name for name in ("cos", "linear")})
-Backend = Choice("Backend", {name: name for name in ("auto", "gloo", "nccl")})
-Split = Choice("Split", {name: name for name in ("val", "test")})
+def choices(name: str, values: Sequence[str]) -> type[Choice]:
+    """An enum of `values`, each member named as its value; the values are the code's own list, so the schema and
+    the check of a Python caller's value (loop/options.py, loop/step.py, distributed.py) never disagree."""
+    return Choice(name, {value: value for value in values})
+
+
+Precision = choices("Precision", tuple(PRECISIONS))
+Mode = choices("Mode", MODES)
+NonFinite = choices("NonFinite", NONFINITE_POLICIES)
+Anneal = choices("Anneal", ("cos", "linear"))  # torch's OneCycleLR anneal_strategy
+Backend = choices("Backend", BACKENDS)
+Split = choices("Split", ("val", "test"))
 
 
 # ---- dataset ----------------------------------------------------------------------------------------------------

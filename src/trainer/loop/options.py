@@ -9,6 +9,7 @@ the key as the command line spells it. The defaults are the YAML's: from Python,
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,6 +22,7 @@ from trainer.report.run_report import ReportOptions
 
 MONITORABLE = ("val/loss", "val/acc", "val/f1")
 NONFINITE_POLICIES = ("error", "skip")
+MODES = ("min", "max")  # the closed choices here are also the schema's enums (trainer/cli/schema.py)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class Checkpoints:
         if self.monitor not in MONITORABLE:
             raise UserError(f"trainer.monitor={self.monitor!r}: not a validation metric; use one of "
                             f"{', '.join(MONITORABLE)}")
-        if self.mode not in ("min", "max"):
+        if self.mode not in MODES:
             raise UserError(f"trainer.mode={self.mode!r}: use min or max")
         delta = self.early_stopping_min_delta
         if not (is_number(delta) and delta >= 0):
@@ -142,7 +144,7 @@ class TrainerOptions:
         `_target_` are passed over). A key no group has, or one missing, is refused in one line."""
         given = {k: v for k, v in settings.items() if k not in ("device", "_target_")}
         built = {}
-        for name, kind in GROUPS.items():
+        for name, kind in typing.get_type_hints(cls).items():  # fit: Fit, checkpoints: Checkpoints, ...
             keys = [field.name for field in dataclasses.fields(kind)]
             missing = [k for k in keys if k not in given]
             if missing:
@@ -159,9 +161,6 @@ class TrainerOptions:
         self.fit.validate(dist)
         self.checkpoints.validate()
         self.report.validate()
-
-
-GROUPS = {"fit": Fit, "checkpoints": Checkpoints, "hardware": Hardware, "averaging": Averaging, "report": ReportOptions}
 
 
 def _optional_count(key: str, value: object) -> None:
