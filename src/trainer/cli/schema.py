@@ -377,17 +377,14 @@ def check_keys(config: DictConfig, schema: type, overrides: Sequence[str] = ()) 
         parent, _, name = key.rpartition(".")
         node = OmegaConf.select(config, parent, default=None) if parent else config
         owner = schema if not parent else OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
-        if isinstance(owner, type) and dataclasses.is_dataclass(owner) and expected(owner, name).startswith(
-                "true or false") and value.strip().lower() not in ("true", "false", "null"):
+        if isinstance(owner, type) and dataclasses.is_dataclass(owner) and _hint(owner, name)[0] is bool and \
+                value.strip().lower() not in ("true", "false", "null"):
             raise UserError(f"{override}: must be {expected(owner, name)}")
 
 
 def expected(schema: type, key: str) -> str:
     """What `key` of `schema` must be, in words: "an integer", "true or false", "one of fp32, bf16, fp16", ..."""
-    hint = typing.get_type_hints(schema).get(key, Any)
-    optional = type(None) in typing.get_args(hint)
-    if optional:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    hint, optional = _hint(schema, key)
     if typing.get_origin(hint) in (list, List):
         item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
         words = f"a list of {_WORDS.get(item, 'values').removeprefix('an ').removeprefix('a ')}s"
@@ -397,6 +394,13 @@ def expected(schema: type, key: str) -> str:
     else:
         words = _WORDS.get(hint, "a value")
     return f"{words} or null" if optional else words
+
+
+def _hint(schema: type, key: str) -> tuple[Any, bool]:
+    """The type of `key` in `schema` without its Optional, and whether it was Optional."""
+    hint = typing.get_type_hints(schema).get(key, Any)
+    optional = type(None) in typing.get_args(hint)
+    return (next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint), optional
 
 
 _WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
