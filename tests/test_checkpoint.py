@@ -121,7 +121,8 @@ def test_a_resume_on_other_data_is_refused_in_one_line(tiny_root, tmp_path):
 def test_a_checkpoint_from_before_the_package_was_layered_names_the_moved_classes(tmp_path):
     """Written when the shipped schedulers, losses and logger lived in trainer.schedulers, trainer.losses and
     trainer.logger, and configs/trainer/default.yaml named trainer.Trainer: read as their new homes, so resume
-    and eval compare it with today's options (the scheduler's class must match to resume)."""
+    and eval compare it with today's options (the scheduler's class must match to resume). Its one logger is read
+    as `logger.tensorboard`, the node of the option that a run now lists."""
     config = {"scheduler": {"_target_": "trainer.schedulers.onecycle", "pct_start": 0.25},
               "loss": {"_target_": "trainer.losses.NLLOnLogSoftmax"},
               "logger": {"_target_": "trainer.logger.TensorBoardLogger", "_partial_": True},
@@ -131,5 +132,6 @@ def test_a_checkpoint_from_before_the_package_was_layered_names_the_moved_classe
     stored = load_checkpoint(tmp_path / "old.pt")["config"]
     assert stored["scheduler"]["_target_"] == "trainer.loop.schedulers.onecycle"
     assert stored["loss"]["_target_"] == "trainer.loop.losses.NLLOnLogSoftmax"
-    assert stored["logger"]["_target_"] == "trainer.report.logger.TensorBoardLogger"
+    assert stored["logger"] == {"tensorboard": {"_target_": "trainer.report.logger.TensorBoardLogger",
+                                                "_partial_": True}}
     assert stored["trainer"] == {"max_epochs": 2} and stored["model"]["_target_"] == "trainer.models.mlp.MLP"

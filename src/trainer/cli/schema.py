@@ -282,6 +282,12 @@ class TensorBoardLoggerSettings(Target):
 
 
 @dataclass
+class CSVLoggerSettings(Target):
+    _partial_: bool = MISSING
+    flush_secs: float = MISSING
+
+
+@dataclass
 class DistributedSettings(Target):
     backend: Backend = MISSING
     timeout_s: float = MISSING
@@ -334,7 +340,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
                   "none": Target, "onecycle": OnecycleScheduler, "plateau": PlateauScheduler, "step": StepScheduler,
                   "warmup": WarmupScheduler},
     "trainer": {"default": TrainerSettings},
-    "logger": {"tensorboard": TensorBoardLoggerSettings},
+    "logger": {"tensorboard": TensorBoardLoggerSettings, "csv": CSVLoggerSettings},
     "distributed": {"default": DistributedSettings},
     "lr_find": {"default": LRFind},
 }

@@ -8,6 +8,7 @@ expects, and handed to the Trainer. Nothing else in the project reads the config
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -38,7 +39,8 @@ from trainer.errors import UserError, error_line, printable
 from trainer.loop.options import TrainerOptions
 from trainer.loop.seeding import seed_everything
 from trainer.loop.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
-from trainer.report.logger import NullLogger, quiet_writer_thread_errors
+from trainer.report.logger import quiet_writer_thread_errors
+from trainer.report.tracker import Trackers
 from trainer.run.checkpoint import GROUPS, PRESET_GROUPS
 from trainer.run.discovery import find_unfinished_run
 from trainer.run.files import discard_refused_run
@@ -62,7 +64,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
-    logger = build(cfg.logger) if dist.is_main else NullLogger  # one event file per run
+    trackers = {name: build(tracker) for name, tracker in (cfg.get("logger") or {}).items()} if dist.is_main else {}
+    logger = functools.partial(Trackers.build, trackers)  # rank 0 alone keeps the run's record
     resume = cfg.trainer.resume
     if resume == "auto" and dist.is_main:
         resume = find_unfinished_run(Path(cfg.output_root), list(HydraConfig.get().overrides.task),

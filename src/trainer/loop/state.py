@@ -18,6 +18,7 @@ from trainer.distributed import Dist
 from trainer.errors import UserError
 from trainer.loop.metrics import EpochMetrics, to_cpu
 from trainer.loop.schedulers import Schedule
+from trainer.report.tracker import Tracker
 from trainer.run.changes import config_changes, require_same_data
 from trainer.run.checkpoint import (
     load_checkpoint,
@@ -140,6 +141,8 @@ class RunState:
         self.train_metrics, self.monitor, self.dist = train_metrics, monitor, dist
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
         self.progress = Progress()
+        self.trackers: Tracker = Tracker(".")  # the Trainer's, once built (it needs the run directory)
+        self.resumed_trackers: dict = {}  # their state in the resumed checkpoint
         self._lock = None  # the run directory's, while this run trains in it (open)
         self._ckpt_lock = None  # the checkpoint directory's, when it is outside the run directory
 
@@ -159,7 +162,7 @@ class RunState:
             "train_metrics": train_metrics[0], "skipped_batches": p.skipped_batches,
             "best_metric": p.best_metric, "best_epoch": p.best_epoch, "monitor": self.monitor,
             "epochs_without_improvement": p.epochs_without_improvement,
-            "rng": rng_state(), "config": self.config_yaml, "choices": self.choices, "data": self.data_identity}
+            "rng": rng_state(), "trackers": self.trackers.state_dict(), "config": self.config_yaml, "choices": self.choices, "data": self.data_identity}
 
     def save(self, path: Path) -> None:
         """Write the checkpoint atomically (rank 0; every rank must call it)."""
@@ -223,6 +226,10 @@ class RunState:
             log.info("resume: trainer.ema_decay turned %s; best.pt is chosen afresh from the next validation",
                      "on" if self.ema is not None else "off")
         set_rng_state(state["rng"], where)
+        trackers = state.get("trackers", {})  # checkpoints before trackers had state: none
+        if not (isinstance(trackers, dict) and all(isinstance(v, dict) for v in trackers.values())):
+            raise UserError(f"{where}: its tracker state is not a table of tables; this framework writes none such")
+        self.resumed_trackers = trackers
 
     def resume(self, path: Path, *, max_epochs: int, batches_per_epoch: int, run_dir: Path,
                checkpoint_dir: str) -> None:

@@ -35,7 +35,7 @@ from trainer.loop.seeding import set_deterministic
 from trainer.loop.signals import StopSignals, TrainingInterrupted
 from trainer.loop.state import RunState
 from trainer.loop.step import autocast_for, check_optimizer_and_loss, forward_pass
-from trainer.report.logger import TensorBoardLogger
+from trainer.report.tracker import Tracker
 from trainer.report.run_report import RunReport
 from trainer.run.checkpoint import load_checkpoint
 from trainer.system import allocator_in_use, resolve_device, seconds_since_process_start
@@ -62,7 +62,7 @@ class Trainer:
     """
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Callable[..., Schedule], data: ImageDataset, logger: Callable[..., TensorBoardLogger],
+                 scheduler: Callable[..., Schedule], data: ImageDataset, logger: Callable[..., Tracker],
                  run_dir: str | Path, options: TrainerOptions, device: torch.device | str = "auto", dist: Dist = Dist(),
                  config_yaml: str = "{}", config_choices: dict[str, str | None] | None = None) -> None:
         device = resolve_device(device) if isinstance(device, str) else device  # "auto" from Python (defaults())
@@ -108,6 +108,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / ckpt.checkpoint_dir
         self.signals = StopSignals(dist, self.ckpt_dir / "last.pt")
         self.logger = logger(log_dir=self.run_dir, purge_step=self.progress.global_step + 1 if resume else None)
+        self.state.trackers = self.logger  # its state (an MLflow run id) goes into the checkpoints
+        if resume:
+            self.logger.load_state_dict(self.state.resumed_trackers)
         self.report = RunReport(logger=self.logger, data=data, run_dir=self.run_dir, config_yaml=config_yaml,
                                 device=device, dist=dist, options=options.report, channels_last=hw.channels_last,
                                 limit_eval_batches=fit.limit_eval_batches)
@@ -258,6 +261,7 @@ class Trainer:
             best = self.ckpt_dir / "best.pt"
             if self.dist.is_main and best.is_file():  # its "model" is the EMA's weights when EMA is on
                 self.eval_model.load_state_dict(load_checkpoint(best)["model"])  # evaluate() sends it to every rank
+                self.logger.log_artifact(best)
             metrics = self.evaluate(self.data.test, "test")
             confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
             self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress,

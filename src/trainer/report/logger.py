@@ -1,4 +1,4 @@
-"""Run logging to TensorBoard."""
+"""The TensorBoard tracker (the default `logger`), and the hyperparameters every tracker is given."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from trainer.errors import OutputError
+from trainer.report.tracker import NullLogger, Tracker
 from trainer.run.changes import flatten
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _one_line_on_write_errors(cls: type) -> type:
 
 
 @_one_line_on_write_errors
-class TensorBoardLogger:
+class TensorBoardLogger(Tracker):
     """Scalars, text, images, histograms and the model graph into a TensorBoard event file under `log_dir`.
 
     `purge_step`: on resume, TensorBoard hides events from this step on that the interrupted run
@@ -88,7 +89,7 @@ class TensorBoardLogger:
             SummaryWriter,  # imports tensorboard: keep it off module import
         )
 
-        self.log_dir = Path(log_dir)
+        super().__init__(log_dir, purge_step)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=flush_secs)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -162,14 +163,4 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-class NullLogger:
-    """Takes every TensorBoardLogger call and writes nothing: the logger of ranks other than 0 under torchrun,
-    so one run has one event file."""
-
-    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
-        self.log_dir = Path(log_dir)
-
-    def __getattr__(self, name: str):
-        if name.startswith("_") or not callable(getattr(TensorBoardLogger, name, None)):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: None
+__all__ = ["NullLogger", "TensorBoardLogger", "hparams_of"]

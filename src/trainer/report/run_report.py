@@ -18,7 +18,8 @@ from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.errors import require_bool, require_int
 from trainer.report.figures import confusion_matrix_image, labelled_grid
-from trainer.report.logger import TensorBoardLogger, hparams_of
+from trainer.report.logger import hparams_of
+from trainer.report.tracker import Tracker
 from trainer.report.summary import summarize
 from trainer.run.files import atomic_write
 from trainer.system import allocator_in_use, seconds_since_process_start
@@ -61,7 +62,7 @@ class RunReport:
     `metrics.json` into `run_dir`. `channels_last` and `limit_eval_batches` are the loop's, for the graph's
     example input and for finding the misclassified images' positions."""
 
-    def __init__(self, *, logger: TensorBoardLogger, data: ImageDataset, run_dir: Path, config_yaml: str,
+    def __init__(self, *, logger: Tracker, data: ImageDataset, run_dir: Path, config_yaml: str,
                  device: torch.device, dist: Dist, options: ReportOptions, channels_last: bool,
                  limit_eval_batches: int | None) -> None:
         self.logger, self.data, self.run_dir, self.config_yaml = logger, data, run_dir, config_yaml
@@ -78,6 +79,7 @@ class RunReport:
         log.info("model:\n%s", self.summary.text())
         if resumed:
             return
+        self.logger.log_params(hparams_of(self.config_yaml))
         self.logger.log_text("model", self.summary.text())
         self.logger.log_text("config", self.config_yaml)
         self.logger.log_images("inputs/train", self.data.train.raw(slice(64))[0])
@@ -135,6 +137,7 @@ class RunReport:
             summary["world_size"] = self.dist.world_size
             with atomic_write(self.run_dir / "metrics.json") as f:
                 f.write(json.dumps(summary, indent=2).encode())
+            self.logger.log_artifact(self.run_dir / "metrics.json")
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
                  metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
 

@@ -41,6 +41,9 @@ PRESET_GROUPS = ("experiment", "debug")
 # _recursive_, _convert_, and any it may add. Only a group's own root may hold _target_ and _partial_.
 RESERVED = re.compile(r"^_\w+_$")
 ROOT_KEYS = {"_target_": str, "_partial_": bool}
+# Groups of which a run picks several options (`logger=[tensorboard,csv]`): each option is a node of its own,
+# `logger.csv`, whose root may hold _target_ and _partial_ as a group's does.
+LIST_GROUPS = ("logger", "callbacks", "metrics")
 # Where shipped options' classes lived before the package was split into loop/, run/, report/ and cli/: a
 # checkpoint written then names these, and is read as naming the same class in its new module.
 MOVED_TARGETS = {"trainer.schedulers.": "trainer.loop.schedulers.", "trainer.losses.": "trainer.loop.losses.",
@@ -159,9 +162,12 @@ def plain_config(text: object, path: Path) -> dict[str, Any]:
         raise _refuse(path, f"is not valid YAML ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(config, dict):
         raise _refuse(path, "is not a mapping of config keys")
+    if isinstance(config.get("logger"), dict) and "_target_" in config["logger"]:
+        config["logger"] = {"tensorboard": config["logger"]}  # written when a run had one tracker
     _check_plain(config, "", path)
-    for group in GROUPS:
-        node = config.get(group)
+    options = [config.get(group) for group in GROUPS if group not in LIST_GROUPS]
+    options += [node for group in LIST_GROUPS if isinstance(config.get(group), dict) for node in config[group].values()]
+    for node in options:
         target = node.get("_target_") if isinstance(node, dict) else None
         for old, new in MOVED_TARGETS.items():
             if isinstance(target, str) and target.startswith(old):
@@ -178,7 +184,8 @@ def _check_plain(value: object, key: str, path: Path) -> None:
             if not isinstance(k, str):
                 raise _refuse(path, f"has a non-string key {name!r}")
             if RESERVED.match(k):
-                if key in GROUPS and k in ROOT_KEYS and isinstance(v, ROOT_KEYS[k]):
+                root = key in GROUPS or (key.partition(".")[0] in LIST_GROUPS and key.count(".") == 1)
+                if root and k in ROOT_KEYS and isinstance(v, ROOT_KEYS[k]):
                     continue  # the group's own class, checked against the project's options before any use
                 raise _refuse(path, f"has the key {name}")
             _check_plain(v, name, path)
