@@ -226,13 +226,13 @@ def test_buffered_metrics_equal_per_batch_updates_and_survive_a_state_dict_round
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand((), generator=g), torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
                for n in (32, 32, 7, 32)]
-    per_batch, buffered, resumed = (EpochMetrics(10, torch.device("cpu")) for _ in range(3))
+    per_batch, buffered, resumed = (EpochMetrics(10, torch.device("cpu"), top_k=3) for _ in range(3))
     for loss, logits, targets in batches:
         per_batch.add(loss, logits, targets)
         per_batch.flush()
         buffered.add(loss, logits, targets)
     # stop after 3 batches (one flushed, two still buffered), save, load into fresh metrics, add the rest
-    stopped = EpochMetrics(10, torch.device("cpu"))
+    stopped = EpochMetrics(10, torch.device("cpu"), top_k=3)  # its top-k hits of the buffered batches go along
     stopped.add(*batches[0])
     stopped.flush()
     for b in batches[1:3]:
@@ -241,7 +241,7 @@ def test_buffered_metrics_equal_per_batch_updates_and_survive_a_state_dict_round
     resumed.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     resumed.add(*batches[3])
     a, b, c = per_batch.compute("x"), buffered.compute("x"), resumed.compute("x")
-    assert a == pytest.approx(b) and a == pytest.approx(c)
+    assert a == pytest.approx(b) and a == pytest.approx(c) and "x/acc_top3" in a
     weighted = sum(float(loss) * len(t) for loss, _, t in batches) / 103  # by samples
     assert a["x/loss"] == pytest.approx(weighted)
 

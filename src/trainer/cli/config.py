@@ -9,6 +9,7 @@ from the file.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from trainer.cli.options import (
 )
 from trainer.cli.paths import CONFIG_DIR, prepare_hydra
 from trainer.data import IDXImageDataset, ImageDataset
-from trainer.errors import UserError
+from trainer.errors import UserError, one_line
 from trainer.run.checkpoint import GROUPS, RESERVED, load_checkpoint
 from trainer.run.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 
@@ -60,6 +61,26 @@ def build(node: DictConfig, **runtime: Any) -> Any:
             values = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
             raise UserError(f"{node._key()}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
         raise
+
+
+def build_metrics(node: DictConfig | None, num_classes: int, device: torch.device) -> dict[str, Any]:
+    """The `metrics` group's metrics by name (torchmetrics', or any object with update, compute and reset), each
+    given `num_classes` where its class takes it, on `device`. Imported only here: a run without them never
+    imports torchmetrics."""
+    metrics = {}
+    for name, option in (node or {}).items():
+        factory = build(option)  # a partial: the YAML's _partial_: true
+        try:
+            takes = "num_classes" in inspect.signature(factory).parameters
+            metric = factory(num_classes=num_classes) if takes else factory()
+        except (TypeError, ValueError) as e:
+            raise UserError(f"metrics.{name}: {option._target_} refused its settings: {one_line(str(e))}") from None
+        missing = [m for m in ("update", "compute", "reset") if not callable(getattr(metric, m, None))]
+        if missing:
+            raise UserError(f"metrics.{name}: a {type(metric).__name__} has no {', '.join(missing)}: not a metric "
+                            "(a torchmetrics Metric takes update(logits, targets), compute() and reset())")
+        metrics[name] = metric.to(device) if callable(getattr(metric, "to", None)) else metric
+    return metrics
 
 
 TRAINING_COPIES = 4  # what training holds per weight: the weight, its gradient and Adam's two moments

@@ -5,7 +5,8 @@ The model, its loss and the dataset are rebuilt from the resolved config stored 
 nothing about them is repeated on the command line. `dataset=fashion_mnist` (any dataset option, with
 its keys) evaluates on another dataset of the same image shape and class count; `split=val` on the
 validation split held out in training. Prints the metrics, per-class accuracy and the confusion matrix,
-and writes them (metrics.json, confusion_matrix.csv) into this evaluation's own run directory.
+and writes them (metrics.json with per-class precision, recall, F1 and AUROC, confusion_matrix.csv, and the
+reliability diagram of ECE, reliability.png) into this evaluation's own run directory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from trainer.cli.config import (
     build,
+    build_metrics,
     check_fits,
     data_config,
     model_from_checkpoint,
@@ -42,6 +44,7 @@ from trainer.errors import (
 )
 from trainer.loop.metrics import EpochMetrics, evaluate
 from trainer.loop.step import autocast_for, check_loss, check_precision, forward_pass
+from trainer.report.figures import png, reliability_diagram
 from trainer.report.run_report import per_class_accuracy
 from trainer.run.files import atomic_write, discard_refused_run
 from trainer.system import resolve_device
@@ -50,7 +53,8 @@ log = logging.getLogger("eval")
 
 
 def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
-                        out_dir: Path, trust: bool = False, data_root: str | None = None) -> dict:
+                        out_dir: Path, trust: bool = False, data_root: str | None = None,
+                        metrics: DictConfig | None = None) -> dict:
     """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
     `trust`, `data_root` (where its dataset's files are): see trainer.cli.config.rebuildable_config. The types of
     `split` (test or val) and `trust` are the schema's (EvalKeys), checked before this is called."""
@@ -81,9 +85,11 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     forward = functools.partial(forward_pass, model, loss_fn, channels_last=channels_last,
                                 autocast=autocast_for(precision, device))
 
-    metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
-    results = evaluate(forward, getattr(data, split), metrics, split)
-    confusion = metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
+    top_k = trained.trainer.get("top_k", 5)  # a checkpoint from before top-k: its default
+    measured = EpochMetrics(data.num_classes, device, confusion_matrix=True, top_k=top_k, full=True,
+                            classes=data.classes, extra=build_metrics(metrics, data.num_classes, device))
+    results = evaluate(forward, getattr(data, split), measured, split)
+    confusion = measured.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
     per_class = per_class_accuracy(confusion)
     summary = {**results, "per_class_acc": dict(zip(data.classes, per_class)), "checkpoint": str(ckpt),
                "checkpoint_epoch": restored.epoch, "dataset": data.name, "split": split,
@@ -96,16 +102,19 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     writer.writerows([name, *row] for name, row in zip(data.classes, confusion.tolist()))
     with atomic_write(out_dir / "confusion_matrix.csv") as f:
         f.write(table.getvalue().encode())
+    with atomic_write(out_dir / "reliability.png") as f:
+        f.write(png(reliability_diagram(*measured.last_calibration)))
     log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, printable(data.name),
              summary["images"], restored.epoch)
-    log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items() if k.count("/") == 1))  # per class: metrics.json
     width = max(6, len(str(int(confusion.max()))) + 1)
     log.info("confusion matrix (rows: true class, columns: predicted class):\n%s\n%s", " " * 16 + "".join(
         f"{i:>{width}}" for i in range(data.num_classes)), "\n".join(
         f"{i:>2} {printable(name)[:12]:<12} " + "".join(f"{n:>{width}}" for n in row) +
         (f"   acc {acc:.2%}" if acc is not None else "   acc n/a (no image of this class)")
         for i, (name, row, acc) in enumerate(zip(data.classes, confusion.tolist(), per_class))))
-    log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "confusion_matrix.csv")
+    log.info("wrote %s (per-class precision, recall, F1 and AUROC too), %s and %s", out_dir / "metrics.json",
+             out_dir / "confusion_matrix.csv", out_dir / "reliability.png")
     return summary
 
 
@@ -115,7 +124,7 @@ def main(cfg: DictConfig) -> None:
     try:
         check_keys(cfg, EvalKeys, HydraConfig.get().overrides.task)  # a dataset's keys: as Hydra composed them
         evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, out_dir, cfg.trust_checkpoint,
-                            cfg.data_root)
+                            cfg.data_root, cfg.get("metrics"))
         return
     except UserError as e:
         message = error_line(e)

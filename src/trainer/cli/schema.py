@@ -273,6 +273,8 @@ class TrainerSettings:
     ema_warmup: bool = MISSING
     log_graph: bool = MISSING
     cuda_graphs: bool = MISSING
+    top_k: Optional[int] = None
+    full_val_metrics: bool = MISSING
 
 
 @dataclass
@@ -285,6 +287,17 @@ class TensorBoardLoggerSettings(Target):
 class CSVLoggerSettings(Target):
     _partial_: bool = MISSING
     flush_secs: float = MISSING
+
+
+@dataclass
+class KeepCheckpointsCallback(Target):
+    every_n_epochs: int = MISSING
+    keep_last: Optional[int] = None
+
+
+@dataclass
+class TorchmetricsMetric(Target):
+    _partial_: bool = MISSING
 
 
 @dataclass
@@ -341,6 +354,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
                   "warmup": WarmupScheduler},
     "trainer": {"default": TrainerSettings},
     "logger": {"tensorboard": TensorBoardLoggerSettings, "csv": CSVLoggerSettings},
+    "callbacks": {"keep_checkpoints": KeepCheckpointsCallback},
     "distributed": {"default": DistributedSettings},
     "lr_find": {"default": LRFind},
 }

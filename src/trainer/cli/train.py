@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.cli.config import build, build_model
+from trainer.cli.config import build, build_metrics, build_model
 from trainer.cli.config_errors import with_one_line_errors
 from trainer.cli.options import shadowed_options
 from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
@@ -66,6 +66,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
     trackers = {name: build(tracker) for name, tracker in (cfg.get("logger") or {}).items()} if dist.is_main else {}
     logger = functools.partial(Trackers.build, trackers)  # rank 0 alone keeps the run's record
+    metrics = build_metrics(cfg.get("metrics"), data.num_classes, device)
+    callbacks = {name: build(callback) for name, callback in (cfg.get("callbacks") or {}).items()}
     resume = cfg.trainer.resume
     if resume == "auto" and dist.is_main:
         resume = find_unfinished_run(Path(cfg.output_root), list(HydraConfig.get().overrides.task),
@@ -78,6 +80,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                 "resume": str(resume) if resume else None}
     trainer = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data, logger=logger,
                       run_dir=run_dir, options=TrainerOptions.from_settings(settings), device=device, dist=dist,
+                      metrics=metrics, callbacks=callbacks,
                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True), config_choices=option_names())
     cores = torch.get_num_threads()
     threads = f" ({cores} CPU thread{'s' * (cores != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores

@@ -1,74 +1,169 @@
-"""Epoch metrics (mean loss, accuracy, macro F1, confusion matrix), accumulated on the device, and `evaluate`.
+"""Epoch metrics, accumulated on the device as counts, and `evaluate`.
 
-They are counts on the device (per class: true positives, false positives, false negatives; the loss sum), with
-the definitions of torchmetrics' MeanMetric, micro MulticlassAccuracy and macro MulticlassF1Score (a class that
-is neither predicted nor present does not count towards the macro mean). tests/test_metrics.py checks them
-against torchmetrics. Why not torchmetrics itself: importing it costs 2.3 s and 230 MiB in every process (it
-imports torchvision, torch._dynamo and scipy.signal), which was most of the time before a run's first step and
-a fifth of a CNN run's peak memory (docs/performance.md "Memory and start-up").
+Every split: mean loss, accuracy, macro F1, balanced accuracy and (with more classes than `top_k`) top-k
+accuracy. Evaluation with `full` (the test, eval.py, and validation under `trainer.full_val_metrics`) adds
+per-class precision, recall and F1, one-vs-rest AUROC (macro and per class) and the expected calibration error.
+
+Everything is a count or a sum on the device (per class: true positives, false positives, false negatives; the
+loss sum; top-k hits; histograms of scores for AUROC and of confidences for ECE), so ranks add theirs with one
+all-reduce and a checkpoint holds an unfinished epoch exactly. The definitions are torchmetrics': MeanMetric,
+MulticlassAccuracy (micro; top_k; macro, which is the balanced accuracy), MulticlassF1Score/Precision/Recall
+(a class neither predicted nor present does not count towards a macro mean), MulticlassAUROC and
+MulticlassCalibrationError (15 bins, l1); tests/test_metrics.py checks each against it. AUROC is read off a
+histogram of each class's log-odds (bins 1/512 wide up to 64 classes, wider beyond): exact up to ties within a
+bin, at a memory bounded whatever the number of samples; log-odds, not probabilities, because a confident
+model's probabilities crowd within 1e-4 of 1. Why not torchmetrics itself: importing it costs 2.3 s and 230 MiB
+in every process (it imports torchvision, torch._dynamo and scipy.signal), most of the time before a run's first
+step (docs/performance.md "Memory and start-up"); a metric of torchmetrics can still be added by `_target_`
+(`extra`, configs/metrics/), and only then is it imported.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as td
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require_bool, require_int
 
 MAX_PENDING_LOGITS = 2**22  # 16 MiB of float32 logits held before they are reduced to predictions
+ECE_BINS = 15  # torchmetrics' default for MulticlassCalibrationError
+LOG_ODDS_RANGE = 64.0  # AUROC's histogram covers log-odds in [-64, 64]; beyond, scores tie in the end bins
+MAX_AUROC_BINS, MAX_AUROC_CELLS = 2**16, 2**22  # bins per class; classes x bins (x2, int64: 64 MiB at most)
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """What the epoch metrics measure beyond loss, accuracy, macro F1 and balanced accuracy.
+
+    top_k: also `acc_top<k>` when there are more classes than k (None: off). full_val_metrics: validation also
+    measures what the test does (per-class precision, recall and F1, AUROC, ECE), so `trainer.monitor` may name it.
+    """
+
+    top_k: int | None
+    full_val_metrics: bool
+
+    def validate(self) -> None:
+        if self.top_k is not None:
+            require_int("trainer.top_k", self.top_k, 1)
+        require_bool("trainer.full_val_metrics", self.full_val_metrics)
+
+
+def metric_key(name: str) -> str:
+    """A class name as one component of a metric key: TensorBoard, MLflow and summarize.py split keys at `/`."""
+    return name.replace("/", "-")
 
 
 class EpochMetrics:
-    """Mean loss, accuracy and macro F1 over an epoch, accumulated on the device.
+    """The epoch metrics of one split, accumulated on the device.
 
     `add` only buffers a batch's results on the device; they reach the counts in one update per `flush`
     (per-batch metric updates cost more than a small model's whole step). `compute()` is the only host sync
     (and, on CUDA, each flush's bincount); under torchrun it sums the counts of every rank. `state_dict()` holds
     the buffer too, so a run resumed mid-epoch ends the epoch with exactly the numbers of a run that never
-    stopped.
+    stopped. `classes` names the per-class keys (`f1/<class>`); `extra`: torchmetrics metrics (or any object with
+    update(logits, targets), compute() and reset()) by name, updated every batch: evaluation only.
     """
 
-    NAMES = ("loss", "acc", "f1")  # compute() returns <prefix>/<name> for each
+    NAMES = ("loss", "acc", "f1", "balanced_acc")  # what every split reports, <prefix>/<name>
 
-    def __init__(self, num_classes: int, device: torch.device, confusion_matrix: bool = False) -> None:
+    def __init__(self, num_classes: int, device: torch.device, confusion_matrix: bool = False,
+                 top_k: int | None = None, full: bool = False, classes: Sequence[str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.num_classes, self.device, self.keeps_confusion = num_classes, device, confusion_matrix
+        self.top_k = top_k if top_k is not None and top_k < num_classes else None  # k >= classes: always right
+        self.full, self.extra = full, dict(extra or {})
+        self.classes = [metric_key(c) for c in classes] if classes is not None else [str(i) for i in range(num_classes)]
+        self.auroc_bins = max(16, min(MAX_AUROC_BINS, MAX_AUROC_CELLS // num_classes))
         # With confusion_matrix, compute() also sets last_confusion (rows: true class, columns: predicted) and
-        # last_predictions/last_targets, (N,) each, this rank's samples in the order they were added.
+        # last_predictions/last_targets, (N,) each, this rank's samples in the order they were added; with full,
+        # last_calibration: (count, confidence sum, correct sum) per confidence bin, CPU float64, (ECE_BINS + 1,)
+        # each (the last bin holds confidence 1.0 exactly, as torchmetrics bins it).
         self.last_confusion: torch.Tensor | None = None
         self.last_predictions: torch.Tensor | None = None
         self.last_targets: torch.Tensor | None = None
+        self.last_calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # flushed (preds, targets), with confusion_matrix
         self._reset_counts()
         self._losses: list[torch.Tensor] = []  # per-batch mean losses, scalars
         self._preds: list[torch.Tensor] = []  # predicted classes, 1-D, of the samples before those in _logits
         self._logits: list[torch.Tensor] = []  # (B_i, classes), not yet reduced to predictions
         self._logit_values = 0  # elements in _logits
-        self._targets: list[torch.Tensor] = []  # (B_i,)
+        self._targets: list[torch.Tensor] = []  # (B_i,), of every batch since the last flush
+
+    def names(self, prefix: str) -> tuple[str, ...]:
+        """The keys `compute(prefix)` returns (a vector-valued extra metric adds `<name>/<i>` keys too)."""
+        names = [*self.NAMES, *([f"acc_top{self.top_k}"] if self.top_k else [])]
+        if self.full:
+            names += ["auroc", "ece", *(f"{what}/{c}" for what in ("precision", "recall", "f1", "auroc")
+                                        for c in self.classes)]
+        names += list(self.extra)
+        return tuple(f"{prefix}/{name}" for name in names)
 
     def _reset_counts(self) -> None:
-        zeros = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+        k, device = self.num_classes, self.device
+        zeros = torch.zeros(k, dtype=torch.int64, device=device)
         self.counts = {"tp": zeros, "fp": zeros.clone(), "fn": zeros.clone(),  # (classes,) each
-                       "loss_sum": torch.zeros((), device=self.device),  # sum over samples of the batch mean loss
-                       "loss_weight": torch.zeros((), device=self.device)}  # samples counted in loss_sum
-        self.confusion = (torch.zeros(self.num_classes ** 2, dtype=torch.int64, device=self.device)
+                       "loss_sum": torch.zeros((), device=device),  # sum over samples of the batch mean loss
+                       "loss_weight": torch.zeros((), device=device),  # samples counted in loss_sum
+                       "top_k": torch.zeros((), dtype=torch.int64, device=device)}  # samples right within top k
+        if self.full:  # float32 sums: MPS has no float64
+            self.counts["scores"] = torch.zeros(2 * k * self.auroc_bins, dtype=torch.int64, device=device)
+            self.counts["calibration"] = torch.zeros(3 * (ECE_BINS + 1), device=device)  # count, confidence, correct
+        self.confusion = (torch.zeros(k ** 2, dtype=torch.int64, device=device)
                           if self.keeps_confusion else None)  # (classes * classes,): true * classes + predicted
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         self._losses.append(loss.detach())
-        # Kept, and reduced to predictions in one argmax for many batches: one kernel a step less on the hot path.
+        # Kept, and reduced in one argmax for many batches: one kernel a step less on the hot path.
         self._logits.append(logits.detach())
         self._logit_values += logits.numel()
-        if self._logit_values > MAX_PENDING_LOGITS:
-            self._predict()
         self._targets.append(targets)
+        for metric in self.extra.values():
+            metric.update(logits.detach(), targets)
+        if self._logit_values > MAX_PENDING_LOGITS:
+            self._reduce()
 
-    def _predict(self) -> None:
-        if self._logits:
-            self._preds.append(torch.cat(self._logits).argmax(dim=1))  # (sum B_i,), each row as argmax of its batch
-            self._logits, self._logit_values = [], 0
+    def _reduce(self) -> None:
+        """The pending logits to predictions, top-k hits and (full) the score and confidence histograms."""
+        if not self._logits:
+            return
+        logits = torch.cat(self._logits)  # (n, classes)
+        targets = torch.cat(self._targets[len(self._targets) - len(self._logits):])  # (n,), the same samples
+        self._preds.append(logits.argmax(dim=1))  # (n,), each row as argmax of its batch
+        if self.top_k:
+            top = logits.topk(self.top_k, dim=1).indices  # (n, k)
+            self.counts["top_k"] += (top == targets[:, None]).any(dim=1).sum()
+        if self.full:
+            self._histograms(logits.float(), targets)
+        self._logits, self._logit_values = [], 0
+
+    def _histograms(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """AUROC's per-class histograms of log-odds, split by positive and negative, and ECE's bins."""
+        k, bins = self.num_classes, self.auroc_bins
+        total = logits.logsumexp(dim=1, keepdim=True)  # (n, 1)
+        log_p = logits - total  # (n, k)
+        log_not_p = torch.log1p(-log_p.exp())  # (n, k) log(1 - p); inexact only where p is near 1: the top class
+        top = logits.argmax(dim=1, keepdim=True)  # (n, 1)
+        others = logits.scatter(1, top, float("-inf")).logsumexp(dim=1, keepdim=True) - total  # (n, 1)
+        log_not_p = log_not_p.scatter(1, top, others)
+        log_odds = (log_p - log_not_p).nan_to_num(0.0)  # (n, k); one class only: p = 1, no odds to rank
+        cell = ((log_odds + LOG_ODDS_RANGE) * (bins / (2 * LOG_ODDS_RANGE))).floor().clamp(0, bins - 1).long()
+        positive = torch.nn.functional.one_hot(targets, k).bool()  # (n, k)
+        index = torch.arange(k, device=logits.device) * bins + cell + positive.long() * (k * bins)  # (n, k)
+        self.counts["scores"] += torch.bincount(index.flatten(), minlength=2 * k * bins)
+        confidence, predicted = log_p.max(dim=1)  # (n,) each
+        confidence = confidence.exp()
+        edges = torch.linspace(0, 1, ECE_BINS + 1, device=logits.device)
+        where = torch.bucketize(confidence, edges, right=True) - 1  # (n,) in 0..ECE_BINS
+        calibration = self.counts["calibration"].view(3, ECE_BINS + 1)
+        calibration[0].scatter_add_(0, where, torch.ones_like(confidence))
+        calibration[1].scatter_add_(0, where, confidence)
+        calibration[2].scatter_add_(0, where, (predicted == targets).float())
 
     @property
     def has_pending(self) -> bool:
@@ -86,7 +181,7 @@ class EpochMetrics:
         losses = torch.stack(self._losses).float()  # (batches,) batch means, weighted below by their sizes
         c["loss_sum"] += (losses * torch.tensor(sizes, dtype=losses.dtype, device=self.device)).sum()
         c["loss_weight"] += sum(sizes)
-        self._predict()
+        self._reduce()
         preds, targets = torch.cat(self._preds), torch.cat(self._targets)  # (n,) each
         # One bincount: the flush's confusion matrix, from which the per-class counts follow. Even for 1000
         # classes its 10^6 bins cost about a millisecond, once per log interval, not per step.
@@ -108,33 +203,68 @@ class EpochMetrics:
                 td.all_reduce(t)
         tp, fp, fn = (c[key].float() for key in ("tp", "fp", "fn"))  # float32, as torchmetrics computes (and MPS has)
         f1 = torch.where(tp > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), 0.0)  # (classes,)
+        recall = tp / (tp + fn).clamp(min=1)  # (classes,)
         present = (tp + fp + fn) > 0
-        values = torch.stack([c["loss_sum"] / c["loss_weight"],  # NaN with no sample, as torchmetrics
-                              tp.sum() / (tp.sum() + fn.sum()).clamp(min=1),
-                              (f1 * present).sum() / present.sum().clamp(min=1)]).tolist()  # the host sync
+        samples = (tp.sum() + fn.sum()).clamp(min=1)
+        values = [c["loss_sum"] / c["loss_weight"],  # NaN with no sample, as torchmetrics
+                  tp.sum() / samples, (f1 * present).sum() / present.sum().clamp(min=1),
+                  (recall * present).sum() / present.sum().clamp(min=1)]
+        if self.top_k:
+            values.append(c["top_k"] / samples)
+        if self.full:
+            precision = tp / (tp + fp).clamp(min=1)
+            values += [tp.new_zeros(2), precision, recall, f1]  # AUROC and ECE: from the CPU, below
+        flat = torch.cat([v.reshape(-1).float() for v in values]).tolist()  # the host sync
+        found = dict(zip(self.names(prefix), flat))
+        if self.full:
+            found.update(self._auroc_and_ece(prefix))
         if self.confusion is not None:
             self.last_confusion = self.confusion.view(self.num_classes, self.num_classes).clone()  # counts
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             preds, targets = zip(*self._seen) if self._seen else ([empty], [empty])
             self.last_predictions, self.last_targets = torch.cat(preds), torch.cat(targets)
             self._seen = []
+        for name, metric in self.extra.items():  # torchmetrics syncs the ranks itself
+            value = metric.compute()
+            value = value.detach().float().reshape(-1).tolist() if isinstance(value, torch.Tensor) else [value]
+            found.update({f"{prefix}/{name}": float(value[0])} if len(value) == 1 else
+                         {f"{prefix}/{name}/{i}": float(v) for i, v in enumerate(value)})
+            metric.reset()
         self._reset_counts()
-        return {f"{prefix}/{name}": value for name, value in zip(self.NAMES, values)}
+        return found
+
+    def _auroc_and_ece(self, prefix: str) -> dict[str, float]:
+        """Macro and per-class AUROC from the score histograms, ECE from the confidence bins (float64, CPU). A
+        class with no positive or no negative sample has no AUROC (NaN), and the macro mean leaves it out."""
+        k, bins = self.num_classes, self.auroc_bins
+        scores = self.counts["scores"].double().cpu().view(2, k, bins)  # (negative/positive, classes, bins)
+        negative, positive = scores[0], scores[1]
+        below = negative.cumsum(dim=1) - negative  # (k, bins) negatives scored lower than each bin
+        pairs = positive.sum(1) * negative.sum(1)  # (k,)
+        wins = (positive * (below + negative / 2)).sum(1)  # a tie within a bin counts half, as in the ROC's trapezoid
+        auroc = torch.where(pairs > 0, wins / pairs.clamp(min=1), float("nan"))  # (k,)
+        defined = auroc[~auroc.isnan()]
+        count, confidence, correct = self.counts["calibration"].double().cpu().view(3, ECE_BINS + 1)
+        self.last_calibration = (count, confidence, correct)
+        ece = float(((correct - confidence).abs()).sum() / count.sum()) if count.sum() else math.nan
+        return {f"{prefix}/auroc": float(defined.mean()) if defined.numel() else math.nan, f"{prefix}/ece": ece,
+                **{f"{prefix}/auroc/{c}": float(a) for c, a in zip(self.classes, auroc)}}
 
     def state_dict(self) -> dict:
         empty = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._predict()
+        self._reduce()
         return {"counts": dict(self.counts),
                 "losses": self.pending_losses(), "sizes": [t.numel() for t in self._targets],
                 "preds": torch.cat(self._preds) if self._preds else empty,
                 "targets": torch.cat(self._targets) if self._targets else empty}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`'s form, and only that: another (a development version's, with torchmetrics'
-        states) is refused in one line."""
+        """Restore `state_dict()`'s form, and only that: another (an earlier version's, without the top-k count,
+        or a development version's, with torchmetrics' states) is refused in one line."""
         counts = state.get("counts") if isinstance(state, dict) else None
         if not (isinstance(counts, dict) and counts.keys() == self.counts.keys() and
-                {"losses", "sizes", "preds", "targets"} <= state.keys()):
+                {"losses", "sizes", "preds", "targets"} <= state.keys() and
+                all(isinstance(v, torch.Tensor) and v.shape == self.counts[k].shape for k, v in counts.items())):
             keys = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
             raise UserError(f"the checkpoint's unfinished epoch metrics ({keys}) are not of this version's form; "
                             "resume a checkpoint written at an epoch's end, or start the run again")
@@ -163,8 +293,8 @@ Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 @torch.inference_mode()
 def evaluate(forward: Forward, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], metrics: EpochMetrics,
              prefix: str, limit_batches: int | None = None) -> dict[str, float]:
-    """Loss, accuracy and macro F1 over `loader` (its first `limit_batches`), keyed `<prefix>/loss` etc.
-    The model must already be in eval mode."""
+    """`metrics` over `loader` (its first `limit_batches`), keyed `<prefix>/loss` etc. The model must already be
+    in eval mode."""
     for images, targets in itertools.islice(loader, limit_batches):
         logits, loss = forward(images, targets)
         metrics.add(loss, logits, targets)

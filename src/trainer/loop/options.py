@@ -17,10 +17,10 @@ import torch
 
 from trainer.distributed import Dist
 from trainer.errors import UserError, is_number, require_bool, require_int, shown
+from trainer.loop.metrics import MetricOptions
 from trainer.loop.step import check_precision
 from trainer.report.run_report import ReportOptions
 
-MONITORABLE = ("val/loss", "val/acc", "val/f1")
 NONFINITE_POLICIES = ("error", "skip")
 MODES = ("min", "max")  # the closed choices here are also the schema's enums (trainer/cli/schema.py)
 
@@ -80,9 +80,9 @@ class Checkpoints:
     def validate(self) -> None:
         _optional_count("checkpoint_every_n_steps", self.checkpoint_every_n_steps)
         _optional_count("early_stopping_patience", self.early_stopping_patience)
-        if self.monitor not in MONITORABLE:
-            raise UserError(f"trainer.monitor={self.monitor!r}: not a validation metric; use one of "
-                            f"{', '.join(MONITORABLE)}")
+        if not (isinstance(self.monitor, str) and self.monitor.startswith("val/")):  # which ones: the Trainer's
+            raise UserError(f"trainer.monitor={shown(self.monitor)}: not a validation metric; use val/<metric>, "
+                            "e.g. val/acc or val/loss")
         if self.mode not in MODES:
             raise UserError(f"trainer.mode={self.mode!r}: use min or max")
         delta = self.early_stopping_min_delta
@@ -136,6 +136,7 @@ class TrainerOptions:
     checkpoints: Checkpoints
     hardware: Hardware
     averaging: Averaging
+    metrics: MetricOptions
     report: ReportOptions
 
     @classmethod
@@ -160,6 +161,7 @@ class TrainerOptions:
         self.hardware.validate(device)
         self.fit.validate(dist)
         self.checkpoints.validate()
+        self.metrics.validate()
         self.report.validate()
 
 

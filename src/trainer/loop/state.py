@@ -16,6 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from trainer.distributed import Dist
 from trainer.errors import UserError
+from trainer.loop.callbacks import Callbacks
 from trainer.loop.metrics import EpochMetrics, to_cpu
 from trainer.loop.schedulers import Schedule
 from trainer.report.tracker import Tracker
@@ -135,10 +136,11 @@ class RunState:
     """
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 scaler: torch.amp.GradScaler, ema: AveragedModel | None, train_metrics: EpochMetrics, monitor: str,
+                 scaler: torch.amp.GradScaler, ema: AveragedModel | None, train_metrics: EpochMetrics,
+                 callbacks: Callbacks, monitor: str,
                  config_yaml: str, choices: dict[str, str | None] | None, data_identity: dict, dist: Dist) -> None:
         self.model, self.optimizer, self.schedule, self.scaler, self.ema = model, optimizer, schedule, scaler, ema
-        self.train_metrics, self.monitor, self.dist = train_metrics, monitor, dist
+        self.train_metrics, self.callbacks, self.monitor, self.dist = train_metrics, callbacks, monitor, dist
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
         self.progress = Progress()
         self.trackers: Tracker = Tracker(".")  # the Trainer's, once built (it needs the run directory)
@@ -162,7 +164,8 @@ class RunState:
             "train_metrics": train_metrics[0], "skipped_batches": p.skipped_batches,
             "best_metric": p.best_metric, "best_epoch": p.best_epoch, "monitor": self.monitor,
             "epochs_without_improvement": p.epochs_without_improvement,
-            "rng": rng_state(), "trackers": self.trackers.state_dict(), "config": self.config_yaml, "choices": self.choices, "data": self.data_identity}
+            "rng": rng_state(), "trackers": self.trackers.state_dict(), "callbacks": self.callbacks.state_dict(),
+            "config": self.config_yaml, "choices": self.choices, "data": self.data_identity}
 
     def save(self, path: Path) -> None:
         """Write the checkpoint atomically (rank 0; every rank must call it)."""
@@ -230,6 +233,12 @@ class RunState:
         if not (isinstance(trackers, dict) and all(isinstance(v, dict) for v in trackers.values())):
             raise UserError(f"{where}: its tracker state is not a table of tables; this framework writes none such")
         self.resumed_trackers = trackers
+        callbacks = state.get("callbacks", {})
+        if not (isinstance(callbacks, dict) and all(isinstance(v, dict) for v in callbacks.values())):
+            raise UserError(f"{where}: its callback state is not a table of tables; this framework writes none such")
+        for name in self.callbacks.load_state_dict(callbacks):
+            log.warning("resume: %s holds the state of callback %s, which this run does not have; it is dropped",
+                        where, name)
 
     def resume(self, path: Path, *, max_epochs: int, batches_per_epoch: int, run_dir: Path,
                checkpoint_dir: str) -> None:

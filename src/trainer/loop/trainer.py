@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
+from trainer.errors import UserError
 from trainer.loop import schedulers
+from trainer.loop.callbacks import Callback, Callbacks
 from trainer.loop.cuda_graph import graphed_training_step
 from trainer.loop.ema import make_ema
 from trainer.loop.metrics import EpochMetrics, evaluate
@@ -35,8 +37,8 @@ from trainer.loop.seeding import set_deterministic
 from trainer.loop.signals import StopSignals, TrainingInterrupted
 from trainer.loop.state import RunState
 from trainer.loop.step import autocast_for, check_optimizer_and_loss, forward_pass
-from trainer.report.tracker import Tracker
 from trainer.report.run_report import RunReport
+from trainer.report.tracker import Tracker
 from trainer.run.checkpoint import load_checkpoint
 from trainer.system import allocator_in_use, resolve_device, seconds_since_process_start
 
@@ -64,6 +66,7 @@ class Trainer:
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Callable[..., Schedule], data: ImageDataset, logger: Callable[..., Tracker],
                  run_dir: str | Path, options: TrainerOptions, device: torch.device | str = "auto", dist: Dist = Dist(),
+                 metrics: dict[str, Any] | None = None, callbacks: dict[str, Callback] | list[Callback] | None = None,
                  config_yaml: str = "{}", config_choices: dict[str, str | None] | None = None) -> None:
         device = resolve_device(device) if isinstance(device, str) else device  # "auto" from Python (defaults())
         options.validate(device, dist)
@@ -95,10 +98,16 @@ class Trainer:
             nonfinite_loss=fit.nonfinite_loss, world_size=dist.world_size, compile=hw.compile)
         self.scaler = torch.amp.GradScaler(device.type, enabled=hw.precision == "fp16")
         self.startup_s = self.fit_s = None  # process start -> first training step; fit()'s own time (set by fit)
-        self.train_metrics = EpochMetrics(data.num_classes, device)
-        self.eval_metrics = EpochMetrics(data.num_classes, device, confusion_matrix=True)
+        top_k, classes = options.metrics.top_k, data.classes
+        self.train_metrics = EpochMetrics(data.num_classes, device, top_k=top_k)
+        self.eval_metrics = {split: EpochMetrics(data.num_classes, device, confusion_matrix=True, top_k=top_k,
+                                                 full=split == "test" or options.metrics.full_val_metrics,
+                                                 classes=classes, extra=metrics) for split in ("val", "test")}
+        self._require_monitored()
+        self.callbacks = Callbacks(callbacks or {})
         self.state = RunState(model=model, optimizer=optimizer, schedule=self.schedule, scaler=self.scaler,
-                              ema=self.ema, train_metrics=self.train_metrics, monitor=ckpt.monitor,
+                              ema=self.ema, train_metrics=self.train_metrics, callbacks=self.callbacks,
+                              monitor=ckpt.monitor,
                               config_yaml=config_yaml, choices=config_choices, data_identity=data.identity(), dist=dist)
         self.progress = self.state.progress
         resume = ckpt.resume
@@ -121,6 +130,7 @@ class Trainer:
         self.startup_s, started = seconds_since_process_start(), time.perf_counter()
         log.info("first training step %.1fs after process start (malloc: %s)", self.startup_s, allocator_in_use())
         p, ckpt = self.progress, self.options.checkpoints
+        self.callbacks.on_fit_start(self)
         with self.signals.catching(lambda: f"in epoch {p.epoch + 1}"):
             for epoch in range(p.epoch, self.max_epochs):
                 if p.patience_exhausted(ckpt.early_stopping_patience, self.monitor, ckpt.early_stopping_min_delta):
@@ -136,14 +146,18 @@ class Trainer:
                 speed = {"epoch/time_s": seconds, "epoch/samples_per_s": samples / seconds}
                 self.logger.log_metrics({**train, **val, **speed, "epoch": p.epoch}, p.global_step)
                 log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s  [%.1fs since start]%s", p.epoch,
-                         self.max_epochs, "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()), seconds,
+                         self.max_epochs, "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()
+                                                    if k.count("/") == 1), seconds,  # per class: TensorBoard's
                          speed["epoch/samples_per_s"], seconds_since_process_start(), "  (best)" if improved else "")
+                self.callbacks.on_validation_end(self, {**train, **val})
                 if improved:  # before last.pt: a kill between the two must not leave a last.pt whose best is unsaved
                     self.save_checkpoint("best.pt")
                 self.save_checkpoint("last.pt")
                 self._stop_if_signalled()  # after the last epoch too: resuming then runs just the test
         self.fit_s = time.perf_counter() - started  # this process's training, validation and checkpoints
-        return {f"best/{self.monitor}": p.best_metric, "best/epoch": p.best_epoch}
+        best = {f"best/{self.monitor}": p.best_metric, "best/epoch": p.best_epoch}
+        self.callbacks.on_fit_end(self, best)
+        return best
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split, or the rest of it when resumed mid-epoch.
@@ -172,6 +186,7 @@ class Trainer:
                 self.logger.log_histograms(self.model, p.global_step + 1, self.scaler.get_scale())
             used = self._optimizer_step()
             p.batch_in_epoch = i + 1
+            self.callbacks.on_step_end(self)
             if p.global_step % fit.log_every_n_steps == 0 and self.train_metrics.has_pending:
                 mean_loss = self._check_finite(epoch)  # the one host sync per log interval
                 self.logger.log_metrics({"train/loss": mean_loss, **used}, p.global_step)
@@ -247,9 +262,10 @@ class Trainer:
         draws the confusion matrix and, for validation, the misclassified images."""
         self.dist.broadcast_module(self.eval_model)  # rank 0's: DDP syncs batch-norm buffers only in forward (ema.py)
         self.eval_net.eval()
-        metrics = evaluate(functools.partial(self._forward, net=self.eval_net), loader, self.eval_metrics, prefix,
+        measured = self.eval_metrics[prefix]
+        metrics = evaluate(functools.partial(self._forward, net=self.eval_net), loader, measured, prefix,
                            self.options.fit.limit_eval_batches)
-        self.report.evaluation(self.eval_metrics, loader, prefix, self.progress.global_step)
+        self.report.evaluation(measured, loader, prefix, self.progress.global_step)
         return metrics
 
     def test(self) -> dict[str, float]:
@@ -263,9 +279,10 @@ class Trainer:
                 self.eval_model.load_state_dict(load_checkpoint(best)["model"])  # evaluate() sends it to every rank
                 self.logger.log_artifact(best)
             metrics = self.evaluate(self.data.test, "test")
-            confusion = self.eval_metrics.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
+            confusion = self.eval_metrics["test"].last_confusion.cpu()  # (classes, classes): rows true
             self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress,
                                      {"startup_s": self.startup_s, "fit_s": self.fit_s})
+            self.callbacks.on_test_end(self, metrics)
             self.logger.close()
             self.state.close()  # the run is complete: another process may train on from it
             return metrics
@@ -273,7 +290,7 @@ class Trainer:
     @property
     def result_keys(self) -> tuple[str, ...]:
         """What a finished run reports: `test()`'s metrics, then `best/<monitor>` from `fit()`."""
-        return (*(f"test/{name}" for name in EpochMetrics.NAMES), f"best/{self.monitor}")
+        return (*self.eval_metrics["test"].names("test"), f"best/{self.monitor}")
 
     def save_checkpoint(self, name: str) -> Path:
         """Atomically write everything needed to continue this run to `<checkpoint_dir>/<name>` (rank 0; with
@@ -285,7 +302,19 @@ class Trainer:
         # The checkpoint says "everything up to this step is done": make the logged scalars as durable, so a
         # kill after it loses no TensorBoard steps before it (the resumed run purges the ones after).
         self.logger.flush()
+        self.callbacks.on_checkpoint(self, path)
         return path
+
+    def _require_monitored(self) -> None:
+        """trainer.monitor must be a metric that validation measures (the per-class ones, AUROC and ECE only
+        with trainer.full_val_metrics)."""
+        measured = self.eval_metrics["val"].names("val")
+        if self.monitor not in measured:
+            named = [m for m in measured if m.count("/") == 1]  # not the per-class ones
+            more = ("" if self.options.metrics.full_val_metrics else "; val/auroc, val/ece and per class "
+                    "val/<precision|recall|f1|auroc>/<class> with trainer.full_val_metrics=true")
+            raise UserError(f"trainer.monitor={self.monitor}: validation does not measure it; use one of "
+                            f"{', '.join(named)}{more}")
 
     def _require_finite_weights(self, consequence: str = "stopped before anything reads them") -> None:
         p = self.progress

@@ -112,3 +112,47 @@ def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], colum
             colour = INK if li == 0 else FAINT
             draw.text((x + PAD, y + PAD + h * scale + li * (CAPTION_SIZE + 2)), text, fill=colour, font=font)
     return _to_tensor(sheet)
+
+
+def reliability_diagram(count: torch.Tensor, confidence: torch.Tensor, correct: torch.Tensor,
+                        size: int = 280) -> torch.Tensor:
+    """A reliability diagram from calibration bins (`count`, summed `confidence`, summed `correct`, (bins,) each,
+    the last bin holding confidence 1.0 exactly): per bin of confidence, a bar as high as the accuracy in it,
+    its confidence marked, over the diagonal a calibrated model would follow. Bins with no sample draw nothing."""
+    from PIL import Image, ImageDraw
+
+    bins = len(count) - 1  # the last one (confidence exactly 1) is drawn in the top bin
+    count, confidence, correct = count.clone(), confidence.clone(), correct.clone()
+    for t in (count, confidence, correct):
+        t[-2] += t[-1]
+    margin, font = 30, _font()
+    image = Image.new("RGB", (size + 2 * margin, size + 2 * margin), PAPER)
+    draw = ImageDraw.Draw(image)
+    x0, y0 = margin, margin + size  # the plot's origin, bottom left
+    draw.rectangle((x0, margin, x0 + size, y0), outline=FAINT)
+    draw.line((x0, y0, x0 + size, margin), fill=FAINT)  # perfect calibration
+    width = size / bins
+    for i in range(bins):
+        n = float(count[i])
+        if not n:
+            continue
+        left, right = x0 + i * width + 1, x0 + (i + 1) * width - 1
+        draw.rectangle((left, y0 - size * float(correct[i]) / n, right, y0), fill=(70, 120, 190))
+        mark = y0 - size * float(confidence[i]) / n
+        draw.line((left, mark, right, mark), fill=(200, 60, 40), width=2)  # the bin's mean confidence
+    draw.text((x0, y0 + 6), "0", fill=INK, font=font)
+    draw.text((x0 + size - 4, y0 + 6), "1", fill=INK, font=font)
+    draw.text((x0 + size // 2 - 28, y0 + 6), "confidence", fill=INK, font=font)
+    draw.text((4, margin - 18), "accuracy (bars) vs confidence (red)", fill=INK, font=font)
+    return _to_tensor(image)
+
+
+def png(image: torch.Tensor) -> bytes:
+    """A (3, H, W) uint8 picture as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(out, format="PNG")
+    return out.getvalue()

@@ -17,10 +17,10 @@ from torch import nn
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.errors import require_bool, require_int
-from trainer.report.figures import confusion_matrix_image, labelled_grid
+from trainer.report.figures import confusion_matrix_image, labelled_grid, reliability_diagram
 from trainer.report.logger import hparams_of
-from trainer.report.tracker import Tracker
 from trainer.report.summary import summarize
+from trainer.report.tracker import Tracker
 from trainer.run.files import atomic_write
 from trainer.system import allocator_in_use, seconds_since_process_start
 
@@ -91,6 +91,8 @@ class RunReport:
             return
         confusion = confusion_matrix_image(metrics.last_confusion, self.data.classes)
         self.logger.log_image(f"{prefix}/confusion_matrix", confusion, step)
+        if metrics.last_calibration is not None:  # measured in full: ECE's bins
+            self.logger.log_image(f"{prefix}/reliability", reliability_diagram(*metrics.last_calibration), step)
         if prefix != "val" or not self.misclassified_images:
             return
         predicted = metrics.last_predictions  # (N,) this rank's samples, in the loader's stored order
@@ -123,7 +125,9 @@ class RunReport:
                                   if self.channels_last else example)
         best = {f"best/{monitor}": progress.best_metric} if progress.best_metric is not None else {}
         # `params` beside the metrics, so a sweep's HParams table sorts by model size
-        self.logger.log_hparams(hparams_of(self.config_yaml), {**metrics, **best, "params": self.summary.params}, step)
+        summary_metrics = {k: v for k, v in metrics.items() if k.count("/") == 1}  # per class: too many for a table
+        self.logger.log_hparams(hparams_of(self.config_yaml), {**summary_metrics, **best,
+                                                               "params": self.summary.params}, step)
         summary = {**metrics, f"best/{monitor}": progress.best_metric, "best/epoch": progress.best_epoch,
                    "epochs": progress.epoch, "global_step": step, "params": self.summary.params,
                    "params_trainable": self.summary.trainable, "macs_per_image": self.summary.macs_per_image,
@@ -139,7 +143,7 @@ class RunReport:
                 f.write(json.dumps(summary, indent=2).encode())
             self.logger.log_artifact(self.run_dir / "metrics.json")
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
-                 metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
+                 summary_metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
 
 
 def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
