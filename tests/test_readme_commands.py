@@ -192,6 +192,15 @@ SKIP = {
                        "pip install .",
                        "pip install '.[export]'",
                        )},
+    **{command: "runs from a user's project folder: tests/test_callbacks_and_trackers.py writes the callback and "
+                "the tracker of docs/callbacks.md and docs/tracking.md, with their config files, into a folder and "
+                "trains with them there (killed, resumed, and compared with a run that never stopped)"
+       for command in ("htt-train --config-dir configs callbacks=[step_counter,keep_checkpoints]",
+                       "htt-train --config-dir configs callbacks=[step_counter] callbacks.step_counter.out=counts.json",
+                       "htt-train --config-dir configs logger=[tensorboard,jsonl]")},
+    "pip install -e '.[metrics]'":
+        "`pip install -e .` in the copy would re-point the shared venv's editable install at the temporary "
+        "copy; the extra is already in the venv ('.[dev]' includes it): test_skipped_installs_are_installed",
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
@@ -712,7 +721,7 @@ def test_skipped_installs_are_installed():
 
     for module in ("hydra_plugins.hydra_submitit_launcher", "hydra_plugins.hydra_optuna_sweeper",
                    "hydra_plugins.hydra_joblib_launcher", "joblib", "onnx",
-                   "onnxscript", "onnxruntime"):
+                   "onnxscript", "onnxruntime", "torchmetrics"):
         assert importlib.util.find_spec(module) is not None, module
 
 

@@ -16,9 +16,18 @@ from omegaconf import OmegaConf
 from trainer.cli.config_errors import config_error_line
 from trainer.cli.schema import SCHEMAS, Choice, expected
 
-GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger", "distributed")
+GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger", "callbacks", "metrics",
+          "distributed")
+LISTED = ("logger", "callbacks", "metrics")  # a run picks several: option x is the node <group>.x
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((REPO / "configs" / g).glob("*.yaml"))]
-UNTYPED = {("dataset", "custom"), ("model", "custom")}  # the user's own class: its keys are the user's
+UNTYPED = {("dataset", "custom"), ("model", "custom"),  # the user's own class: its keys are the user's
+           ("metrics", "cohen_kappa")}  # torchmetrics' class: its keys are torchmetrics' (checked as it is built)
+
+
+def node(group: str, option: str) -> tuple[str, object]:
+    """The key of `option`'s node (`model`, `logger.csv`) and its composed config."""
+    key = f"{group}.{option}" if group in LISTED else group
+    return key, OmegaConf.select(composed(f"{group}={option}"), key)
 
 
 def composed(*overrides: str):
@@ -45,7 +54,7 @@ def wrong_value(hint: object) -> str | None:
 
 def test_every_shipped_option_but_the_users_own_has_a_schema():
     typed = [(g, o) for g, o in OPTIONS if (g, o) not in UNTYPED]
-    schemas = {(g, o): OmegaConf.get_type(composed(f"{g}={o}")[g]) for g, o in typed}
+    schemas = {(g, o): OmegaConf.get_type(node(g, o)[1]) for g, o in typed}
     assert all(dataclasses.is_dataclass(s) for s in schemas.values()), schemas
     # an option that extends another (fashion_mnist: mnist; kmnist, emnist, cifar10, cifar100: torchvision) has
     # the schema of the one it extends
@@ -56,15 +65,16 @@ def test_every_shipped_option_but_the_users_own_has_a_schema():
 
 @pytest.mark.parametrize("group, option", [o for o in OPTIONS if o not in UNTYPED])
 def test_a_value_of_the_wrong_type_for_any_key_is_one_line_naming_it(group, option):
-    schema = OmegaConf.get_type(composed(f"{group}={option}")[group])
+    key, config = node(group, option)
+    schema = OmegaConf.get_type(config)
     assert dataclasses.is_dataclass(schema), schema
     checked = 0
-    for key, hint in typing.get_type_hints(schema).items():
+    for name, hint in typing.get_type_hints(schema).items():
         bad = wrong_value(hint)
-        if bad is None or key.startswith("_"):
+        if bad is None or name.startswith("_"):
             continue
-        line = refusal(f"{group}={option}", f"{group}.{key}={bad}")
-        assert line.startswith(f"{group}.{key}={bad}: must be {expected(schema, key)}"), line
+        line = refusal(f"{group}={option}", f"{key}.{name}={bad}")
+        assert line.startswith(f"{key}.{name}={bad}: must be {expected(schema, name)}"), line
         checked += 1
     strings = {k for k, h in typing.get_type_hints(schema).items() if wrong_value(h) is None and not k.startswith("_")}
     assert checked or strings <= {"name", "weights"}, schema  # model=torchvision's keys are names

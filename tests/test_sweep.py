@@ -40,6 +40,15 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
     assert all("optimizer.lr=0" in f for f in failed) and {"model=mlp", "model=logistic"} <= set.union(*failed)
     markdown = summarize(str(out), "--format", "markdown", "--sort", "test/loss").stdout.splitlines()
     assert markdown[0].startswith("| run | status |") and markdown[1].startswith("| --- |") and len(markdown) == 6
+    # any metric of metrics.json as a column, and sorted by (ECE: lower first)
+    rows = list(csv.DictReader(io.StringIO(summarize(str(out), "--format", "csv", "--columns",
+                                                     "test/ece,test/balanced_acc", "--sort", "test/ece").stdout)))
+    eces = [float(r["test/ece"]) for r in rows if r["status"] == "finished"]
+    assert eces == sorted(eces) and all(0 < float(r["test/balanced_acc"]) <= 1 for r in rows[:2]), rows
+    assert list(rows[0])[:8] == ["run", "status", "test/acc", "test/loss", "test/f1", "best/val", "test/ece",
+                                 "test/balanced_acc"]
+    refused = summarize(str(out), "--sort", "test/ece")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: --sort test/ece: not a column")
 
     # A run stopped before its test (Ctrl-C, a kill) has checkpoints but no metrics.json: "stopped", not "failed"
     stopped = out / "2026-01-01" / "00-00-00-000000"

@@ -74,7 +74,9 @@ def build_metrics(node: DictConfig | None, num_classes: int, device: torch.devic
             takes = "num_classes" in inspect.signature(factory).parameters
             metric = factory(num_classes=num_classes) if takes else factory()
         except (TypeError, ValueError) as e:
-            raise UserError(f"metrics.{name}: {option._target_} refused its settings: {one_line(str(e))}") from None
+            values = ", ".join(f"{k}={v}" for k, v in option.items() if k not in ("_target_", "_partial_"))
+            raise UserError(f"metrics.{name}: {option._target_.rsplit('.', 1)[-1]}({values}) refused its settings: "
+                            f"{one_line(str(e))}") from None
         missing = [m for m in ("update", "compute", "reset") if not callable(getattr(metric, m, None))]
         if missing:
             raise UserError(f"metrics.{name}: a {type(metric).__name__} has no {', '.join(missing)}: not a metric "

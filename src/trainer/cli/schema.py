@@ -296,11 +296,6 @@ class KeepCheckpointsCallback(Target):
 
 
 @dataclass
-class TorchmetricsMetric(Target):
-    _partial_: bool = MISSING
-
-
-@dataclass
 class DistributedSettings(Target):
     backend: Backend = MISSING
     timeout_s: float = MISSING

@@ -2,6 +2,7 @@
 
     htt-summarize outputs/multirun/2026-11-23/10-00-00-123456
     htt-summarize outputs --sort best/val --format markdown
+    htt-summarize outputs --columns test/auroc,test/ece --sort test/ece   # any metric of metrics.json
     htt-summarize outputs --format csv > runs.csv
     python scripts/summarize.py ...          # the same in a checkout
 
@@ -32,8 +33,8 @@ from trainer.run.untrusted import load_json, load_yaml
 COLUMNS = ("run", "status", "test/acc", "test/loss", "test/f1", "best/val", "epochs", "seconds", "overrides")
 
 
-def runs(root: Path) -> list[dict]:
-    """One row per run directory under `root`."""
+def runs(root: Path, extra: tuple[str, ...] = ()) -> list[dict]:
+    """One row per run directory under `root`; `extra`: more metrics of metrics.json as columns."""
     rows = []
     for saved in sorted(root.rglob(".hydra/overrides.yaml")):
         run = saved.parent.parent
@@ -51,11 +52,12 @@ def runs(root: Path) -> list[dict]:
         row = {"run": printable(name), "overrides": printable(" ".join(overrides))}
         metrics_file = run / "metrics.json"
         if os.path.lexists(metrics_file):  # a link to /dev/zero or a FIFO is refused, not passed over
-            metrics = read_metrics(metrics_file)
+            metrics = read_metrics(metrics_file, extra)
             best = next((v for k, v in metrics.items() if k.startswith("best/") and k != "best/epoch"), None)
             row.update({"status": "finished", "test/acc": metrics.get("test/acc"),
                         "test/loss": metrics.get("test/loss"), "test/f1": metrics.get("test/f1"), "best/val": best,
-                        "epochs": metrics.get("epochs"), "seconds": round(metrics.get("seconds_since_start") or 0, 1)})
+                        "epochs": metrics.get("epochs"), "seconds": round(metrics.get("seconds_since_start") or 0, 1),
+                        **{column: metrics.get(column) for column in extra}})
         else:
             last = next(run.glob("*/last.pt"), None)
             row["status"] = "stopped" if last is not None else "failed"
@@ -65,13 +67,13 @@ def runs(root: Path) -> list[dict]:
     return rows
 
 
-def read_metrics(path: Path) -> dict:
+def read_metrics(path: Path, extra: tuple[str, ...] = ()) -> dict:
     """metrics.json as a mapping whose values in the table's columns are numbers or null (as the report writes
     them), else UserError."""
     metrics = load_json(path)
     if not isinstance(metrics, dict):
         raise UserError(f"{path}: not a JSON object of metrics")
-    shown = ("test/acc", "test/loss", "test/f1", "epochs", "seconds_since_start")
+    shown = ("test/acc", "test/loss", "test/f1", "epochs", "seconds_since_start", *extra)
     bad = next((k for k, v in metrics.items() if (k in shown or k.startswith("best/")) and not (
         v is None or is_number(v))), None)
     if bad is not None:
@@ -113,7 +115,7 @@ def lookup(node: object, *keys: str) -> object:
 
 
 def sort_key(column: str):
-    lower_is_better = column.endswith("loss") or column == "seconds"
+    lower_is_better = column.endswith(("loss", "ece")) or column == "seconds"
 
     def key(row: dict):
         value = row.get(column)
@@ -136,35 +138,44 @@ def cell(value, column: str = "") -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", nargs="?", default="outputs", help="directory to search (default: outputs)")
-    parser.add_argument("--sort", default="test/acc", choices=[c for c in COLUMNS if c not in ("run", "status",
-                                                                                               "overrides")])
+    parser.add_argument("--columns", default="", help="more metrics of metrics.json as columns, comma-separated: "
+                        "test/auroc,test/ece,test/balanced_acc (docs/metrics.md)")
+    parser.add_argument("--sort", default="test/acc", help="the column to sort by (lower first for *loss, *ece and "
+                        "seconds): test/acc, test/loss, test/f1, best/val, epochs, seconds or one of --columns")
     parser.add_argument("--format", default="table", choices=("table", "markdown", "csv"))
     args = parser.parse_args()
+    extra = tuple(c for c in args.columns.split(",") if c and c not in COLUMNS)
+    columns = (*COLUMNS[:-3], *extra, *COLUMNS[-3:])  # before epochs, seconds and overrides
+    if args.sort not in columns or args.sort in ("run", "status", "overrides"):
+        print(f"error: --sort {args.sort}: not a column; use one of "
+              f"{', '.join(c for c in columns if c not in ('run', 'status', 'overrides'))} (--columns adds more)",
+              file=sys.stderr)
+        return 1
     root = Path(args.root)
     if not root.is_dir():
         print(f"error: {root} is not a directory", file=sys.stderr)
         return 1
     try:
-        rows = sorted(runs(root), key=sort_key(args.sort))
+        rows = sorted(runs(root, extra), key=sort_key(args.sort))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not rows:
         print(f"error: no training runs under {root} (a run directory holds .hydra/overrides.yaml)", file=sys.stderr)
         return 1
-    table = [[cell(row.get(c), c) for c in COLUMNS] for row in rows]
+    table = [[cell(row.get(c), c) for c in columns] for row in rows]
     if args.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         writer.writerows(table)
     elif args.format == "markdown":
-        print("| " + " | ".join(COLUMNS) + " |")
-        print("|" + " --- |" * len(COLUMNS))
+        print("| " + " | ".join(columns) + " |")
+        print("|" + " --- |" * len(columns))
         for line in table:
             print("| " + " | ".join(v.replace("|", "\\|") for v in line) + " |")
     else:
-        widths = [max(len(c), *(len(line[i]) for line in table)) for i, c in enumerate(COLUMNS)]
-        for line in [list(COLUMNS), *table]:
+        widths = [max(len(c), *(len(line[i]) for line in table)) for i, c in enumerate(columns)]
+        for line in [list(columns), *table]:
             print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
     return 0
 
