@@ -66,7 +66,9 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert start.hparams["dataset.augment_shift"].number_value == 2 and "dataset.root" not in start.hparams
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
     tags = {m.name.tag for m in experiment.metric_infos}
-    assert tags == {"test/loss", "test/acc", "test/f1", "best/val/acc", "params"}
+    # every test metric but the per-class ones (test/f1/<class>, ...: too many columns for a table)
+    assert tags == {"test/loss", "test/acc", "test/f1", "test/balanced_acc", "test/acc_top5", "test/auroc",
+                    "test/ece", "best/val/acc", "params"}
     # the model summary: an MLP of one 64-unit layer on 28x28 images, 784*64 + 64 + 64*10 + 10 parameters
     assert metrics["params"] == metrics["params_trainable"] == 50_890 == events.Scalars("params")[-1].value
     assert metrics["macs_per_image"] == 784 * 64 + 64 * 10
@@ -176,7 +178,17 @@ BAD = [
     (["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
     (["trainer.device=cuda"], "trainer.device='cuda'", "CUDA is not available"),
     (["trainer.device=tpu"], "trainer.device='tpu'", "cpu, cuda"),
-    (["trainer.monitor=val/accuracy"], "trainer.monitor='val/accuracy'", "val/acc"),
+    (["trainer.monitor=val/accuracy"], "trainer.monitor=val/accuracy", "validation does not measure it; use one of "
+     "val/loss, val/acc, val/f1, val/balanced_acc, val/acc_top5"),
+    (["trainer.monitor=test/acc"], "trainer.monitor=test/acc", "not a validation metric; use val/<metric>"),
+    (["trainer.monitor=val/ece"], "trainer.monitor=val/ece", "with trainer.full_val_metrics=true"),
+    (["trainer.top_k=0"], "trainer.top_k=0", "must be an integer >= 1"),
+    (["trainer.full_val_metrics=2"], "trainer.full_val_metrics=2", "must be true or false"),
+    (["callbacks=[nope]"], "Could not find 'callbacks/nope'", "lists options of keep_checkpoints"),
+    (["metrics=[nope]"], "Could not find 'metrics/nope'", "metrics=[...] lists options of cohen_kappa"),
+    (["callbacks=[keep_checkpoints]", "callbacks.keep_checkpoints.keep_last=0"],
+     "callbacks.keep_checkpoints.keep_last=0", "must be an integer >= 1"),
+    (["logger=[tensorboard,csv]", "logger.csv.flush_secs=soon"], "logger.csv.flush_secs=soon", "must be a number"),
     (["trainer.mode=up"], "trainer.mode=up", "must be one of min, max"),
     (["trainer.nonfinite_loss=ignore"], "trainer.nonfinite_loss=ignore", "must be one of error, skip"),
     (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps=0", ">= 1"),

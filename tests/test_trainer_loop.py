@@ -14,12 +14,14 @@ from trainer.errors import UserError
 from trainer.loop import schedulers
 from trainer.loop.options import TrainerOptions
 from trainer.loop.trainer import NonFiniteLossError, Trainer
+from trainer.report.tracker import Tracker
 
 STEPS_PER_EPOCH, EPOCHS, LR = 4, 4, 0.1
 
 
-class RecordingLogger:
+class RecordingLogger(Tracker):
     def __init__(self, log_dir, purge_step=None):
+        super().__init__(log_dir, purge_step)
         self.scalars: dict[str, list[tuple[int, float]]] = {}
         self.pictures: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.histogram_steps: list[int] = []
@@ -61,7 +63,7 @@ OPTIONS = dict(precision="fp32", compile=False, channels_last=False, accumulate_
                limit_train_batches=None, limit_eval_batches=None, checkpoint_every_n_steps=None, nonfinite_loss="error",
                early_stopping_patience=None, early_stopping_min_delta=0.0, log_every_n_steps=1,
                misclassified_images=0, histogram_every_n_epochs=None, log_graph=False, ema_decay=None, ema_warmup=False,
-               cuda_graphs=False)
+               cuda_graphs=False, top_k=5, full_val_metrics=False)
 
 
 def linear():
@@ -310,8 +312,9 @@ def test_early_stopping_counts_epochs_without_improvement(tiny_root, tmp_path, m
 
 def test_limit_eval_batches(tiny_root, tmp_path):
     trainer, _ = build(tiny_root, tmp_path, schedulers.none, limit_eval_batches=1)
-    seen, add = [], trainer.eval_metrics.add
-    trainer.eval_metrics.add = lambda loss, logits, targets: seen.append(len(targets)) or add(loss, logits, targets)
+    measured = trainer.eval_metrics["test"]
+    seen, add = [], measured.add
+    measured.add = lambda loss, logits, targets: seen.append(len(targets)) or add(loss, logits, targets)
     trainer.evaluate(trainer.data.test, "test")
     assert seen == [100]  # one batch of eval_batch_size, not the 200 test images
 

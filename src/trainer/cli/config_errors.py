@@ -93,7 +93,27 @@ def config_error_line(error: BaseException) -> str:
         typed = isinstance(schema, type) and schema is not dict
         keys = [str(k) for k in parent.keys() if not str(k).startswith("_")]  # not _target_
         return unknown_key_message(cause.full_key, keys, typed)
+    missing = re.search(r"Could not load '([\w.-]+)/([\w.-]+)'", str(error))
+    if missing:  # an option listed in a group of several (metrics=[nope]), for which Hydra names no choices
+        return _unknown_listed_option(*missing.groups())
     return one_line(f"{error}\n{cause}" if cause is not None else str(error)) + _config_dir_hint(str(error))
+
+
+def _unknown_listed_option(group: str, option: str) -> str:
+    """`metrics=[nope]`'s line: the group's options, shipped and --config-dir's, as Hydra lists them for a group
+    that picks one."""
+    from trainer.cli.paths import CONFIG_DIR
+
+    args, dirs = sys.argv[1:], [CONFIG_DIR]
+    for i, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(args):
+            dirs.append(Path(args[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.partition("=")[2]))
+    options = sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
+    return (f"Could not find '{group}/{option}': {group}=[...] lists options of {', '.join(options) or 'none'}; "
+            f"an option of your own is configs/{group}/{option}.yaml, with --config-dir configs"
+            + _config_dir_hint(f"Could not find '{group}/{option}'"))
 
 
 def with_one_line_errors(main: Callable[[], object]) -> Callable[[], object]:

@@ -30,7 +30,7 @@ from trainer.loop.lr_find import RangeTest, check_range_settings, lr_range_test
 from trainer.loop.options import TrainerOptions
 from trainer.loop.seeding import seed_everything
 from trainer.loop.trainer import Trainer
-from trainer.report.logger import NullLogger
+from trainer.report.tracker import NullLogger
 from trainer.run.files import atomic_write, discard_refused_run
 from trainer.system import resolve_device
 

@@ -81,7 +81,8 @@ class Checkpoints:
         _optional_count("checkpoint_every_n_steps", self.checkpoint_every_n_steps)
         _optional_count("early_stopping_patience", self.early_stopping_patience)
         if not (isinstance(self.monitor, str) and self.monitor.startswith("val/")):  # which ones: the Trainer's
-            raise UserError(f"trainer.monitor={shown(self.monitor)}: not a validation metric; use val/<metric>, "
+            given = self.monitor if isinstance(self.monitor, str) else shown(self.monitor)
+            raise UserError(f"trainer.monitor={given}: not a validation metric; use val/<metric>, "
                             "e.g. val/acc or val/loss")
         if self.mode not in MODES:
             raise UserError(f"trainer.mode={self.mode!r}: use min or max")
