@@ -51,7 +51,8 @@ def runs_under(root):
 @pytest.fixture(scope="module")
 def ddp(faint_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_out")
-    result = torchrun(*COMMON, DDP, f"dataset.root={faint_root}", f"output_root={out}")
+    # with a torchmetrics metric, which syncs the ranks itself (the built-in ones are all-reduced counts)
+    result = torchrun(*COMMON, DDP, "metrics=[cohen_kappa]", f"dataset.root={faint_root}", f"output_root={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -118,13 +119,15 @@ def test_checkpoint_has_plain_keys_and_the_single_process_result(ddp, single):
 def test_metrics_are_over_the_full_split_not_one_shard(ddp, faint_root, split, tmp_path):
     (run,) = runs_under(ddp[0])
     result = run_train(f"ckpt={run}/checkpoints/best.pt", f"split={split}", f"data_root={faint_root}",
-                       f"hydra.run.dir={tmp_path}/eval", script="eval.py")
+                       "metrics=[cohen_kappa]", f"hydra.run.dir={tmp_path}/eval", script="eval.py")
     assert result.returncode == 0, result.stderr[-3000:]
     alone = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     trained = json.loads((run / "metrics.json").read_text())
-    if split == "test":
-        for k in ("test/loss", "test/acc", "test/f1"):
-            assert trained[k] == pytest.approx(alone[k], abs=1e-5), k
+    if split == "test":  # every test metric, the per-class ones, AUROC's histograms and ECE's bins included
+        measured = [k for k in trained if k.startswith("test/")]
+        assert len(measured) == 8 + 4 * 10 and {"test/auroc", "test/ece", "test/acc_top5", "test/cohen_kappa"} <= set(measured)
+        for k in measured:
+            assert trained[k] == pytest.approx(alone[k], abs=1e-5, nan_ok=True), k
     else:
         assert trained["best/val/acc"] == pytest.approx(alone["val/acc"], abs=1e-6)
 
@@ -156,7 +159,8 @@ def test_a_ddp_run_stopped_mid_epoch_resumes_exactly(ddp, faint_root, tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
-    for k in ("test/loss", "test/acc", "test/f1", "best/val/acc", "best/epoch"):
+    for k in ("test/loss", "test/acc", "test/f1", "test/balanced_acc", "test/acc_top5", "test/auroc", "test/ece",
+              "best/val/acc", "best/epoch"):
         assert ma[k] == mb[k], k
 
 

@@ -30,7 +30,7 @@ from trainer.cli.options import (
 from trainer.cli.paths import CONFIG_DIR, prepare_hydra
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, one_line
-from trainer.run.checkpoint import GROUPS, RESERVED, load_checkpoint
+from trainer.run.checkpoint import GROUPS, LIST_GROUPS, RESERVED, load_checkpoint
 from trainer.run.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
@@ -134,7 +134,7 @@ def _on_meta(node: DictConfig, in_shape: Sequence[int], num_classes: int) -> tor
 def _inferred_choices(stored: dict, where: Path, dirs: Sequence[Path]) -> dict[str, str]:
     """The options a version-1 checkpoint (which stored no choices) was composed from, by its classes."""
     choices = {}
-    for group in GROUPS:
+    for group in (g for g in GROUPS if g not in LIST_GROUPS):  # a run's trackers are not rebuilt
         if not isinstance(stored.get(group) or {}, dict):
             raise UserError(f"refusing {where}: its stored {group} is a {type(stored[group]).__name__}, not a config "
                             "group")
@@ -186,7 +186,10 @@ def rebuildable_config(state: dict, trust: bool = False, where: Path | str = "th
     Anything else (another class, an unknown key, a value of the wrong type) is refused with one line.
     `trust=True` takes the stored config as it is, for models from the user's own modules.
     """
-    stored, where, dirs = state["config"], Path(where), option_dirs(config_dirs)
+    where, dirs = Path(where), option_dirs(config_dirs)
+    # What a run picks several of (trackers, callbacks, metrics) is never rebuilt from a checkpoint: a command
+    # that needs them takes its own (eval.py's metrics=[...]).
+    stored = {k: v for k, v in state["config"].items() if k not in LIST_GROUPS}
     if trust:
         config = OmegaConf.create(stored)
     else:
