@@ -290,6 +290,17 @@ class CSVLoggerSettings(Target):
 
 
 @dataclass
+class MLflowLoggerSettings(Target):
+    _partial_: bool = MISSING
+    tracking_uri: Optional[str] = None
+    experiment_name: str = MISSING
+    run_name: Optional[str] = None
+    output_root: str = MISSING
+    sweep_dir: Optional[str] = None
+    flush_secs: float = MISSING
+
+
+@dataclass
 class KeepCheckpointsCallback(Target):
     every_n_epochs: int = MISSING
     keep_last: Optional[int] = None
@@ -348,7 +359,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
                   "none": Target, "onecycle": OnecycleScheduler, "plateau": PlateauScheduler, "step": StepScheduler,
                   "warmup": WarmupScheduler},
     "trainer": {"default": TrainerSettings},
-    "logger": {"tensorboard": TensorBoardLoggerSettings, "csv": CSVLoggerSettings},
+    "logger": {"tensorboard": TensorBoardLoggerSettings, "csv": CSVLoggerSettings, "mlflow": MLflowLoggerSettings},
     "callbacks": {"keep_checkpoints": KeepCheckpointsCallback},
     "distributed": {"default": DistributedSettings},
     "lr_find": {"default": LRFind},
