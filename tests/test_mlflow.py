@@ -192,6 +192,7 @@ def test_train_killed_then_resumed_is_one_finished_mlflow_run(tiny_root, tmp_pat
                         f"trainer.resume={run_dir}/checkpoints/last.pt")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "alembic" not in resumed.stderr + killed.stderr  # the store's creation is not in the console
+    assert "config changed" not in resumed.stdout + resumed.stderr  # nothing of the tracker's differs on resume
     (run,) = runs(client)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert steps(client, run.info.run_id, "train/loss") == [5, 10, 15, 20, 25, 30]  # each once

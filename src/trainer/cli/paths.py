@@ -5,7 +5,9 @@ wheel is built) and Hydra finds it as `pkg://trainer.configs`; in a checkout (an
 itself. Either way there is one copy.
 
 `${root_dir:}`, which the configs use for `outputs/` and `data/`, is the folder the command was started from: a
-user's project folder, or the checkout for `python train.py` run there. Registering a resolver, like the schemas
+user's project folder, or the checkout for `python train.py` run there. `${sweep_dir:}` is a sweep's directory in
+a job of `-m`, else null (configs/logger/mlflow.yaml: a sweep's jobs are children of one MLflow run). Registering a
+resolver, like the schemas
 in Hydra's ConfigStore (schema.py), is process state, so importing this module does not do it: every command calls
 `prepare_hydra()` before Hydra composes a config, and so does the library before it composes one itself
 (config.py).
@@ -34,7 +36,20 @@ def prepare_hydra() -> None:
 
     if not OmegaConf.has_resolver("root_dir"):
         OmegaConf.register_new_resolver("root_dir", os.getcwd)
+    if not OmegaConf.has_resolver("sweep_dir"):
+        OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
     schema.register()
+
+
+def sweep_dir() -> str | None:
+    """`${sweep_dir:}`: `hydra.sweep.dir` in a job of a sweep (`-m`), None in a single run, whose
+    `hydra.sweep.dir` resolves too (to a new timestamp each time: a resumed run would see its config change)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().sweep.dir)
 
 
 def command_line(torchrun: str | None = None, script: str | None = None) -> str:

@@ -40,10 +40,10 @@ class MLflowLogger(Tracker):
     `tracking_uri`: None for SQLite at `<output_root>/mlflow.db` (artifacts in `<output_root>/mlartifacts`), else
     any URI MLflow takes (`http://host:5000`: the server keeps the artifacts). `output_root` defaults to the run
     directory's parent. `run_name`: None names the run by its directory (relative to `output_root`).
-    `sweep_dir`: the sweep's directory (train.yaml passes Hydra's `hydra.sweep.dir`); a run whose directory lies
-    inside it is a job of that sweep and becomes a child of the sweep's one parent run, found or created under a
-    file lock (`<output_root>/mlflow.lock`), so parallel jobs (joblib, SLURM on a shared disk) make one parent.
-    A single run's `hydra.sweep.dir` also resolves, to a directory the run is not in: it stays a run of its own.
+    `sweep_dir`: in a job of a sweep, the sweep's directory (the config passes `${sweep_dir:}`, null in a single
+    run): the run becomes a child of the sweep's one parent run, found by a tag (a digest of `sweep_dir`) or
+    created under a file lock (`<output_root>/mlflow.lock`), so parallel jobs (joblib, SLURM on a shared disk)
+    make one parent.
 
     Metrics are kept in memory and sent in batches at `flush()` (after each checkpoint), at `close()`, and while
     logging at most every `flush_secs`.
@@ -99,15 +99,12 @@ class MLflowLogger(Tracker):
     def run(self) -> str:
         """This run's id, the run created at first use (a resumed run's id is set before anything is logged)."""
         if self.run_id is None:
-            parent = self._parent() if self._in_sweep() else None
+            parent = self._parent() if self.sweep_dir is not None else None
             name = self.run_name or self._relative(self.log_dir)
             tags = {RUN_DIR_TAG: str(self.log_dir.resolve()), **({PARENT_TAG: parent} if parent else {})}
             with self._store("create a run"):
                 self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
         return self.run_id
-
-    def _in_sweep(self) -> bool:
-        return self.sweep_dir is not None and self.log_dir.resolve().is_relative_to(self.sweep_dir)
 
     def _relative(self, path: Path) -> str:
         path = path.resolve()
