@@ -285,4 +285,5 @@ def test_a_parallel_sweep_is_one_parent_run_with_a_finished_child_per_job(tiny_r
     assert all(r.info.status == "FINISHED" for r in found), [(r.info.run_name, r.info.status) for r in found]
     assert parent.info.run_name.startswith("multirun/")
     assert sorted(r.data.params["seed"] for r in children) == ["1", "2", "3"]
-    assert all(r.info.run_name.startswith(parent.info.run_name + "/") for r in children)
+    assert sorted(r.info.run_name.split("_")[0] for r in children) == ["0", "1", "2"]  # <n>_<overrides>
+    assert all(r.data.tags["trainer.run_dir"].startswith(str(out / parent.info.run_name)) for r in children)

@@ -39,11 +39,11 @@ class MLflowLogger(Tracker):
 
     `tracking_uri`: None for SQLite at `<output_root>/mlflow.db` (artifacts in `<output_root>/mlartifacts`), else
     any URI MLflow takes (`http://host:5000`: the server keeps the artifacts). `output_root` defaults to the run
-    directory's parent. `run_name`: None names the run by its directory (relative to `output_root`).
-    `sweep_dir`: in a job of a sweep, the sweep's directory (the config passes `${sweep_dir:}`, null in a single
-    run): the run becomes a child of the sweep's one parent run, found by a tag (a digest of `sweep_dir`) or
-    created under a file lock (`<output_root>/mlflow.lock`), so parallel jobs (joblib, SLURM on a shared disk)
-    make one parent.
+    directory's parent. `run_name`: None names the run by its directory, relative to `output_root` (a sweep's job:
+    to the sweep's directory, `<n>_<overrides>`). `sweep_dir`: in a job of a sweep, the sweep's directory (the
+    config passes `${sweep_dir:}`, null in a single run): the run becomes a child of the sweep's one parent run
+    (named by the sweep's directory), found by a tag (a digest of `sweep_dir`) or created under a file lock
+    (`<output_root>/mlflow.lock`), so parallel jobs (joblib, SLURM on a shared disk) make one parent.
 
     Metrics are kept in memory and sent in batches at `flush()` (after each checkpoint), at `close()`, and while
     logging at most every `flush_secs`.
@@ -100,15 +100,16 @@ class MLflowLogger(Tracker):
         """This run's id, the run created at first use (a resumed run's id is set before anything is logged)."""
         if self.run_id is None:
             parent = self._parent() if self.sweep_dir is not None else None
-            name = self.run_name or self._relative(self.log_dir)
+            name = self.run_name or self._relative(self.log_dir, self.sweep_dir)  # a job: `<n>_<overrides>`
             tags = {RUN_DIR_TAG: str(self.log_dir.resolve()), **({PARENT_TAG: parent} if parent else {})}
             with self._store("create a run"):
                 self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
         return self.run_id
 
-    def _relative(self, path: Path) -> str:
-        path = path.resolve()
-        return str(path.relative_to(self.output_root)) if path.is_relative_to(self.output_root) else path.name
+    def _relative(self, path: Path, under: Path | None = None) -> str:
+        """`path` relative to `under` (else output_root) where it lies inside, else its last part."""
+        path, under = path.resolve(), under or self.output_root
+        return str(path.relative_to(under)) if path.is_relative_to(under) else path.name
 
     def _parent(self) -> str:
         """The sweep's parent run, created by the first job that asks; RUNNING again while a job runs."""
