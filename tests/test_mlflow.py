@@ -137,6 +137,15 @@ def test_a_checkpoints_run_id_is_checked_and_refused_in_one_line(tmp_path, run_i
 
 
 @needs_mlflow
+def test_a_deleted_run_is_not_resumed_silently(tmp_path):
+    first = logger(tmp_path)
+    state = first.state_dict()
+    store(tmp_path).delete_run(state["run_id"])
+    with pytest.raises(UserError, match=f"was deleted in .*mlflow runs restore --run-id {state['run_id']}"):
+        logger(tmp_path, purge_step=5).load_state_dict(state)
+
+
+@needs_mlflow
 def test_a_run_closed_before_its_end_is_never_finished(tmp_path):
     refused = logger(tmp_path)
     refused.log_params({"seed": 1})

@@ -149,11 +149,17 @@ class MLflowLogger(Tracker):
                             "digits); this checkpoint was not written by logger=mlflow")
         from mlflow.exceptions import MlflowException
 
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            raise UserError(f"the checkpoint's MLflow run {run_id} is not in {self.tracking_uri} (or was deleted): "
-                            "set logger.mlflow.tracking_uri to the store the run logged to") from None
+        with self._store("read the checkpoint's run"):
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # a server that does not answer: not the checkpoint's fault
+                raise UserError(f"the checkpoint's MLflow run {run_id} is not in {self.tracking_uri}: set "
+                                "logger.mlflow.tracking_uri to the store the run logged to") from None
+        if run.info.lifecycle_stage != "active":
+            raise UserError(f"the checkpoint's MLflow run {run_id} was deleted in {self.tracking_uri}: restore it "
+                            f"(mlflow runs restore --run-id {run_id}) to log on to it")
         self.run_id, self.checkpointed = run_id, True
         with self._store("read the run's metrics"):
             # what the interrupted run sent, after its checkpoint too: never sent twice (see the class docstring)
