@@ -198,6 +198,23 @@ SKIP = {
        for command in ("htt-train --config-dir configs callbacks=[step_counter,keep_checkpoints]",
                        "htt-train --config-dir configs callbacks=[step_counter] callbacks.step_counter.out=counts.json",
                        "htt-train --config-dir configs logger=[tensorboard,jsonl]")},
+    **{command: "serves until stopped, and under '.[dev]' (SQLAlchemy 1.4, which the optuna extra pins) mlflow's "
+                "server needs tests/sqlalchemy2_names, as docs/tracking.md says: tests/test_mlflow.py starts "
+                "`mlflow server` so on a loopback port and reads a training run back through its REST API"
+       for command in ("mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db",
+                       "mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --port 5001")},
+    "mlflow server --backend-store-uri sqlite:///mlflow.db --host 0.0.0.0 --port 5000":
+        "a tracking server on a machine of its own (`server`): tests/test_mlflow.py trains against a real "
+        "`mlflow server` on a loopback port",
+    "python train.py logger=mlflow logger.mlflow.tracking_uri=http://server:5000":
+        "needs the tracking server of the line above on a host named `server`: tests/test_mlflow.py runs this "
+        "command against `mlflow server` on a loopback port",
+    "python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=3 logger=mlflow seed=1,2,3":
+        "three parallel jobs of a full default CNN epoch each; tests/test_mlflow.py runs this sweep on tiny data and "
+        "checks one parent run, three FINISHED children and the SQLite store's integrity",
+    "pip install -e '.[mlflow]'":
+        "`pip install -e .` in the copy would re-point the shared venv's editable install at the temporary "
+        "copy; the extra is already in the venv ('.[dev]' includes it): test_skipped_installs_are_installed",
     "pip install -e '.[metrics]'":
         "`pip install -e .` in the copy would re-point the shared venv's editable install at the temporary "
         "copy; the extra is already in the venv ('.[dev]' includes it): test_skipped_installs_are_installed",
@@ -721,7 +738,7 @@ def test_skipped_installs_are_installed():
 
     for module in ("hydra_plugins.hydra_submitit_launcher", "hydra_plugins.hydra_optuna_sweeper",
                    "hydra_plugins.hydra_joblib_launcher", "joblib", "onnx",
-                   "onnxscript", "onnxruntime", "torchmetrics"):
+                   "onnxscript", "onnxruntime", "torchmetrics", "mlflow"):
         assert importlib.util.find_spec(module) is not None, module
 
 
