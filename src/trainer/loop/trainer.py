@@ -55,7 +55,10 @@ class Trainer:
     steps_per_epoch, max_epochs)` and `logger(log_dir, purge_step)` are called here, where the run's length in
     steps and its directory (a resumed checkpoint's) are known. `options` holds every setting, in groups
     (trainer.loop.options: fit, checkpoints, hardware, averaging, report), each validated before anything is
-    built. `config_yaml` is stored in the checkpoints; `config_choices` (the option of each group) lets eval
+    built. `metrics`: more metrics by name (torchmetrics', by `metrics=[...]`), measured on validation and the
+    test. `callbacks`: `Callback`s (a list, or a dict whose names key their state in the checkpoints), called at
+    the loop's events (trainer.loop.callbacks). `logger` returns a tracker (trainer.report.tracker), or several
+    as one. `config_yaml` is stored in the checkpoints; `config_choices` (the option of each group) lets eval
     rebuild the model.
     `last.pt` is written every epoch and `checkpoint_every_n_steps` steps, `best.pt` on improvement;
     `options.checkpoints.resume` continues exactly, down to the batch and the RNGs. SIGINT/SIGTERM stop after the
