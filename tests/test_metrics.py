@@ -158,3 +158,29 @@ def test_per_class_accuracy_of_a_class_with_no_sample_is_none_not_zero():
 
     confusion = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]])  # no sample of class 1 (rows: true class)
     assert per_class_accuracy(confusion) == [0.75, None, 0.5]
+
+
+def test_a_checkpoint_from_before_top_k_resumes_and_leaves_out_only_that_epochs_top_k(caplog):
+    """A state without the top-k count (written before it was counted): at an epoch's end it loads as it is; in
+    mid-epoch the epoch's other metrics are exact and its acc_top3 is left out with a warning (its hits before the
+    checkpoint were never counted), and the next epoch has it again."""
+    data = batches(0)
+    old = EpochMetrics(10, torch.device("cpu"), top_k=3)
+    for batch in data[:2]:
+        old.add(*batch)
+    state = old.state_dict()
+    del state["counts"]["top_k"]
+    ended = EpochMetrics(10, torch.device("cpu"), top_k=3)
+    ended.load_state_dict({**EpochMetrics(10, torch.device("cpu"), top_k=3).state_dict(),
+                           "counts": {k: v for k, v in ended.counts.items() if k != "top_k"}})
+    assert not caplog.records
+    resumed = EpochMetrics(10, torch.device("cpu"), top_k=3)
+    resumed.load_state_dict(state)
+    assert "left out" in caplog.text
+    for batch in data[2:]:
+        resumed.add(*batch)
+    got, (want, _) = resumed.compute("x"), reference(data, top_k=3)
+    assert got == pytest.approx({k: v for k, v in want.items() if k != "x/acc_top3"}, rel=1e-6)
+    for batch in data:
+        resumed.add(*batch)
+    assert resumed.compute("x") == pytest.approx(want, rel=1e-6)

@@ -21,6 +21,7 @@ step (docs/performance.md "Memory and start-up"); a metric of torchmetrics can s
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -29,6 +30,8 @@ import torch
 import torch.distributed as td
 
 from trainer.errors import UserError, require_bool, require_int
+
+log = logging.getLogger(__name__)
 
 MAX_PENDING_LOGITS = 2**22  # 16 MiB of float32 logits held before they are reduced to predictions
 ECE_BINS = 15  # torchmetrics' default for MulticlassCalibrationError
@@ -88,6 +91,7 @@ class EpochMetrics:
         self.last_targets: torch.Tensor | None = None
         self.last_calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # flushed (preds, targets), with confusion_matrix
+        self._top_k_unknown = False  # resumed from an epoch whose top-k hits were not counted (load_state_dict)
         self._reset_counts()
         self._losses: list[torch.Tensor] = []  # per-batch mean losses, scalars
         self._preds: list[torch.Tensor] = []  # predicted classes, 1-D, of the samples before those in _logits
@@ -209,13 +213,15 @@ class EpochMetrics:
         values = [c["loss_sum"] / c["loss_weight"],  # NaN with no sample, as torchmetrics
                   tp.sum() / samples, (f1 * present).sum() / present.sum().clamp(min=1),
                   (recall * present).sum() / present.sum().clamp(min=1)]
-        if self.top_k:
+        top_k = self.top_k and not self._top_k_unknown
+        if top_k:
             values.append(c["top_k"] / samples)
         if self.full:
             precision = tp / (tp + fp).clamp(min=1)
             values += [tp.new_zeros(2), precision, recall, f1]  # AUROC and ECE: from the CPU, below
         flat = torch.cat([v.reshape(-1).float() for v in values]).tolist()  # the host sync
-        found = dict(zip(self.names(prefix), flat))
+        names = [n for n in self.names(prefix) if top_k or n != f"{prefix}/acc_top{self.top_k}"]
+        found = dict(zip(names, flat))
         if self.full:
             found.update(self._auroc_and_ece(prefix))
         if self.confusion is not None:
@@ -231,6 +237,7 @@ class EpochMetrics:
                          {f"{prefix}/{name}/{i}": float(v) for i, v in enumerate(value)})
             metric.reset()
         self._reset_counts()
+        self._top_k_unknown = False
         return found
 
     def _auroc_and_ece(self, prefix: str) -> dict[str, float]:
@@ -259,9 +266,20 @@ class EpochMetrics:
                 "targets": torch.cat(self._targets) if self._targets else empty}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`'s form, and only that: another (an earlier version's, without the top-k count,
-        or a development version's, with torchmetrics' states) is refused in one line."""
+        """Restore `state_dict()`'s form. A checkpoint from before top-k was counted has no `top_k` count: its
+        epoch's top-k accuracy is left out (`acc_top<k>` is missing from that epoch's metrics, with a warning)
+        where the epoch had begun, since its hits were never counted. Another form (a development version's, with
+        torchmetrics' states) is refused in one line."""
         counts = state.get("counts") if isinstance(state, dict) else None
+        if isinstance(counts, dict) and "top_k" not in counts and counts.keys() == self.counts.keys() - {"top_k"}:
+            began = bool(len(state.get("sizes") or ())) or any(bool(v.any()) for v in counts.values()
+                                                               if isinstance(v, torch.Tensor))
+            if began and self.top_k:
+                log.warning("the checkpoint's epoch began before top-k accuracy was counted: this epoch's "
+                            "acc_top%d is left out", self.top_k)
+                self._top_k_unknown = True
+            counts = {**counts, "top_k": torch.zeros((), dtype=torch.int64)}
+            state = {**state, "counts": counts}
         if not (isinstance(counts, dict) and counts.keys() == self.counts.keys() and
                 {"losses", "sizes", "preds", "targets"} <= state.keys() and
                 all(isinstance(v, torch.Tensor) and v.shape == self.counts[k].shape for k, v in counts.items())):
