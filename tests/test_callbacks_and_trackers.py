@@ -9,6 +9,9 @@ import signal
 import pytest
 import torch
 from conftest import MLP, REPO, TINY, run_train, run_train_stopping, train_in_process
+from test_mlflow import runs as mlflow_runs
+from test_mlflow import steps as mlflow_steps
+from test_mlflow import store as mlflow_store
 from test_resume import assert_same_run, final
 
 from trainer.errors import UserError
@@ -38,14 +41,16 @@ def user_folder(tmp_path_factory):
     return folder
 
 
-# MLP with dropout (draws from the RNG), 16 batches an epoch, checkpoints every 3 steps, train/loss every 5.
+# MLP with dropout (draws from the RNG), 16 batches an epoch, checkpoints every 3 steps, train/loss every 5 (sent
+# to MLflow at once: flush_secs=0), so a kill at step 21 leaves a checkpoint at 18 and step 20 already in MLflow.
 EXACT = (*TINY, *MLP, "model.dropout=0.2", "trainer.deterministic=true", "trainer.max_epochs=3",
-         "trainer.checkpoint_every_n_steps=3", "logger=[tensorboard,csv,jsonl]",
+         "trainer.checkpoint_every_n_steps=3", "logger=[tensorboard,csv,jsonl,mlflow]", "logger.mlflow.flush_secs=0",
          "callbacks=[step_counter,keep_checkpoints]", "metrics=[cohen_kappa]")
 
 
 def user_args(folder, root, run_dir, *more):
-    return ["--config-dir", str(folder / "configs"), *EXACT, f"dataset.root={root}", f"hydra.run.dir={run_dir}", *more]
+    return ["--config-dir", str(folder / "configs"), *EXACT, f"dataset.root={root}", f"hydra.run.dir={run_dir}",
+            f"output_root={run_dir.parent / 'outputs'}", *more]  # MLflow's store: <output_root>/mlflow.db
 
 
 def table(run_dir):
@@ -66,11 +71,24 @@ def test_a_run_killed_mid_epoch_resumes_exactly_with_callbacks_trackers_and_metr
     result = run_train_stopping(*user_args(user_folder, tiny_root, killed),
                                 env={**env, "STOP_AT_STEP": "21", "STOP_SIGNAL": str(int(signal.SIGKILL))})
     assert result.returncode == -signal.SIGKILL
-    assert final(killed)["global_step"] == 18 and final(killed)["callbacks"]["step_counter"]["steps"] == 18
+    saved = final(killed)
+    assert saved["global_step"] == 18 and saved["callbacks"]["step_counter"]["steps"] == 18
+    client = mlflow_store(tmp_path / "outputs")
+    (run,) = [r for r in mlflow_runs(client) if r.info.run_name == "killed"]
+    assert saved["trackers"]["mlflow"] == {"run_id": run.info.run_id} and run.info.status == "RUNNING"
+    assert mlflow_steps(client, run.info.run_id, "train/loss") == [5, 10, 15, 20]  # 20: after the checkpoint
     resumed = run_train(*user_args(user_folder, tiny_root, tmp_path / "again",
                                    f"trainer.resume={killed}/checkpoints/last.pt"), env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(straight, killed)
+    # one MLflow run, continued and FINISHED, each step of train/loss once (step 20 was not sent again)
+    (again,) = [r for r in mlflow_runs(client) if r.info.run_name == "killed"]
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert mlflow_steps(client, run.info.run_id, "train/loss") == list(range(5, 48, 5))
+    assert "test/cohen_kappa" in again.data.metrics and again.data.params["model"] == "MLP"
+    assert {"best.pt", "metrics.json", "model_summary.txt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "alembic" not in resumed.stderr + result.stderr  # the store's creation stays off the console
+    assert "config changed" not in resumed.stdout + resumed.stderr  # nothing of the trackers differs on resume
     # the callback's state went through the checkpoint: it counted all 48 steps, not the 30 after the resume
     counted = [json.loads((d / "step_counter.json").read_text()) for d in (straight, killed)]
     assert counted[0] == counted[1] and counted[0]["steps"] == 48

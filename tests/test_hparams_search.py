@@ -57,9 +57,10 @@ def test_the_preset_composes():
 def test_an_unknown_optimized_metric_fails_before_training_naming_the_allowed_ones(tiny_root, tmp_path):
     result = run_train(*TINY, f"dataset.root={tiny_root}", f"output_root={tmp_path}", "optimized_metric=val/acc")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == ("error: optimized_metric=val/acc: must be one of test/loss, "
-                                                      "test/acc, test/f1, best/val/acc (best/ follows "
-                                                      "trainer.monitor=val/acc)")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: optimized_metric=val/acc: must be one of test/loss, test/acc, test/f1, test/balanced_acc, "
+        "test/acc_top5, test/auroc, test/ece, best/val/acc or a per-class test/<metric>/<class> (best/ follows "
+        "trainer.monitor=val/acc)")
     assert not list(tmp_path.rglob("*.pt"))
 
 

@@ -1,12 +1,12 @@
 """logger=mlflow (trainer/report/mlflow_logger.py): what a run logs lands in MLflow's SQLite store or a server, a
 resumed run continues its MLflow run with every step once, a checkpoint's run id is checked, and a parallel sweep
-makes one parent run with a child per job. Skipped where mlflow is not installed (`pip install '.[mlflow]'`)."""
+makes one parent run with a child per job. Skipped where mlflow is not installed (`pip install '.[mlflow]'`).
+A training run killed mid-epoch and resumed, with MLflow among its trackers: tests/test_callbacks_and_trackers.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, REPO, TINY, run_train, run_train_stopping
+from conftest import MLP, REPO, TINY, run_train
 
 from trainer.errors import UserError
 
@@ -177,40 +177,6 @@ def test_the_config_types_its_keys():
 
 
 # ---- training runs ----------------------------------------------------------------------------------------------
-
-# 16 batches an epoch; checkpoints every 3 steps and train/loss every 5, so a kill at step 11 leaves a checkpoint
-# at step 9 and train/loss of step 10 already sent (flush_secs=0): the resumed run logs step 10 again.
-RESUMABLE = (*TINY, *MLP, "model.dropout=0.2", "scheduler=onecycle", "trainer.deterministic=true",
-             "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=3", "logger=[tensorboard,mlflow]",
-             "logger.mlflow.flush_secs=0")
-
-
-@needs_mlflow
-def test_train_killed_then_resumed_is_one_finished_mlflow_run(tiny_root, tmp_path):
-    out, run_dir = tmp_path / "outputs", tmp_path / "outputs" / "run"
-    args = (*RESUMABLE, f"dataset.root={tiny_root}", f"output_root={out}", f"hydra.run.dir={run_dir}")
-    killed = run_train_stopping(*args, env={"STOP_AT_STEP": "11", "STOP_SIGNAL": str(int(signal.SIGKILL))})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    client = store(out)
-    (run,) = runs(client)
-    assert saved["trackers"]["mlflow"] == {"run_id": run.info.run_id} and saved["global_step"] == 9
-    assert run.info.status == "RUNNING" and steps(client, run.info.run_id, "train/loss") == [5, 10]
-
-    resumed = run_train(*args, f"hydra.run.dir={tmp_path / 'session2'}",
-                        f"trainer.resume={run_dir}/checkpoints/last.pt")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "alembic" not in resumed.stderr + killed.stderr  # the store's creation is not in the console
-    assert "config changed" not in resumed.stdout + resumed.stderr  # nothing of the tracker's differs on resume
-    (run,) = runs(client)
-    assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert steps(client, run.info.run_id, "train/loss") == [5, 10, 15, 20, 25, 30]  # each once
-    assert steps(client, run.info.run_id, "val/acc") == [16, 32] and "test/acc" in run.data.metrics
-    assert run.data.params["model"] == "MLP" and run.data.params["model.dropout"] == "0.2"
-    files = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"best.pt", "metrics.json", "model_summary.txt", "config.yaml"} <= files, files
-    assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard beside it, as before
-
 
 def free_port() -> int:
     with socket.socket() as s:

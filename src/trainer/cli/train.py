@@ -120,8 +120,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         trainer = setup(cfg, run_dir)
         if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
             # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
-            raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of "
-                            f"{', '.join(trainer.result_keys)} (best/ follows trainer.monitor={trainer.monitor})")
+            named = [k for k in trainer.result_keys if k.count("/") == 1 or k.startswith("best/")]
+            raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of {', '.join(named)} or a "
+                            f"per-class test/<metric>/<class> (best/ follows trainer.monitor={trainer.monitor})")
     except BaseException:
         if trainer is not None:  # TensorBoard's writer thread would write its queued events into a removed directory
             trainer.logger.close()
