@@ -51,8 +51,10 @@ def runs_under(root):
 @pytest.fixture(scope="module")
 def ddp(faint_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_out")
-    # with a torchmetrics metric, which syncs the ranks itself (the built-in ones are all-reduced counts)
-    result = torchrun(*COMMON, DDP, "metrics=[cohen_kappa]", f"dataset.root={faint_root}", f"output_root={out}")
+    # with a torchmetrics metric, which syncs the ranks itself (the built-in ones are all-reduced counts), trackers
+    # (rank 0's only) and a callback (on every rank; rank 0 writes)
+    result = torchrun(*COMMON, DDP, "metrics=[cohen_kappa]", "logger=[tensorboard,csv,mlflow]",
+                      "callbacks=[keep_checkpoints]", f"dataset.root={faint_root}", f"output_root={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -68,9 +70,18 @@ def single(faint_root, tmp_path_factory):
 def test_one_run_directory_written_by_rank_0_only(ddp):
     out, result = ddp
     (run,) = runs_under(out)  # exactly one, with one .hydra
-    assert {p for p in out.rglob("*") if p.is_dir()} == {run.parent, run, run / ".hydra", run / "checkpoints"}
+    mlflow_files = {out / "mlartifacts", *(p for p in (out / "mlartifacts").rglob("*") if p.is_dir())}
+    assert {p for p in out.rglob("*") if p.is_dir()} - mlflow_files == {run.parent, run, run / ".hydra",
+                                                                        run / "checkpoints"}
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "epoch_001.pt", "epoch_002.pt",
+                                                                       "epoch_003.pt", "last.pt"]
+    steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["5", "10", "15", "20", "25", "30", "35", "40", "45"]  # rank 0's rows, once each
+    from test_mlflow import runs, store
+
+    (logged,) = runs(store(out))  # one MLflow run for the two processes
+    assert logged.info.status == "FINISHED" and logged.data.metrics["test/acc"] > 0
     assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
     assert result.stdout.count("epoch 3/3") == 1 and result.stdout.count("test  test/loss") == 1  # rank 0's console
     assert "2 processes (gloo)" in result.stdout and "not scaled" in result.stdout
