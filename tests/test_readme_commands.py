@@ -215,9 +215,6 @@ SKIP = {
     "pip install -e '.[mlflow]'":
         "`pip install -e .` in the copy would re-point the shared venv's editable install at the temporary "
         "copy; the extra is already in the venv ('.[dev]' includes it): test_skipped_installs_are_installed",
-    "pip install -e '.[metrics]'":
-        "`pip install -e .` in the copy would re-point the shared venv's editable install at the temporary "
-        "copy; the extra is already in the venv ('.[dev]' includes it): test_skipped_installs_are_installed",
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
