@@ -96,11 +96,15 @@ def test_a_run_killed_mid_epoch_resumes_exactly_with_callbacks_trackers_and_metr
     rows = table(killed)
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(set(steps)) and rows == table(straight)
-    assert {"train/acc_top5", "val/balanced_acc", "val/cohen_kappa", "test/auroc", "test/ece"} <= rows[-1].keys()
+    assert {"train/acc_top5", "val/balanced_acc", "val/cohen_kappa", "test/auroc", "test/ece", "test/f1/0",
+            "test/auroc/9", "best/val/acc"} <= rows[-1].keys()  # per class too: the test's metrics all go out
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["test/cohen_kappa"] == json.loads((straight / "metrics.json").read_text())["test/cohen_kappa"]
-    # the user's own tracker got the run's scalars; keep_checkpoints kept every epoch
-    assert "val/acc" in (straight / "metrics.jsonl").read_text()
+    # the user's own tracker got the run's scalars, each step of each once across the kill (its purge_step lines)
+    lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    logged = [(key, line["step"]) for line in lines for key in line if key != "step"]
+    assert len(logged) == len(set(logged)) and {("val/acc", 48), ("test/acc", 48), ("train/loss", 20)} <= set(logged)
+    # keep_checkpoints kept every epoch
     assert sorted(p.name for p in (killed / "checkpoints").glob("epoch_*.pt")) == \
         ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
     epoch_2 = torch.load(killed / "checkpoints" / "epoch_002.pt", weights_only=True)
@@ -144,7 +148,7 @@ def test_callbacks_call_only_those_that_take_the_event():
     callbacks.on_fit_start("T")
     assert calls == [("step", "T")]
     assert Callbacks([Callback()]).on_step_end.__name__ == "_nothing"  # no callback takes it: nothing runs per step
-    with pytest.raises(TypeError, match="callbacks.x is a str, not a trainer.Callback"):
+    with pytest.raises(UserError, match=r"callbacks.x: its class str is not a subclass of trainer.loop.callbacks"):
         Callbacks({"x": "nope"})
     assert Callbacks({"a": Stepper()}).load_state_dict({"gone": {"n": 1}}) == ["gone"]
 

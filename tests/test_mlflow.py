@@ -74,8 +74,8 @@ def test_params_metrics_texts_pictures_and_files_land_in_the_sqlite_store(tmp_pa
     tracker.log_confusion_matrix("test/confusion_matrix_counts", torch.eye(2, dtype=torch.long), ["a", "b"], 1200)
     (tmp_path / "metrics.json").write_text("{}")
     tracker.log_artifact(tmp_path / "metrics.json")
-    tracker.log_metrics({"test/acc_class/3": 0.5}, 1200)  # `/` in keys, as the report names them
-    tracker.log_hparams(params, {"test/acc": 0.9}, 1200)
+    tracker.log_metrics({"test/acc": 0.9, "test/acc_class/3": 0.5}, 1200)  # `/` in keys, as the report names them
+    tracker.log_hparams(params, {"test/acc": 0.9}, 1200)  # the end: the metrics went out through log_metrics
     tracker.close()
 
     client = store(tmp_path)

@@ -49,9 +49,6 @@ class RecordingLogger(Tracker):
     def log_graph(self, model, example):
         pass
 
-    def log_hparams(self, hparams, metrics, step):
-        self.log_metrics(metrics, step)
-
     def flush(self):
         pass
 

@@ -51,16 +51,33 @@ def build(node: DictConfig, **runtime: Any) -> Any:
         cause = e.__cause__
         if isinstance(cause, UserError):
             raise cause from None
+        key = node._get_full_key(None) or node._key()  # logger.csv, not csv
         if isinstance(cause, ImportError) and str(e).startswith("Error locating target"):
             # Hydra's several lines; the module or name is the user's (a typo, or a module not on the import path)
             found = cause.__cause__ if cause.__cause__ is not None else cause
-            raise UserError(f"{node._key()}._target_={node._target_}: cannot import it ({type(found).__name__}: "
-                            f"{' '.join(str(found).split())}); a module of your own is imported from the current "
-                            "folder or an installed package") from None
+            raise UserError(f"{key}._target_={node._target_}: cannot import it ({_import_failure(node._target_, found)}"
+                            "); a module of your own is imported from the current folder or an installed "
+                            "package") from None
         if isinstance(cause, (ValueError, TypeError)):
-            values = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
-            raise UserError(f"{node._key()}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
+            values = ", ".join(f"{k}={v}" for k, v in node.items() if k not in ("_target_", "_partial_"))
+            raise UserError(f"{key}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
         raise
+
+
+def _import_failure(target: str, error: BaseException) -> str:
+    """Why `target` did not import: the module's own error, or that the module has no such name (where Python's
+    words, `No module named 'mymod.Nmae'; 'mymod' is not a package`, read as if the module were missing)."""
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    if module:
+        try:
+            imported = importlib.import_module(module)
+        except Exception:  # noqa: BLE001 (the module's own failure is the one to name, below)
+            imported = None
+        if imported is not None and not hasattr(imported, name):
+            return f"module {module} has no {name}"
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def build_metrics(node: DictConfig | None, num_classes: int, device: torch.device) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from trainer.errors import UserError
+
 if TYPE_CHECKING:
     from trainer.loop.trainer import Trainer
 
@@ -60,7 +62,8 @@ class Callbacks:
             callbacks = {f"{i}_{type(c).__name__}": c for i, c in enumerate(callbacks)}
         for name, callback in callbacks.items():
             if not isinstance(callback, Callback):
-                raise TypeError(f"callbacks.{name} is a {type(callback).__name__}, not a trainer.Callback")
+                raise UserError(f"callbacks.{name}: its class {type(callback).__name__} is not a subclass of "
+                                "trainer.loop.callbacks.Callback (docs/callbacks.md)")
         self.by_name = dict(callbacks)
         for event in EVENTS:  # only the overriding ones: an event no callback takes costs nothing in the loop
             hooks = [getattr(c, event) for c in self.by_name.values()

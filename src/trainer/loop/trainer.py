@@ -318,6 +318,14 @@ class Trainer:
                     "val/<precision|recall|f1|auroc>/<class> with trainer.full_val_metrics=true")
             raise UserError(f"trainer.monitor={self.monitor}: validation does not measure it; use one of "
                             f"{', '.join(named)}{more}")
+        name = self.monitor.split("/")[1]  # val/<name>[/<class>]
+        lower_is_better = name.endswith("loss") or name == "ece"
+        higher_is_better = name in ("acc", "f1", "balanced_acc", "auroc", "precision", "recall") or \
+            name.startswith("acc_top")
+        if (lower_is_better and self.mode == "max") or (higher_is_better and self.mode == "min"):  # not a metric's
+            raise UserError(f"trainer.mode={self.mode} with trainer.monitor={self.monitor}: "  # of your own: yours
+                            f"{'lower' if lower_is_better else 'higher'} is better for it; set trainer.mode="
+                            f"{'min' if lower_is_better else 'max'}")
 
     def _require_finite_weights(self, consequence: str = "stopped before anything reads them") -> None:
         p = self.progress

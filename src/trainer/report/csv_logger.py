@@ -67,9 +67,6 @@ class CSVLogger(Tracker):
         if time.monotonic() - self.written_at > self.flush_secs:
             self.flush()
 
-    def log_hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
-        self.log_metrics(metrics, step)  # the hyperparameters are in the run's .hydra/config.yaml
-
     def flush(self) -> None:
         if not self.dirty:
             return

@@ -97,13 +97,12 @@ class TensorBoardLogger(Tracker):
             self.writer.add_scalar(name, value, step)
 
     def log_hparams(self, hparams: dict[str, str | int | float | bool], metrics: dict[str, float], step: int) -> None:
-        """Fill TensorBoard's HParams tab with this run's hyperparameters and its final metrics. The metrics
-        are logged as scalars of this same run, which is where the tab reads their (real) values."""
+        """Fill TensorBoard's HParams tab with this run's hyperparameters and its final metrics. The tab reads the
+        metrics' (real) values from this run's scalars of the same tags, which `log_metrics` logged at `step`."""
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         for summary in hparams_summaries(hparams, metrics):  # experiment, session start, session end
             self.writer.file_writer.add_summary(summary)
-        self.log_metrics(metrics, step)
 
     def log_images(self, tag: str, images, step: int = 0) -> None:
         """A grid of uint8 images (N, C, H, W), eight per row."""

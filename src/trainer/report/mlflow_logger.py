@@ -196,8 +196,7 @@ class MLflowLogger(Tracker):
             self.flush()
 
     def log_hparams(self, hparams: dict[str, str | int | float | bool], metrics: dict[str, float], step: int) -> None:
-        """The final metrics at the last step; the hyperparameters are the run's params already. The run's end."""
-        self.log_metrics(metrics, step)
+        """The run's end: its final metrics were logged (`log_metrics`) and its hyperparameters are its params."""
         self.finished = True
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:

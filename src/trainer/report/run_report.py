@@ -114,20 +114,21 @@ class RunReport:
         checkpoints), None where this process did not train."""
         step = progress.global_step
         per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
-        self.logger.log_metrics({f"test/acc_class/{name.replace('/', '-')}": acc for name, acc in per_class.items()
-                                 if acc is not None},
-                                step)
+        best = {f"best/{monitor}": progress.best_metric} if progress.best_metric is not None else {}
+        # `params` beside the metrics, so a sweep's HParams table sorts by model size
+        final = {**metrics, **best, "params": self.summary.params}
+        self.logger.log_metrics({**final, **{f"test/acc_class/{name.replace('/', '-')}": acc
+                                             for name, acc in per_class.items() if acc is not None}}, step)
         self.logger.log_confusion_matrix("test/confusion_matrix_counts", confusion, self.data.classes, step)
         if self.log_graph:
             images, _ = self.data.test.raw(slice(2))
             example = self.data.test.transform(images)  # (2, C, H, W) float, as the model gets it
             self.logger.log_graph(model, example.contiguous(memory_format=torch.channels_last)
                                   if self.channels_last else example)
-        best = {f"best/{monitor}": progress.best_metric} if progress.best_metric is not None else {}
-        # `params` beside the metrics, so a sweep's HParams table sorts by model size
-        summary_metrics = {k: v for k, v in metrics.items() if k.count("/") == 1}  # per class: too many for a table
-        self.logger.log_hparams(hparams_of(self.config_yaml), {**summary_metrics, **best,
-                                                               "params": self.summary.params}, step)
+        # the HParams table: every final metric but the per-class ones (test/f1/<class>, ...: too many columns)
+        self.logger.log_hparams(hparams_of(self.config_yaml), {k: v for k, v in final.items()
+                                                               if not (k.startswith("test/") and k.count("/") > 1)},
+                                step)
         summary = {**metrics, f"best/{monitor}": progress.best_metric, "best/epoch": progress.best_epoch,
                    "epochs": progress.epoch, "global_step": step, "params": self.summary.params,
                    "params_trainable": self.summary.trainable, "macs_per_image": self.summary.macs_per_image,
@@ -143,7 +144,7 @@ class RunReport:
                 f.write(json.dumps(summary, indent=2).encode())
             self.logger.log_artifact(self.run_dir / "metrics.json")
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
-                 summary_metrics.items()), summary["seconds_since_start"], summary["peak_rss_mib"])
+                 metrics.items() if k.count("/") == 1), summary["seconds_since_start"], summary["peak_rss_mib"])
 
 
 def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:

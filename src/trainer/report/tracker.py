@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from trainer.errors import UserError
+
 
 class Tracker:
     """Base class of a tracker: every method does nothing. Subclasses override what they show."""
@@ -32,7 +34,8 @@ class Tracker:
         """Scalars at optimizer step `step`: `train/loss` every log interval, the epoch's metrics at its end."""
 
     def log_hparams(self, hparams: dict[str, str | int | float | bool], metrics: dict[str, float], step: int) -> None:
-        """At the end of the test: the hyperparameters beside the final metrics (TensorBoard's HParams tab)."""
+        """At the end of the test: the hyperparameters beside the final metrics (TensorBoard's HParams tab), which
+        `log_metrics` has just logged at `step` (all of them; here the per-class ones are left out)."""
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         """A text: the model summary and the config (YAML) at the start of a new run."""
@@ -84,6 +87,9 @@ class Trackers(Tracker):
         try:
             for name, factory in factories.items():
                 built[name] = factory(log_dir=log_dir, purge_step=purge_step)
+                if not isinstance(built[name], Tracker):
+                    raise UserError(f"logger.{name}: its class {type(built.pop(name)).__name__} is not a subclass of "
+                                    "trainer.report.tracker.Tracker (docs/tracking.md)")
         except BaseException:
             cls(built.values()).close()
             raise
