@@ -49,6 +49,8 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_summarizes(tiny_root, t
                                  "test/balanced_acc"]
     refused = summarize(str(out), "--sort", "test/ece")
     assert refused.returncode == 1 and refused.stderr.startswith("error: --sort test/ece: not a column")
+    typo = summarize(str(out), "--columns", "test/eec")
+    assert typo.returncode == 1 and typo.stderr.startswith("error: --columns test/eec: no run under"), typo.stderr
 
     # A run stopped before its test (Ctrl-C, a kill) has checkpoints but no metrics.json: "stopped", not "failed"
     stopped = out / "2026-01-01" / "00-00-00-000000"

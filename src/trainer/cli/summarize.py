@@ -163,6 +163,11 @@ def main() -> int:
     if not rows:
         print(f"error: no training runs under {root} (a run directory holds .hydra/overrides.yaml)", file=sys.stderr)
         return 1
+    unknown = [c for c in extra if all(row.get(c) is None for row in rows)]
+    if unknown:  # a typo would otherwise be a column of dashes
+        print(f"error: --columns {unknown[0]}: no run under {root} has it in its metrics.json (docs/metrics.md "
+              "lists the keys)", file=sys.stderr)
+        return 1
     table = [[cell(row.get(c), c) for c in columns] for row in rows]
     if args.format == "csv":
         writer = csv.writer(sys.stdout)
