@@ -45,7 +45,7 @@ from trainer.errors import (
 from trainer.loop.metrics import EpochMetrics, evaluate
 from trainer.loop.step import autocast_for, check_loss, check_precision, forward_pass
 from trainer.report.figures import png, reliability_diagram
-from trainer.report.run_report import per_class_accuracy
+from trainer.report.run_report import is_per_class, per_class_accuracy
 from trainer.run.files import atomic_write, discard_refused_run
 from trainer.system import resolve_device
 
@@ -106,7 +106,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
         f.write(png(reliability_diagram(*measured.last_calibration)))
     log.info("%s: %s split of %s, %d images (checkpoint from epoch %d)", ckpt, split, printable(data.name),
              summary["images"], restored.epoch)
-    log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items() if k.count("/") == 1))  # per class: metrics.json
+    log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items() if not is_per_class(k)))  # per class: metrics.json
     width = max(6, len(str(int(confusion.max()))) + 1)
     log.info("confusion matrix (rows: true class, columns: predicted class):\n%s\n%s", " " * 16 + "".join(
         f"{i:>{width}}" for i in range(data.num_classes)), "\n".join(

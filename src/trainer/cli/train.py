@@ -40,6 +40,7 @@ from trainer.loop.options import TrainerOptions
 from trainer.loop.seeding import seed_everything
 from trainer.loop.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 from trainer.report.logger import quiet_writer_thread_errors
+from trainer.report.run_report import is_per_class
 from trainer.report.tracker import Trackers
 from trainer.run.checkpoint import GROUPS, PRESET_GROUPS
 from trainer.run.discovery import find_unfinished_run
@@ -120,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         trainer = setup(cfg, run_dir)
         if cfg.optimized_metric is not None and cfg.optimized_metric not in trainer.result_keys:
             # Checked before training: a typo would otherwise cost every trial of a sweep a full run.
-            named = [k for k in trainer.result_keys if k.count("/") == 1 or k.startswith("best/")]
+            named = [k for k in trainer.result_keys if not is_per_class(k)]
             raise UserError(f"optimized_metric={cfg.optimized_metric}: must be one of {', '.join(named)} or a "
                             f"per-class test/<metric>/<class> (best/ follows trainer.monitor={trainer.monitor})")
     except BaseException:

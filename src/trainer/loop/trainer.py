@@ -37,7 +37,7 @@ from trainer.loop.seeding import set_deterministic
 from trainer.loop.signals import StopSignals, TrainingInterrupted
 from trainer.loop.state import RunState
 from trainer.loop.step import autocast_for, check_optimizer_and_loss, forward_pass
-from trainer.report.run_report import RunReport
+from trainer.report.run_report import RunReport, is_per_class
 from trainer.report.tracker import Tracker
 from trainer.run.checkpoint import load_checkpoint
 from trainer.system import allocator_in_use, resolve_device, seconds_since_process_start
@@ -150,7 +150,7 @@ class Trainer:
                 self.logger.log_metrics({**train, **val, **speed, "epoch": p.epoch}, p.global_step)
                 log.info("epoch %d/%d  %s  %.1fs  %.0f samples/s  [%.1fs since start]%s", p.epoch,
                          self.max_epochs, "  ".join(f"{k} {v:.4f}" for k, v in {**train, **val}.items()
-                                                    if k.count("/") == 1), seconds,  # per class: TensorBoard's
+                                                    if not is_per_class(k)), seconds,  # per class: TensorBoard's
                          speed["epoch/samples_per_s"], seconds_since_process_start(), "  (best)" if improved else "")
                 self.callbacks.on_validation_end(self, {**train, **val})
                 if improved:  # before last.pt: a kill between the two must not leave a last.pt whose best is unsaved
@@ -313,7 +313,7 @@ class Trainer:
         with trainer.full_val_metrics)."""
         measured = self.eval_metrics["val"].names("val")
         if self.monitor not in measured:
-            named = [m for m in measured if m.count("/") == 1]  # not the per-class ones
+            named = [m for m in measured if not is_per_class(m)]
             more = ("" if self.options.metrics.full_val_metrics else "; val/auroc, val/ece and per class "
                     "val/<precision|recall|f1|auroc>/<class> with trainer.full_val_metrics=true")
             raise UserError(f"trainer.monitor={self.monitor}: validation does not measure it; use one of "

@@ -127,7 +127,7 @@ class RunReport:
                                   if self.channels_last else example)
         # the HParams table: every final metric but the per-class ones (test/f1/<class>, ...: too many columns)
         self.logger.log_hparams(hparams_of(self.config_yaml), {k: v for k, v in final.items()
-                                                               if not (k.startswith("test/") and k.count("/") > 1)},
+                                                               if not is_per_class(k)},
                                 step)
         summary = {**metrics, f"best/{monitor}": progress.best_metric, "best/epoch": progress.best_epoch,
                    "epochs": progress.epoch, "global_step": step, "params": self.summary.params,
@@ -144,7 +144,13 @@ class RunReport:
                 f.write(json.dumps(summary, indent=2).encode())
             self.logger.log_artifact(self.run_dir / "metrics.json")
         log.info("test  %s  [%.1fs since start, peak RSS %.0f MiB]", "  ".join(f"{k} {v:.4f}" for k, v in
-                 metrics.items() if k.count("/") == 1), summary["seconds_since_start"], summary["peak_rss_mib"])
+                 metrics.items() if not is_per_class(k)), summary["seconds_since_start"], summary["peak_rss_mib"])
+
+
+def is_per_class(key: str) -> bool:
+    """Whether a metric key is one class's (`test/f1/<class>`, `val/auroc/<class>`): left out of the console's
+    lines, the HParams table and the lists an error names. `best/<monitor>` is the run's, whatever its monitor."""
+    return key.count("/") > 1 and not key.startswith("best/")
 
 
 def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
