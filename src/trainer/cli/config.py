@@ -32,6 +32,7 @@ from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, one_line
 from trainer.run.checkpoint import GROUPS, LIST_GROUPS, RESERVED, load_checkpoint
 from trainer.run.untrusted import MAX_IMAGE_ELEMENTS, require_memory
+from trainer.tasks import Task, task_from_state
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
 # and another machine's paths mean nothing here); always this machine's own values.
@@ -277,6 +278,7 @@ class TrainedModel:
 
     model: torch.nn.Module
     config: DictConfig  # the config it was trained with, as `rebuildable_config` returns it
+    task: Task  # what it was trained for, with what the task learnt (a regression's scale, class centroids)
     data: dict[str, Any]  # the identity of the data it was trained on: see ImageDataset.identity
     epoch: int  # the epoch the checkpoint was written in
 
@@ -292,14 +294,17 @@ def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", 
     model_config = trained.model.copy()
     if "weights" in model_config:
         model_config.weights = None  # no pretrained download: the checkpoint holds the trained weights
+    task = task_from_state(state.get("task"), str(ckpt))
+    outputs = task.output_size(len(data["classes"]))
     misfit = (f"{ckpt}: its weights do not fit the model its config describes "
-              f"({data['name']}, {len(data['classes'])} classes of {tuple(data['in_shape'])} images)")
-    model = build_model(model_config, data["in_shape"], len(data["classes"]), state["model"], misfit)
+              f"({data['name']}, {outputs} outputs for {len(data['classes'])} classes of {tuple(data['in_shape'])} "
+              "images)")
+    model = build_model(model_config, data["in_shape"], outputs, state["model"], misfit)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError):  # other shapes or keys; not a state dict at all
         raise UserError(misfit) from None
-    return TrainedModel(model.to(device).eval(), trained, data, state["epoch"])
+    return TrainedModel(model.to(device).eval(), trained, task, data, state["epoch"])
 
 
 def data_identity(state: dict, trained: DictConfig, where: Path | str = "the checkpoint") -> dict[str, Any]:

@@ -37,17 +37,19 @@ from trainer.cli.config_errors import with_one_line_errors
 from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
 from trainer.cli.process import run_then_exit
 from trainer.cli.schema import EvalKeys, check_keys
+from trainer.data import ImageDataset
 from trainer.errors import (
     UserError,
     error_line,
     printable,
 )
-from trainer.loop.metrics import EpochMetrics, evaluate
-from trainer.loop.step import autocast_for, check_loss, check_precision, forward_pass
-from trainer.report.figures import png, reliability_diagram
+from trainer.loop.metrics import EpochMetrics, Forward, evaluate
+from trainer.loop.step import autocast_for, check_precision, forward_pass
+from trainer.report.figures import png, reliability_diagram, scatter
 from trainer.report.run_report import is_per_class, per_class_accuracy
 from trainer.run.files import atomic_write, discard_refused_run
 from trainer.system import resolve_device
+from trainer.tasks import Task
 
 log = logging.getLogger("eval")
 
@@ -61,8 +63,9 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     device = resolve_device(device_name)
     restored = model_from_checkpoint(ckpt, device, trust, data_root)
     model, trained = restored.model, restored.config
+    task = restored.task
     data = build(dataset if dataset is not None else data_config(trained, "data_root=PATH"), device=device,
-                 seed=trained.seed)
+                 seed=trained.seed, targets=task.targets)
     check_fits(data, restored.data, ckpt)
     if dataset is None and restored.data["digest"] not in (None, data.digest):
         log.warning("%s: the data is not the data the model was trained on (digest %s, trained on %s): its files "
@@ -74,7 +77,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     precision, channels_last = trained.trainer.precision, trained.trainer.channels_last
     try:  # values from the file that only fail when used: refused now, in one line, as train.py refuses them
         check_precision(precision)
-        check_loss(loss_fn, data.num_classes, device)
+        task.check_loss(loss_fn, data, device)
     except UserError as e:
         raise UserError(f"refusing {ckpt}: its stored {e}") from None
     if precision == "fp16" and device.type != "cuda":
@@ -82,12 +85,15 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
         precision = "fp32"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = functools.partial(forward_pass, model, loss_fn, channels_last=channels_last,
+    forward = functools.partial(forward_pass, model, task.loss(loss_fn).to(device), channels_last=channels_last,
                                 autocast=autocast_for(precision, device))
-
     top_k = trained.trainer.get("top_k", 5)  # a checkpoint from before top-k: its default
+    extra = build_metrics(metrics, data.num_classes, device)
+    if task.name != "classification":
+        return _evaluate_task(task, forward, data, split, extra, top_k, out_dir, ckpt, restored.epoch)
+
     measured = EpochMetrics(data.num_classes, device, confusion_matrix=True, top_k=top_k, full=True,
-                            classes=data.classes, extra=build_metrics(metrics, data.num_classes, device))
+                            classes=data.classes, extra=extra)
     results = evaluate(forward, getattr(data, split), measured, split)
     confusion = measured.last_confusion.cpu()  # (classes, classes): rows true, columns predicted
     per_class = per_class_accuracy(confusion)
@@ -115,6 +121,32 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
         for i, (name, row, acc) in enumerate(zip(data.classes, confusion.tolist(), per_class))))
     log.info("wrote %s (per-class precision, recall, F1 and AUROC too), %s and %s", out_dir / "metrics.json",
              out_dir / "confusion_matrix.csv", out_dir / "reliability.png")
+    return summary
+
+
+def _evaluate_task(task: Task, forward: Forward, data: ImageDataset, split: str, extra: dict, top_k: int | None,
+                   out_dir: Path, ckpt: str, epoch: int) -> dict:
+    """`evaluate_checkpoint` for the tasks beyond classification: their metrics into metrics.json, and a
+    regression's predicted-against-true picture per column (scatter.png, scatter_<column>.png)."""
+    measured = task.metrics("test", data=data, device=data.test.device, top_k=top_k, full=True, extra=extra)
+    results = evaluate(forward, getattr(data, split), measured, split)
+    loader = getattr(data, split)
+    summary = {**results, "task": task.name, "checkpoint": str(ckpt), "checkpoint_epoch": epoch,
+               "dataset": data.name, "split": split, "images": loader.num_items}
+    with atomic_write(out_dir / "metrics.json") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    written = [out_dir / "metrics.json"]
+    points = getattr(measured, "last_points", None)
+    if points is not None:
+        for j, name in enumerate(data.classes):
+            path = out_dir / ("scatter.png" if len(data.classes) == 1 else f"scatter_{j}.png")
+            with atomic_write(path) as f:
+                f.write(png(scatter(points[0][:, j], points[1][:, j], name)))
+            written.append(path)
+    log.info("%s: %s split of %s, %d images, task %s (checkpoint from epoch %d)", ckpt, split, printable(data.name),
+             summary["images"], task.name, epoch)
+    log.info("  ".join(f"{k} {v:.4f}" for k, v in results.items() if not is_per_class(k)))  # per label: metrics.json
+    log.info("wrote %s", ", ".join(map(str, written)))
     return summary
 
 

@@ -129,7 +129,7 @@ class Agreement:
     max_abs_diff: float
     within_tolerance: bool  # every logit within ATOL + RTOL * |PyTorch logit|
     same_prediction: int  # images whose argmax class is the same
-    correct: int  # images the exported model classifies right
+    correct: int | None  # images the exported model classifies right (classification)
 
     @property
     def ok(self) -> bool:
@@ -138,10 +138,11 @@ class Agreement:
     def __str__(self) -> str:
         return (f"{self.images} test images ({self.batches} batches and the first image alone): "
                 f"max |logit diff| {self.max_abs_diff:.2e} (allowed {ATOL:g} + {RTOL:g}*|logit|), "
-                f"same prediction for {self.same_prediction}/{self.images}, accuracy {self.correct / self.images:.2%}")
+                f"same prediction for {self.same_prediction}/{self.images}" +
+                (f", accuracy {self.correct / self.images:.2%}" if self.correct is not None else ""))
 
 
-def verify(run: Runner, reference: nn.Module, loader: BatchLoader, batches: int) -> Agreement:
+def verify(run: Runner, reference: nn.Module, loader: BatchLoader, batches: int, classify: bool = True) -> Agreement:
     """Compare `run` with the PyTorch model `reference` on the first `batches` batches of `loader` and on its
     first image alone.
 
@@ -161,9 +162,12 @@ def verify(run: Runner, reference: nn.Module, loader: BatchLoader, batches: int)
             images += len(labels)
             diff = max(diff, float((got - want).abs().max()))
             within = within and torch.allclose(got, want, rtol=RTOL, atol=ATOL)
-            same += int((got.argmax(1) == want.argmax(1)).sum())
-            correct += int((got.argmax(1) == labels).sum())
-    return Agreement(images, min(batches, len(loader)), diff, within, same, correct)
+            if classify:  # the same class, and right; another task's outputs agree by value (allclose) alone
+                same += int((got.argmax(1) == want.argmax(1)).sum())
+                correct += int((got.argmax(1) == labels).sum())
+            else:
+                same += len(labels) if torch.allclose(got, want, rtol=RTOL, atol=ATOL) else 0
+    return Agreement(images, min(batches, len(loader)), diff, within, same, correct if classify else None)
 
 
 def default_out_dir(ckpt: Path, checkpoint_dir: str) -> Path:
@@ -190,19 +194,22 @@ def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int, tr
     if "onnx" in formats:
         onnx_packages()  # fail before the slow part
     restored = model_from_checkpoint(ckpt, trust=trust, data_root=data_root, config_dirs=config_dirs)
-    trained, dataset = restored.config, restored.data
-    model = Normalised(restored.model, dataset["mean"], dataset["std"]).eval()
-    data = build(data_config(trained, "--data-root PATH"), device="cpu", seed=trained.seed)
+    trained, dataset, task = restored.config, restored.data, restored.task
+    head = task.export_head()  # a regression's outputs in the targets' units
+    reference = restored.model if head is None else nn.Sequential(restored.model, head).eval()
+    model = Normalised(reference, dataset["mean"], dataset["std"]).eval()
+    data = build(data_config(trained, "--data-root PATH"), device="cpu", seed=trained.seed, targets=task.targets)
     check_fits(data, dataset, ckpt)
     out_dir = out_dir or default_out_dir(Path(ckpt).expanduser(), trained.trainer.checkpoint_dir)
     meta = {"dataset": dataset["name"], "classes": dataset["classes"], "mean": dataset["mean"], "std": dataset["std"],
-            "input": INPUT, "output": OUTPUT, "checkpoint": str(ckpt), "epoch": restored.epoch}
+            "input": INPUT, "output": OUTPUT if task.name == "classification" else task.export_output,
+            "task": task.name, "checkpoint": str(ckpt), "epoch": restored.epoch}
     example = data.test.raw(slice(2))[0]  # (2, C, H, W) uint8; not 1, which the ONNX exporter would fix as the size
     results = []
     for name in formats:
         exporter, loader, suffix = FORMATS[name]
         blob = exporter(model, example, meta)
-        agreement = verify(loader(blob), restored.model, data.test, batches)
+        agreement = verify(loader(blob), reference, data.test, batches, classify=task.name == "classification")
         if not agreement.ok:
             raise Mismatch(f"the {name} export of {ckpt} does not match the PyTorch model on {agreement}; "
                             "nothing written")

@@ -10,7 +10,9 @@ whose border is light, such as dark ink on paper, are inverted), cropped to its 
 20x20 box (MNIST's own size normalisation; 28x28 for Fashion-MNIST, whose objects fill the frame) and placed
 with its centre of mass at the centre of the 28x28 frame. For any other data: converted to the training
 images' channels (grey or RGB) and resized to their size, as the dataset itself was decoded.
-Prints, per file, the predicted class index, its name and its probability.
+Prints, per file, the predicted class index, its name and its probability; for the other tasks (docs/tasks.md)
+every label over the threshold (multilabel), the predicted values (regression) or the nearest classes with their
+distances (embedding).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from trainer.cli.config import model_from_checkpoint
 from trainer.data import BatchTransform
 from trainer.data.decode import decode, to_8bit
 from trainer.errors import UserError, error_line
+from trainer.tasks import Task
 
 # Datasets made MNIST's way (centred grey content on black), and those of them whose objects fill the frame.
 MNIST_STYLE = ("MNIST", "FashionMNIST")
@@ -73,7 +76,16 @@ def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> tor
 
 def predict(ckpt: str, files: list[Path], top: int, trust: bool = False,
             config_dirs: Sequence[Path] = ()) -> list[list[tuple[int, str, float]]]:
-    """Per file, the `top` (class index, class name, probability) pairs, most likely first.
+    """Per file, what the checkpoint's task predicts: see predict_with_task."""
+    return predict_with_task(ckpt, files, top, trust, config_dirs)[1]
+
+
+def predict_with_task(ckpt: str, files: list[Path], top: int, trust: bool = False,
+                      config_dirs: Sequence[Path] = ()) -> tuple[Task, list[list[tuple[int, str, float]]]]:
+    """Per file, what the checkpoint's task predicts, as (index, name, value): for classification the `top`
+    classes with their probabilities, most likely first; multi-label, every label whose probability reaches the
+    threshold; regression, each column's value in the targets' units; embedding, the `top` nearest classes
+    (by the distance to each class's mean embedding), nearest first.
     `trust`: rebuild the model from the checkpoint's own config; `config_dirs`: the user's options (see
     trainer.cli.config.rebuildable_config)."""
     for path in files:  # a FIFO or a device would be read without end (predict waited forever on a FIFO)
@@ -89,9 +101,8 @@ def predict(ckpt: str, files: list[Path], top: int, trust: bool = False,
     else:
         images = decode(len(files), lambda i: Image.open(files[i]), lambda i: str(files[i]), shape, "images")
     with torch.inference_mode():
-        probs = restored.model(normalise(images)).softmax(dim=1)  # (N, K)
-    values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
-    return [[(int(i), data["classes"][int(i)], float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(values, indices)]
+        outputs = restored.model(normalise(images))  # (N, width)
+    return restored.task, restored.task.predictions(outputs, data["classes"], top)
 
 
 def main() -> int:
@@ -103,12 +114,14 @@ def main() -> int:
     try:
         if args.top < 1:
             raise UserError(f"--top={args.top}: must be >= 1")
-        results = predict(args.ckpt, args.images, args.top, args.trust_checkpoint, require_dirs(args.config_dir))
+        task, results = predict_with_task(args.ckpt, args.images, args.top, args.trust_checkpoint,
+                                          require_dirs(args.config_dir))
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return 1
     for path, ranked in zip(args.images, results):
-        print(f"{path}  " + "  ".join(f"{i} {name!r} {p:.1%}" for i, name, p in ranked))
+        print(f"{path}  " + ("  ".join(f"{i} {name!r} {task.value_text(v)}" for i, name, v in ranked) or
+                             f"no label reaches {getattr(task, 'threshold', 0.5):.0%}"))
     return 0
 
 

@@ -163,6 +163,47 @@ class MultiMarginLoss(Target):
     margin: float = MISSING
 
 
+@dataclass
+class HuberLoss(Target):
+    delta: float = MISSING
+
+
+@dataclass
+class PoissonNLLLoss(Target):
+    log_input: bool = MISSING
+    full: bool = MISSING
+
+
+@dataclass
+class MarginLoss(Target):
+    margin: float = MISSING
+
+
+Mining = choices("Mining", ("batch_hard", "semi_hard"))
+
+
+@dataclass
+class TripletLoss(MarginLoss):
+    mining: Mining = MISSING
+
+
+# ---- task -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MultiLabelTask(Target):
+    threshold: float = MISSING
+
+
+@dataclass
+class RegressionTask(Target):
+    normalize: bool = MISSING
+
+
+@dataclass
+class EmbeddingTask(Target):
+    embedding_dim: int = MISSING
+
+
 # ---- optimizer --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -352,7 +393,10 @@ SCHEMAS: dict[str, dict[str, type]] = {
                 "torchvision": TorchvisionDataset},
     "model": {"cnn": CNNModel, "mlp": MLPModel, "logistic": Target, "torchvision": TorchvisionModel},
     "loss": {"bce": BCELoss, "cross_entropy": CrossEntropyLoss, "mse": Target, "multi_margin": MultiMarginLoss,
-             "nll": Target},
+             "nll": Target, "l1": Target, "huber": HuberLoss, "poisson_nll": PoissonNLLLoss, "triplet": TripletLoss,
+             "hinge_embedding": MarginLoss, "contrastive": MarginLoss},
+    "task": {"classification": Target, "multilabel": MultiLabelTask, "regression": RegressionTask,
+             "embedding": EmbeddingTask},
     "optimizer": {"adadelta": AdadeltaOptimizer, "adagrad": Optimizer, "adam": AdamOptimizer, "adamw": AdamOptimizer,
                   "rmsprop": RMSpropOptimizer, "sgd": SGDOptimizer},
     "scheduler": {"cosine": CosineScheduler, "exponential": ExponentialScheduler, "multistep": MultistepScheduler,

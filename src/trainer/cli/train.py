@@ -59,9 +59,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     device = resolve_device(cfg.trainer.device)
     dist = build(cfg.distributed, device=device)  # under torchrun: joins the job; on CUDA picks cuda:LOCAL_RANK
     device = dist.device
-    data = build(cfg.dataset, device=device, seed=cfg.seed)
+    task = build(cfg.task)  # what is learnt: the targets the data reads, the model's outputs, metrics, pictures
+    data = build(cfg.dataset, device=device, seed=cfg.seed, targets=task.targets)
     data.shard(dist.rank, dist.world_size)
-    model = build_model(cfg.model, data.in_shape, data.num_classes, train_on=device).to(device)
+    model = build_model(cfg.model, data.in_shape, task.output_size(data.num_classes), train_on=device).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
@@ -82,11 +83,12 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     trainer = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, data=data, logger=logger,
                       run_dir=run_dir, options=TrainerOptions.from_settings(settings), device=device, dist=dist,
                       metrics=metrics, callbacks=callbacks,
-                      config_yaml=OmegaConf.to_yaml(cfg, resolve=True), config_choices=option_names())
+                      config_yaml=OmegaConf.to_yaml(cfg, resolve=True), config_choices=option_names(), task=task)
     cores = torch.get_num_threads()
     threads = f" ({cores} CPU thread{'s' * (cores != 1)})" if device.type == "cpu" else ""  # joblib sweeps share cores
-    log.info("%s on %s%s: %s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
-             device, threads, printable(data.name), type(loss_fn).__name__, type(optimizer).__name__,
+    log.info("%s on %s%s: %s%s, %s, %s, %d train / %d val / %d test images; run dir %s", type(model).__name__,
+             device, threads, printable(data.name), "" if task.name == "classification" else f" (task {task.name})",
+             type(loss_fn).__name__, type(optimizer).__name__,
              data.train.num_samples,
              data.val.num_items, data.test.num_items, trainer.run_dir)
     limits = {"each epoch trains on": cfg.trainer.limit_train_batches,

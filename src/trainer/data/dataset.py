@@ -86,6 +86,35 @@ def as_labels(array: Any, count: int, num_classes: int, where: str) -> torch.Ten
     return y.contiguous()
 
 
+TARGETS = ("class", "multi_hot", "values")  # what a task reads as targets (trainer.tasks.Task.targets)
+
+
+def as_targets(array: Any, count: int, width: int, kind: str, where: str) -> torch.Tensor:
+    """Float32 (N, width) targets: `multi_hot` 0/1 per label (a multi-label task), `values` finite numbers (a
+    regression; (N,) is one column), checked against the image count and the label or column count."""
+    y = torch.as_tensor(np.asarray(array)) if not isinstance(array, torch.Tensor) else array
+    if y.dtype.is_complex or y.dtype == torch.bool and kind == "values" or y.ndim not in (1, 2):
+        raise UserError(f"{where}: targets must be a (N,) or (N, {width}) array of numbers, not "
+                        f"{str(y.dtype).removeprefix('torch.')} {tuple(y.shape)}")
+    if y.ndim == 1:
+        y = y[:, None]  # (N,) -> (N, 1)
+    if len(y) != count:
+        raise UserError(f"{where}: {count} images but {len(y)} targets")
+    if y.shape[1] != width:
+        what = "labels" if kind == "multi_hot" else "columns"
+        raise UserError(f"{where}: targets have {y.shape[1]} {what} per image, but the names (classes) give {width}")
+    y = y.to(torch.float32)
+    if kind == "multi_hot":
+        bad = y[(y != 0) & (y != 1)]
+        if bad.numel():
+            raise UserError(f"{where}: multi-hot targets hold {float(bad[0]):g}; each label is 0 (absent) or 1 "
+                            "(present)")
+    elif y.numel() and not bool(torch.isfinite(y).all()):
+        raise UserError(f"{where}: targets hold {float(y[~torch.isfinite(y)][0])}; every target must be a finite "
+                        "number")
+    return y.contiguous()
+
+
 class ImageDataset:
     """Base class of every dataset option, and of a user's own dataset class.
 
@@ -102,7 +131,8 @@ class ImageDataset:
                  split_seed: int, mean: str | float | list[float], std: str | float | list[float],
                  augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int, hflip: bool,
                  shuffle: bool, drop_last: bool, cache: bool,
-                 device_margin_gib: float, device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 device_margin_gib: float, device: torch.device | str = "cpu", seed: int = 0,
+                 targets: str = "class") -> None:
         require_int("dataset.batch_size", batch_size, 1)
         require_int("dataset.eval_batch_size", eval_batch_size, 1)
         for key, value in (("hflip", hflip), ("shuffle", shuffle), ("drop_last", drop_last), ("cache", cache)):
@@ -113,6 +143,9 @@ class ImageDataset:
         if not isinstance(device_margin_gib, (int, float)) or device_margin_gib < 0:
             raise UserError(f"dataset.device_margin_gib={device_margin_gib!r}: must be a number >= 0")
         self.name = self.name or type(self).__name__
+        if targets not in TARGETS:
+            raise UserError(f"targets={targets!r}: one of {', '.join(TARGETS)}")
+        self.targets = targets  # what `read()` returns as labels: the task's (trainer.tasks)
         self.cache = cache
         self.cache_file: Path | None = None  # where the decoded tensors are cached, if they are
         self._unsaved: dict[str, Any] | None = None
@@ -155,6 +188,11 @@ class ImageDataset:
         train_x, train_y = put(train_x), put(record["train_y"])
         self.train = BatchLoader(train_x, train_y, batch_size, transform=train_tf, shuffle=shuffle, seed=seed,
                                  drop_last=drop_last, indices=put(train_idx), device=device)
+        # the training split as evaluation reads it (an embedding's nearest-neighbour reference), and its targets
+        # (a regression's scale): views of the same tensors
+        self.train_eval = BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
+                                      indices=put(train_idx), device=device)
+        self.train_targets = record["train_y"][train_idx]
         self.val = (BatchLoader(put(val_x), put(val_y), eval_batch_size, transform=eval_tf, shuffle=False,
                                 device=device) if val_x is not None else
                     BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
@@ -195,7 +233,7 @@ class ImageDataset:
 
     def shard(self, rank: int, world_size: int) -> None:
         """Give this process (`rank` of `world_size`) its disjoint part of every split (see BatchLoader.shard)."""
-        for loader in (self.train, self.val, self.test):
+        for loader in (self.train, self.val, self.test, self.train_eval):
             loader.shard(rank, world_size)
 
     def identity(self) -> dict[str, Any]:
@@ -230,7 +268,8 @@ class ImageDataset:
         files = self.sources()
         cache = stamp = self.cache_file = None
         if self.cache and files:
-            options = {"source": type(self).__qualname__, "format": CACHE_FORMAT, **self.cache_options()}
+            options = {"source": type(self).__qualname__, "format": CACHE_FORMAT, **self.cache_options(),
+                       **({"targets": self.targets} if self.targets != "class" else {})}  # class: as before tasks
             key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
             cache = self.cache_file = self.cache_dir(files) / f"{self.name}-{key}.cache.pt"
             stamp = self.stamp(files)
@@ -238,7 +277,7 @@ class ImageDataset:
             record = load_cache(cache, stamp)
             if record is not None:
                 return record
-        record = _record(self.read(), self.name)
+        record = _record(self.read(), self.name, self.targets)
         if cache is not None:
             self._unsaved = {"stamp": stamp, **record}  # written once every option has been checked against it
         return record
@@ -284,7 +323,7 @@ def _stamp(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _record(images: Images, name: str) -> dict[str, Any]:
+def _record(images: Images, name: str, targets: str = "class") -> dict[str, Any]:
     """Checked tensors, per-channel statistics of the training images, and a digest of everything."""
     if not isinstance(images, Images):
         raise UserError(f"dataset {name}: read() returned {type(images).__name__}, not trainer.data.Images")
@@ -298,8 +337,9 @@ def _record(images: Images, name: str) -> dict[str, Any]:
             raise UserError(f"dataset {name}: {split} images without labels, or labels without images")
         if x is not None:
             record[f"{split}_x"] = as_images(x, f"dataset {name} ({split} split)")
-            record[f"{split}_y"] = as_labels(y, len(record[f"{split}_x"]), len(classes),
-                                             f"dataset {name} ({split} split)")
+            where = f"dataset {name} ({split} split)"
+            record[f"{split}_y"] = (as_labels(y, len(record[f"{split}_x"]), len(classes), where) if targets == "class"
+                                    else as_targets(y, len(record[f"{split}_x"]), len(classes), targets, where))
     shape = tuple(record["train_x"].shape[1:])
     for split in ("test", "val"):
         if f"{split}_x" in record and tuple(record[f"{split}_x"].shape[1:]) != shape:

@@ -21,9 +21,11 @@ KEYS = ("train_x", "train_y", "test_x", "test_y", "classes")
 class TensorsFile(ImageDataset):
     """`path`: a `.npz` or `.pt` file holding `train_x`, `train_y` and optionally `test_x`, `test_y` and `classes`.
 
-    Images are uint8 (N, H, W), (N, H, W, C) or (N, C, H, W); labels integer class indices. Without
-    `classes` the classes are named 0, 1, ... up to the largest label. The file is read as data only:
-    `.npz` without pickles, `.pt` with `weights_only=True`, so a file from a stranger runs no code. What it
+    Images are uint8 (N, H, W), (N, H, W, C) or (N, C, H, W); labels integer class indices, or for other tasks
+    (N, K) multi-hot 0/1 labels (task=multilabel) or (N,) / (N, D) numbers (task=regression). Without `classes`
+    the classes (labels, columns) are named 0, 1, ... up to the largest label (a single column: `value`). The file
+    is read as data only: `.npz` without pickles, `.pt` with `weights_only=True`, so a file from a stranger runs
+    no code. What it
     declares (zip member sizes, array headers, tensor strides) is checked against this machine's memory before
     anything is inflated or copied, so a small file cannot make it allocate gigabytes before it is refused.
     """
@@ -54,7 +56,11 @@ class TensorsFile(ImageDataset):
         if ("test_x" in arrays) != ("test_y" in arrays):
             raise UserError(f"{self.path}: test_x and test_y come together")
         classes = arrays.get("classes")
-        if classes is None:
+        if classes is None and self.targets != "class":  # one name per label or column: 0, 1, ... (one: "value")
+            y = np.asarray(arrays["train_y"])
+            width = y.shape[1] if y.ndim == 2 else 1
+            classes = ["value"] if self.targets == "values" and width == 1 else [str(i) for i in range(width)]
+        elif classes is None:
             labels = [np.asarray(arrays[k]) for k in ("train_y", "test_y") if k in arrays]
             top = max((int(y.max()) for y in labels if y.size and np.issubdtype(y.dtype, np.integer)), default=0)
             classes = [str(i) for i in range(top + 1)]

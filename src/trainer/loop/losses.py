@@ -1,5 +1,6 @@
-"""Losses that need more than raw logits. Each takes (logits (B, K), targets (B,)) like the built-in ones,
-so models always return logits and the loss applies what it needs (log-softmax, softmax)."""
+"""Losses that need more than raw outputs. Each takes (outputs (B, width), targets) like the built-in ones, so
+models always return raw outputs (logits, values, embeddings) and the loss applies what it needs (log-softmax,
+softmax, normalisation, mining)."""
 
 import math
 
@@ -17,17 +18,10 @@ class NLLOnLogSoftmax(nn.Module):
         return F.nll_loss(F.log_softmax(logits, dim=1), targets)
 
 
-class MSEOnSoftmax(nn.Module):
-    """Mean squared error between softmax(logits) and the one-hot targets (a Brier score)."""
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        probs = logits.softmax(dim=1)  # (B, K)
-        return F.mse_loss(probs, F.one_hot(targets, probs.shape[1]).to(probs.dtype))
-
-
 class BCEOneVsRest(nn.Module):
     """One-vs-rest binary cross-entropy: each of the K logits is a sigmoid "is it this class?" against the one-hot
-    target, averaged over the B x K outputs (torch's BCEWithLogitsLoss, numerically stable)."""
+    target (a multi-label task's multi-hot targets as they are), averaged over the B x K outputs (torch's
+    BCEWithLogitsLoss, numerically stable). `pos_weight`: the weight of a positive output against a negative."""
 
     def __init__(self, pos_weight: float | None = None) -> None:
         super().__init__()
@@ -36,6 +30,119 @@ class BCEOneVsRest(nn.Module):
         self.pos_weight = pos_weight  # weight of the one positive output against the K - 1 negatives; null: 1
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        one_hot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)  # (B, K)
+        # class indices (B,) as one-hot rows; a multi-label task's targets are multi-hot (B, K) already
+        hot = targets if targets.ndim == 2 else F.one_hot(targets, logits.shape[1])
+        one_hot = hot.to(logits.dtype)  # (B, K)
         weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
         return F.binary_cross_entropy_with_logits(logits, one_hot, pos_weight=weight)
+
+
+class MSE(nn.Module):
+    """Mean squared error. Against class indices (classification): between softmax(logits) and the one-hot
+    targets (a Brier score); against numbers (regression, float targets (B, D)): between the outputs and them."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.is_floating_point():
+            return F.mse_loss(outputs, targets)
+        probs = outputs.softmax(dim=1)  # (B, K)
+        return F.mse_loss(probs, F.one_hot(targets, probs.shape[1]).to(probs.dtype))
+
+
+MSEOnSoftmax = MSE  # its name before regression: user code may import it
+
+
+def pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the L2-normalised rows of `embeddings` (B, D): (B, B), in [0, 2].
+    From the Gram matrix, with the square root's argument kept >= 1e-12: the gradient of a zero distance (each
+    row to itself) is zero, not NaN, as it would be through torch.cdist's square root of 0."""
+    e = F.normalize(embeddings.float(), dim=1)
+    return (2 - 2 * e @ e.T).clamp(min=1e-12).sqrt()
+
+
+def _pairs(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks (B, B) of the positive pairs (same class, not the same sample) and the negative pairs."""
+    same = targets[:, None] == targets[None, :]
+    eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    return same & ~eye, ~same
+
+
+def _balanced_mean(per_pair: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """The mean over positive pairs plus the mean over negative pairs: with 10 classes, 9 in 10 pairs are negative,
+    and a plain mean would hardly pull same-class embeddings together."""
+    total = per_pair.new_zeros(())
+    for mask in (positive, negative):
+        if mask.any():
+            total = total + per_pair[mask].mean()
+    return total
+
+
+class MinedTripletLoss(nn.Module):
+    """torch's TripletMarginLoss on triplets mined within each batch, on L2-normalised embeddings (B, D) with class
+    targets (B,). `mining`: batch_hard (each anchor with its farthest positive and nearest negative, Hermans et al.
+    2017) or semi_hard (each positive pair with the nearest negative farther than the positive, else the farthest
+    negative, as FaceNet). Anchors without a positive in the batch give no triplet."""
+
+    def __init__(self, margin: float = 0.2, mining: str = "batch_hard") -> None:
+        super().__init__()
+        if not (is_number(margin) and math.isfinite(margin) and margin > 0):
+            raise UserError(f"loss.margin={margin!r}: must be a finite number > 0")
+        if mining not in ("batch_hard", "semi_hard"):
+            raise UserError(f"loss.mining={mining!r}: use batch_hard or semi_hard")
+        self.mining, self.triplet = mining, nn.TripletMarginLoss(margin=margin, p=2)
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(embeddings.float(), dim=1)  # (B, D)
+        with torch.no_grad():  # which triplets: no gradient through the choice
+            d = pairwise_distances(e)  # (B, B)
+            positive, negative = _pairs(targets)
+            if self.mining == "batch_hard":
+                anchors = (positive.any(1) & negative.any(1)).nonzero().squeeze(1)  # (A,)
+                pos = d.masked_fill(~positive, -1).argmax(1)[anchors]  # the farthest positive
+                neg = d.masked_fill(~negative, 3).argmin(1)[anchors]  # the nearest negative
+            else:
+                anchors, pos = (positive & negative.any(1, keepdim=True)).nonzero(as_tuple=True)  # (P,) each
+                d_ap = d[anchors, pos][:, None]  # (P, 1)
+                d_an = d[anchors].masked_fill(~negative[anchors], float("nan"))  # (P, B)
+                farther = d_an.nan_to_num(-1) > d_ap
+                nearest_farther = d_an.masked_fill(~farther, 3).argmin(1)
+                farthest = d_an.nan_to_num(-1).argmax(1)
+                neg = torch.where(farther.any(1), nearest_farther, farthest)
+        if not len(anchors):
+            return embeddings.sum() * 0  # no positive pair in the batch: nothing to learn from, a zero with a graph
+        return self.triplet(e[anchors], e[pos], e[neg])
+
+
+class PairwiseHingeEmbeddingLoss(nn.Module):
+    """torch's HingeEmbeddingLoss on every pair of the batch: x the distance between the L2-normalised embeddings,
+    y = 1 for a same-class pair (its distance is the loss), -1 otherwise (max(0, margin - distance)); positive and
+    negative pairs weigh the same (see _balanced_mean)."""
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        if not (is_number(margin) and math.isfinite(margin) and margin > 0):
+            raise UserError(f"loss.margin={margin!r}: must be a finite number > 0")
+        self.hinge = nn.HingeEmbeddingLoss(margin=margin, reduction="none")
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        d = pairwise_distances(embeddings)  # (B, B)
+        positive, negative = _pairs(targets)
+        y = torch.where(positive, 1.0, -1.0)
+        return _balanced_mean(self.hinge(d, y), positive, negative)
+
+
+class ContrastiveLoss(nn.Module):
+    """The contrastive loss of Hadsell, Chopra and LeCun (2006) on every pair of the batch: d² for a same-class
+    pair, max(0, margin - d)² otherwise, d the distance between the L2-normalised embeddings; positive and
+    negative pairs weigh the same."""
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        if not (is_number(margin) and math.isfinite(margin) and margin > 0):
+            raise UserError(f"loss.margin={margin!r}: must be a finite number > 0")
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        d = pairwise_distances(embeddings)  # (B, B)
+        positive, negative = _pairs(targets)
+        per_pair = torch.where(positive, d * d, (self.margin - d).clamp(min=0) ** 2)
+        return _balanced_mean(per_pair, positive, negative)

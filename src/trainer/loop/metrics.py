@@ -156,7 +156,7 @@ class EpochMetrics:
         others = logits.scatter(1, top, float("-inf")).logsumexp(dim=1, keepdim=True) - total  # (n, 1)
         log_not_p = log_not_p.scatter(1, top, others)
         log_odds = (log_p - log_not_p).nan_to_num(0.0)  # (n, k); one class only: p = 1, no odds to rank
-        cell = ((log_odds + LOG_ODDS_RANGE) * (bins / (2 * LOG_ODDS_RANGE))).floor().clamp(0, bins - 1).long()
+        cell = score_bins(log_odds, bins)
         positive = torch.nn.functional.one_hot(targets, k).bool()  # (n, k)
         index = torch.arange(k, device=logits.device) * bins + cell + positive.long() * (k * bins)  # (n, k)
         self.counts["scores"] += torch.bincount(index.flatten(), minlength=2 * k * bins)
@@ -177,6 +177,9 @@ class EpochMetrics:
     def pending_losses(self) -> torch.Tensor:
         """The per-batch mean losses added since the last flush, (k,), consecutive batches in order."""
         return torch.stack(self._losses) if self._losses else torch.empty(0, device=self.device)
+
+    def begin(self, forward: Forward, limit_batches: int | None = None) -> None:
+        """Called by `evaluate` before the first batch (other tasks' metrics use it; classification's do not)."""
 
     def flush(self) -> None:
         if not self._losses:
@@ -245,12 +248,7 @@ class EpochMetrics:
         """Macro and per-class AUROC from the score histograms, ECE from the confidence bins (float64, CPU). A
         class with no positive or no negative sample has no AUROC (NaN), and the macro mean leaves it out."""
         k, bins = self.num_classes, self.auroc_bins
-        scores = self.counts["scores"].double().cpu().view(2, k, bins)  # (negative/positive, classes, bins)
-        negative, positive = scores[0], scores[1]
-        below = negative.cumsum(dim=1) - negative  # (k, bins) negatives scored lower than each bin
-        pairs = positive.sum(1) * negative.sum(1)  # (k,)
-        wins = (positive * (below + negative / 2)).sum(1)  # a tie within a bin counts half, as in the ROC's trapezoid
-        auroc = torch.where(pairs > 0, wins / pairs.clamp(min=1), float("nan"))  # (k,)
+        auroc = histogram_auroc(self.counts["scores"].double().cpu().view(2, k, bins))  # (k,)
         defined = auroc[~auroc.isnan()]
         count, confidence, correct = self.counts["calibration"].double().cpu().view(3, ECE_BINS + 1)
         self.last_calibration = (count, confidence, correct)
@@ -293,6 +291,35 @@ class EpochMetrics:
         self._targets = list(state["targets"].to(self.device).split(state["sizes"]))
 
 
+def score_bins(scores: torch.Tensor, bins: int) -> torch.Tensor:
+    """The histogram bin of each score (log-odds), (n, k) -> (n, k) int64 in [0, bins): 2 * LOG_ODDS_RANGE / bins
+    wide, the scores beyond the range in the end bins."""
+    return ((scores + LOG_ODDS_RANGE) * (bins / (2 * LOG_ODDS_RANGE))).floor().clamp(0, bins - 1).long()
+
+
+def histogram_auroc(scores: torch.Tensor) -> torch.Tensor:
+    """AUROC per class from score histograms (2, k, bins): negatives' counts, then positives', per bin, low scores
+    first. A tie within a bin counts half, as in the ROC's trapezoid; NaN for a class without positives or
+    negatives."""
+    negative, positive = scores[0], scores[1]
+    below = negative.cumsum(dim=1) - negative  # (k, bins) negatives scored lower than each bin
+    pairs = positive.sum(1) * negative.sum(1)  # (k,)
+    wins = (positive * (below + negative / 2)).sum(1)
+    return torch.where(pairs > 0, wins / pairs.clamp(min=1), float("nan"))  # (k,)
+
+
+def histogram_average_precision(scores: torch.Tensor) -> torch.Tensor:
+    """Average precision per class from score histograms (2, k, bins), as torchmetrics' binned AP: the sum over
+    thresholds, from the highest bin down, of the recall gained times the precision there. NaN for a class
+    without positives."""
+    negative, positive = scores[0].flip(1), scores[1].flip(1)  # (k, bins), high scores first
+    tp, fp = positive.cumsum(1), negative.cumsum(1)
+    total = positive.sum(1, keepdim=True)  # (k, 1)
+    precision = tp / (tp + fp).clamp(min=1)
+    ap = (positive / total.clamp(min=1) * precision).sum(1)  # recall gained at each bin: its positives / all
+    return torch.where(total.squeeze(1) > 0, ap, float("nan"))
+
+
 def to_cpu(obj: object) -> object:
     """`obj` with every tensor in it (through dicts and lists) moved to the CPU, to pickle between ranks."""
     if isinstance(obj, torch.Tensor):
@@ -314,6 +341,7 @@ def evaluate(forward: Forward, loader: Iterable[tuple[torch.Tensor, torch.Tensor
              prefix: str, limit_batches: int | None = None) -> dict[str, float]:
     """`metrics` over `loader` (its first `limit_batches`), keyed `<prefix>/loss` etc. The model must already be
     in eval mode."""
+    metrics.begin(forward, limit_batches)  # an embedding's reference set, embedded by the weights evaluated
     for images, targets in itertools.islice(loader, limit_batches):
         logits, loss = forward(images, targets)
         metrics.add(loss, logits, targets)

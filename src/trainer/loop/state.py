@@ -29,6 +29,7 @@ from trainer.run.checkpoint import (
 )
 from trainer.run.files import lock_run_dir, remove_stale_temps, require_free_space
 from trainer.run.untrusted import load_json
+from trainer.tasks import Task, task_name
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,11 @@ class RunState:
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  scaler: torch.amp.GradScaler, ema: AveragedModel | None, train_metrics: EpochMetrics,
-                 callbacks: Callbacks, monitor: str,
+                 callbacks: Callbacks, monitor: str, task: Task,
                  config_yaml: str, choices: dict[str, str | None] | None, data_identity: dict, dist: Dist) -> None:
         self.model, self.optimizer, self.schedule, self.scaler, self.ema = model, optimizer, schedule, scaler, ema
         self.train_metrics, self.callbacks, self.monitor, self.dist = train_metrics, callbacks, monitor, dist
+        self.task = task
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
         self.progress = Progress()
         self.trackers: Tracker = Tracker(".")  # the Trainer's, once built (it needs the run directory)
@@ -165,7 +167,8 @@ class RunState:
             "best_metric": p.best_metric, "best_epoch": p.best_epoch, "monitor": self.monitor,
             "epochs_without_improvement": p.epochs_without_improvement,
             "rng": rng_state(), "trackers": self.trackers.state_dict(), "callbacks": self.callbacks.state_dict(),
-            "config": self.config_yaml, "choices": self.choices, "data": self.data_identity}
+            "config": self.config_yaml, "choices": self.choices, "data": self.data_identity,
+            "task": self.task.state_dict()}
 
     def save(self, path: Path) -> None:
         """Write the checkpoint atomically (rank 0; every rank must call it)."""
@@ -228,6 +231,7 @@ class RunState:
         elif not same_ema:
             log.info("resume: trainer.ema_decay turned %s; best.pt is chosen afresh from the next validation",
                      "on" if self.ema is not None else "off")
+        self.task.load_fitted(state.get("task"), where)  # an embedding's centroids, until the next validation
         set_rng_state(state["rng"], where)
         trackers = state.get("trackers", {})  # checkpoints before trackers had state: none
         if not (isinstance(trackers, dict) and all(isinstance(v, dict) for v in trackers.values())):
@@ -245,6 +249,10 @@ class RunState:
         """Restore from `path`, refusing in one line what cannot continue exactly, and continue in `run_dir`."""
         state = load_checkpoint(path)
         require_same_data(state["data"], self.data_identity, path)  # before the config lines: a refusal is one line
+        trained = task_name(state.get("task"))
+        if trained != self.task.name:
+            raise UserError(f"trainer.resume={str(path)!r} was trained for task={trained}, not task={self.task.name}; "
+                            f"resume it with task={trained}, or start a new run")
         saved_world = state.get("world_size", 1)
         if state["batch_in_epoch"] and saved_world != self.dist.world_size:
             raise UserError(f"trainer.resume={str(path)!r} stopped mid-epoch in a run of {saved_world} process(es); "

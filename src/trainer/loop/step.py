@@ -43,14 +43,12 @@ def forward_pass(net: nn.Module, loss_fn: nn.Module, images: torch.Tensor, targe
         return logits, loss_fn(logits, targets)
 
 
-def check_optimizer_and_loss(optimizer: torch.optim.Optimizer, loss_fn: nn.Module, num_classes: int,
-                             device: torch.device) -> None:
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Refuse what torch accepts but cannot train with: lr=0 (learns nothing), lr=inf (weights gone at the first
-    step), and loss settings that fail only when the loss is called (label_smoothing=2)."""
+    step). The loss is the task's to check (trainer.tasks.Task.check_loss)."""
     lrs = [float(group["lr"]) for group in optimizer.param_groups]
     if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
         raise UserError(f"optimizer.lr={lrs[0] if len(set(lrs)) == 1 else lrs}: must be a finite number > 0")
-    check_loss(loss_fn, num_classes, device)
 
 
 def check_loss(loss_fn: nn.Module, num_classes: int, device: torch.device) -> None:

@@ -36,11 +36,12 @@ from trainer.loop.schedulers import Schedule
 from trainer.loop.seeding import set_deterministic
 from trainer.loop.signals import StopSignals, TrainingInterrupted
 from trainer.loop.state import RunState
-from trainer.loop.step import autocast_for, check_optimizer_and_loss, forward_pass
+from trainer.loop.step import autocast_for, check_optimizer, forward_pass
 from trainer.report.run_report import RunReport, is_per_class
 from trainer.report.tracker import Tracker
 from trainer.run.checkpoint import load_checkpoint
 from trainer.system import allocator_in_use, resolve_device, seconds_since_process_start
+from trainer.tasks import Classification, Task
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,19 @@ class Trainer:
                  scheduler: Callable[..., Schedule], data: ImageDataset, logger: Callable[..., Tracker],
                  run_dir: str | Path, options: TrainerOptions, device: torch.device | str = "auto", dist: Dist = Dist(),
                  metrics: dict[str, Any] | None = None, callbacks: dict[str, Callback] | list[Callback] | None = None,
-                 config_yaml: str = "{}", config_choices: dict[str, str | None] | None = None) -> None:
+                 config_yaml: str = "{}", config_choices: dict[str, str | None] | None = None,
+                 task: Task | None = None) -> None:
         device = resolve_device(device) if isinstance(device, str) else device  # "auto" from Python (defaults())
         options.validate(device, dist)
         fit, ckpt, hw = options.fit, options.checkpoints, options.hardware
         if hw.num_threads is not None:
             torch.set_num_threads(hw.num_threads)
-        check_optimizer_and_loss(optimizer, loss_fn, data.num_classes, device)
+        check_optimizer(optimizer)
+        self.task = task = task if task is not None else Classification()
+        task.fit(data.train_targets, loss_fn)  # a regression's target scale; targets the loss cannot take
+        task.check_loss(loss_fn, data, device)
+        wrapped = task.loss(loss_fn)  # a regression's loss compares standardised targets
+        loss_fn = wrapped.to(device) if wrapped is not loss_fn else loss_fn
         set_deterministic(hw.deterministic)
         self.model, self.loss_fn, self.optimizer, self.data, self.device = model, loss_fn, optimizer, data, device
         self.options, self.max_epochs, self.accumulate = options, fit.max_epochs, fit.accumulate_grad_batches
@@ -101,16 +108,16 @@ class Trainer:
             nonfinite_loss=fit.nonfinite_loss, world_size=dist.world_size, compile=hw.compile)
         self.scaler = torch.amp.GradScaler(device.type, enabled=hw.precision == "fp16")
         self.startup_s = self.fit_s = None  # process start -> first training step; fit()'s own time (set by fit)
-        top_k, classes = options.metrics.top_k, data.classes
-        self.train_metrics = EpochMetrics(data.num_classes, device, top_k=top_k)
-        self.eval_metrics = {split: EpochMetrics(data.num_classes, device, confusion_matrix=True, top_k=top_k,
+        top_k = options.metrics.top_k
+        self.train_metrics = task.metrics("train", data=data, device=device, top_k=top_k, full=False)
+        self.eval_metrics = {split: task.metrics(split, data=data, device=device, top_k=top_k,
                                                  full=split == "test" or options.metrics.full_val_metrics,
-                                                 classes=classes, extra=metrics) for split in ("val", "test")}
+                                                 extra=metrics) for split in ("val", "test")}
         self._require_monitored()
         self.callbacks = Callbacks(callbacks or {})
         self.state = RunState(model=model, optimizer=optimizer, schedule=self.schedule, scaler=self.scaler,
                               ema=self.ema, train_metrics=self.train_metrics, callbacks=self.callbacks,
-                              monitor=ckpt.monitor,
+                              monitor=ckpt.monitor, task=task,
                               config_yaml=config_yaml, choices=config_choices, data_identity=data.identity(), dist=dist)
         self.progress = self.state.progress
         resume = ckpt.resume
@@ -282,7 +289,8 @@ class Trainer:
                 self.eval_model.load_state_dict(load_checkpoint(best)["model"])  # evaluate() sends it to every rank
                 self.logger.log_artifact(best)
             metrics = self.evaluate(self.data.test, "test")
-            confusion = self.eval_metrics["test"].last_confusion.cpu()  # (classes, classes): rows true
+            measured = self.eval_metrics["test"]
+            confusion = measured.last_confusion.cpu() if isinstance(measured, EpochMetrics) else None  # rows true
             self.report.test_results(self.eval_model, metrics, confusion, self.monitor, self.progress,
                                      {"startup_s": self.startup_s, "fit_s": self.fit_s})
             self.callbacks.on_test_end(self, metrics)
@@ -314,14 +322,13 @@ class Trainer:
         measured = self.eval_metrics["val"].names("val")
         if self.monitor not in measured:
             named = [m for m in measured if not is_per_class(m)]
-            more = ("" if self.options.metrics.full_val_metrics else "; val/auroc, val/ece and per class "
-                    "val/<precision|recall|f1|auroc>/<class> with trainer.full_val_metrics=true")
+            more = ("" if self.options.metrics.full_val_metrics or not isinstance(self.task, Classification) else
+                    "; val/auroc, val/ece and per class val/<precision|recall|f1|auroc>/<class> with "
+                    "trainer.full_val_metrics=true")
             raise UserError(f"trainer.monitor={self.monitor}: validation does not measure it; use one of "
                             f"{', '.join(named)}{more}")
-        name = self.monitor.split("/")[1]  # val/<name>[/<class>]
-        lower_is_better = name.endswith("loss") or name == "ece"
-        higher_is_better = name in ("acc", "f1", "balanced_acc", "auroc", "precision", "recall") or \
-            name.startswith("acc_top")
+        direction = self.task.direction(self.monitor)  # None: a metric of your own, either way
+        lower_is_better, higher_is_better = direction == "min", direction == "max"
         if (lower_is_better and self.mode == "max") or (higher_is_better and self.mode == "min"):  # not a metric's
             raise UserError(f"trainer.mode={self.mode} with trainer.monitor={self.monitor}: "  # of your own: yours
                             f"{'lower' if lower_is_better else 'higher'} is better for it; set trainer.mode="

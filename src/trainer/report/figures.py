@@ -147,6 +147,31 @@ def reliability_diagram(count: torch.Tensor, confidence: torch.Tensor, correct: 
     return _to_tensor(image)
 
 
+def scatter(true: torch.Tensor, predicted: torch.Tensor, name: str, size: int = 280) -> torch.Tensor:
+    """Predicted against true values (n,) each, one dot per sample, over the diagonal a perfect model follows;
+    both axes span the same range, so a dot's distance from the diagonal is its error."""
+    from PIL import Image, ImageDraw
+
+    low = float(min(true.min(), predicted.min())) if true.numel() else 0.0
+    high = float(max(true.max(), predicted.max())) if true.numel() else 1.0
+    span = high - low or 1.0
+    margin, font = 34, _font()
+    image = Image.new("RGB", (size + 2 * margin, size + 2 * margin), PAPER)
+    draw = ImageDraw.Draw(image)
+    x0, y0 = margin, margin + size  # the plot's origin, bottom left
+    draw.rectangle((x0, margin, x0 + size, y0), outline=FAINT)
+    draw.line((x0, y0, x0 + size, margin), fill=FAINT)
+    xs = ((true.float() - low) / span * size + x0).tolist()
+    ys = (y0 - (predicted.float() - low) / span * size).tolist()
+    for x, y in zip(xs, ys):
+        draw.rectangle((x - 1, y - 1, x + 1, y + 1), fill=(70, 120, 190))
+    draw.text((x0, y0 + 6), f"{low:.3g}", fill=INK, font=font)
+    draw.text((x0 + size - 30, y0 + 6), f"{high:.3g}", fill=INK, font=font)
+    draw.text((x0 + size // 2 - 12, y0 + 6), "true", fill=INK, font=font)
+    draw.text((4, margin - 20), f"{name}: predicted (up) vs true, {len(xs)} samples", fill=INK, font=font)
+    return _to_tensor(image)
+
+
 def png(image: torch.Tensor) -> bytes:
     """A (3, H, W) uint8 picture as PNG bytes."""
     import io

@@ -18,7 +18,7 @@ from trainer.run.changes import flatten
 log = logging.getLogger(__name__)
 
 # Config groups whose values are a run's hyperparameters, minus where files live.
-HPARAM_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler")
+HPARAM_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "task")
 HISTOGRAM_LIMIT = 1e20  # TensorBoard's largest histogram bucket edge
 NOT_HPARAMS = ("dataset.root", "dataset.mirror", "dataset.download", "dataset.verify", "dataset.cache",
                "dataset.device_margin_gib")
@@ -113,6 +113,11 @@ class TensorBoardLogger(Tracker):
     def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """One picture, (3, H, W) uint8."""
         self.writer.add_image(tag, image, step)
+
+    def log_embedding(self, tag: str, embeddings: torch.Tensor, labels, images: torch.Tensor, step: int) -> None:
+        """The projector's points: `embeddings` (N, D), a label each, uint8 thumbnails (N, C, H, W)."""
+        self.writer.add_embedding(embeddings.float().cpu(), metadata=list(labels), label_img=images.float() / 255,
+                                  global_step=step, tag=tag)
 
     def log_histograms(self, model: torch.nn.Module, step: int, grad_scale: float = 1.0) -> None:
         """`weights/<name>` and, where a gradient is held, `grads/<name>` (divided by `grad_scale`)."""

@@ -9,7 +9,7 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from trainer.data import BatchLoader, ImageDataset
 from trainer.distributed import Dist
 from trainer.errors import require_bool, require_int
-from trainer.report.figures import confusion_matrix_image, labelled_grid, reliability_diagram
+from trainer.report.figures import confusion_matrix_image, labelled_grid, reliability_diagram, scatter
 from trainer.report.logger import hparams_of
 from trainer.report.summary import summarize
 from trainer.report.tracker import Tracker
@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # the loop's objects this draws; the loop imports this module
     from trainer.loop.state import Progress
 
 log = logging.getLogger(__name__)
+
+MAX_SCATTERS = 8  # a regression's columns drawn as scatter pictures, each evaluation
 
 
 def peak_rss_mib() -> float:
@@ -89,6 +91,9 @@ class RunReport:
         of its first misclassified images."""
         if not self.dist.is_main:  # the pictures go to TensorBoard, which only rank 0 writes
             return
+        if not hasattr(metrics, "last_confusion"):  # another task's metrics than classification's EpochMetrics
+            self._task_pictures(metrics, loader, prefix, step)
+            return
         confusion = confusion_matrix_image(metrics.last_confusion, self.data.classes)
         self.logger.log_image(f"{prefix}/confusion_matrix", confusion, step)
         if metrics.last_calibration is not None:  # measured in full: ECE's bins
@@ -106,6 +111,21 @@ class RunReport:
                     for p, t in zip(predicted[wrong].tolist(), labels.tolist())]
         self.logger.log_image(f"{prefix}/misclassified", labelled_grid(images, captions), step)
 
+    def _task_pictures(self, metrics: Any, loader: BatchLoader, prefix: str, step: int) -> None:
+        """A regression's predicted-against-true scatter per column; an embedding's projector (validation)."""
+        points = getattr(metrics, "last_points", None)
+        if points is not None:
+            true, predicted = points  # (n, D) each
+            for j, name in enumerate(self.data.classes[:MAX_SCATTERS]):
+                tag = f"{prefix}/scatter" + (f"/{name.replace('/', '-')}" if len(self.data.classes) > 1 else "")
+                self.logger.log_image(tag, scatter(true[:, j], predicted[:, j], name), step)
+        projected = getattr(metrics, "last_projected", None)
+        if projected is not None and prefix == "val":
+            embeddings, classes = projected
+            images, _ = loader.raw(loader.positions(self.limit_eval_batches)[:len(embeddings)])
+            self.logger.log_embedding("val/embedding", embeddings, [self.data.classes[int(c)] for c in classes],
+                                      images, step)
+
     def test_results(self, model: nn.Module, metrics: dict[str, float], confusion: torch.Tensor, monitor: str,
                      progress: Progress, timing: dict[str, float | None]) -> None:
         """Everything the test leaves: per-class accuracy and confusion counts (`confusion`: (classes, classes),
@@ -113,13 +133,14 @@ class RunReport:
         `startup_s` (process start to first step) and `fit_s` (the training epochs with their validation and
         checkpoints), None where this process did not train."""
         step = progress.global_step
-        per_class = dict(zip(self.data.classes, per_class_accuracy(confusion)))
+        per_class = dict(zip(self.data.classes, per_class_accuracy(confusion))) if confusion is not None else {}
         best = {f"best/{monitor}": progress.best_metric} if progress.best_metric is not None else {}
         # `params` beside the metrics, so a sweep's HParams table sorts by model size
         final = {**metrics, **best, "params": self.summary.params}
         self.logger.log_metrics({**final, **{f"test/acc_class/{name.replace('/', '-')}": acc
                                              for name, acc in per_class.items() if acc is not None}}, step)
-        self.logger.log_confusion_matrix("test/confusion_matrix_counts", confusion, self.data.classes, step)
+        if confusion is not None:  # classification's
+            self.logger.log_confusion_matrix("test/confusion_matrix_counts", confusion, self.data.classes, step)
         if self.log_graph:
             images, _ = self.data.test.raw(slice(2))
             example = self.data.test.transform(images)  # (2, C, H, W) float, as the model gets it

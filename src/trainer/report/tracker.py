@@ -49,6 +49,10 @@ class Tracker:
     def log_histograms(self, model: torch.nn.Module, step: int, grad_scale: float = 1.0) -> None:
         """Weights and gradients (divided by `grad_scale`) of `model`, every `trainer.histogram_every_n_epochs`."""
 
+    def log_embedding(self, tag: str, embeddings: torch.Tensor, labels: Sequence[str], images: torch.Tensor,
+                      step: int) -> None:
+        """Embeddings (N, D) with a label and a uint8 thumbnail (N, C, H, W) each: TensorBoard's projector."""
+
     def log_graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         """The model's graph, once at the end, on an example input."""
 
@@ -111,6 +115,7 @@ class Trackers(Tracker):
     log_image = _each("log_image")
     log_histograms = _each("log_histograms")
     log_graph = _each("log_graph")
+    log_embedding = _each("log_embedding")
     log_confusion_matrix = _each("log_confusion_matrix")
     log_artifact = _each("log_artifact")
     flush = _each("flush")

@@ -34,7 +34,7 @@ VERSION = 3
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config")
 COUNTERS = ("epoch", "global_step", "batch_in_epoch")
 # The config groups whose options are objects; a stored config may name each one's class at its root only.
-GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger", "distributed")
+GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "task", "logger", "distributed")
 # Groups that only change values (`# @package _global_` presets); a choice of one is stored too.
 PRESET_GROUPS = ("experiment", "debug")
 # Keys through which hydra.utils.instantiate reads code or call structure: _target_, _args_, _partial_,
