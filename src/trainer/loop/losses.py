@@ -82,7 +82,7 @@ class MinedTripletLoss(nn.Module):
     2017) or semi_hard (each positive pair with the nearest negative farther than the positive, else the farthest
     negative, as FaceNet). Anchors without a positive in the batch give no triplet."""
 
-    def __init__(self, margin: float = 0.2, mining: str = "batch_hard") -> None:
+    def __init__(self, margin: float = 0.2, mining: str = "semi_hard") -> None:
         super().__init__()
         if not (is_number(margin) and math.isfinite(margin) and margin > 0):
             raise UserError(f"loss.margin={margin!r}: must be a finite number > 0")

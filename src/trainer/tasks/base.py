@@ -43,8 +43,9 @@ class Task:
         """Refuse, in one line, a loss that does not fit this task's targets, before anything trains."""
         fits = loss_tasks(loss_fn)
         if fits is not None and self.name not in fits:
+            names = ", ".join(self.losses[:-1]) + " or " * (len(self.losses) > 1) + self.losses[-1]
             raise UserError(f"loss={type(loss_fn).__name__} is a loss for {' or '.join(fits)}, not task={self.name}; "
-                            f"use loss={' or loss='.join(self.losses)} (or a loss of your own)")
+                            f"use loss={names} (or a loss of your own)")
         width = self.output_size(data.num_classes)
         outputs = torch.zeros(2, width, device=device)
         targets = self.blank_targets(2, data.num_classes, device)
