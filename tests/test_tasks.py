@@ -183,7 +183,8 @@ def test_batch_hard_and_semi_hard_triplets_are_the_ones_brute_force_picks():
                                  max(negatives, key=lambda n: d[a, n])))
         a, p, n = map(torch.tensor, zip(*triplets))
         expected = torch.nn.TripletMarginLoss(margin=0.3)(x[a], x[p], x[n])
-        assert float(MinedTripletLoss(margin=0.3, mining=mining)(e, y).detach()) == pytest.approx(float(expected), abs=1e-5)
+        found = MinedTripletLoss(margin=0.3, mining=mining)(e, y).detach()
+        assert float(found) == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_pair_losses_weigh_positive_and_negative_pairs_alike_and_have_finite_gradients():
