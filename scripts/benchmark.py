@@ -24,6 +24,7 @@ repetitions: a ratio closer to 1.00 than that is within this machine's timing no
     python scripts/benchmark.py --mnist-fast 5 --experiment mnist_fast_gpu   # the GPU recipe (a GPU machine)
     python scripts/benchmark.py --devices cuda --set trainer.cuda_graphs=true   # CUDA rows, the step as a CUDA graph
     python scripts/benchmark.py --sweep 3 --reps 2           # a 6-job MLP sweep: basic vs joblib launcher
+    python scripts/benchmark.py --metric-losses --reps 30    # mined triplet losses vs pytorch-metric-learning's
 
 `--data rgb32` times 50,000 generated 3x32x32 images (a `dataset=tensors` file) in place of MNIST; it has no
 tutorial column (the quickstart loop reads MNIST). `--decode N` writes N generated 32x32 PNGs in class folders
@@ -33,6 +34,9 @@ to MNIST's cached build, which is what every MNIST run starts with. `--mnist-fas
 from outside (wall time from before the process starts to its exit, and its peak RSS as the kernel counts it),
 next to the test accuracy, the start-up time (process start to first training step) and the training time (the
 epochs with their validation and checkpoints) it wrote in metrics.json; `--experiment` times another preset.
+`--metric-losses` times one loss and backward of this project's mined triplet losses (task=embedding) and of
+pytorch-metric-learning's miner + TripletMarginLoss, side by side on the same batch (256 x 64 on the CPU), when
+that library is importable (it is not a dependency: `pip install pytorch-metric-learning` to compare).
 `--set KEY=VALUE ...` adds config overrides to every row (the framework column trains with them; the floor and
 +data columns are bare loops and take only what shapes them, such as trainer.channels_last).
 """
@@ -176,7 +180,7 @@ class Row:
         return time.perf_counter() - start
 
 
-def main() -> int:  # noqa: C901 (one branch per table the options ask for)
+def main() -> int:  # noqa: C901, PLR0915 (one branch per table the options ask for)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["logistic", "mlp", "cnn"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 512])
@@ -195,6 +199,8 @@ def main() -> int:  # noqa: C901 (one branch per table the options ask for)
     parser.add_argument("--no-tutorial", action="store_true", help="leave out the tutorial column (its DataLoader "
                         "is most of a GPU run's time)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every row")
+    parser.add_argument("--metric-losses", action="store_true",
+                        help="time the mined triplet losses against pytorch-metric-learning's instead")
     parser.add_argument("--sweep", type=int, metavar="EPOCHS",
                         help="time a 6-job MLP sweep of EPOCHS epochs: basic launcher vs hydra/launcher=joblib instead")
     args = parser.parse_args()
@@ -202,8 +208,8 @@ def main() -> int:  # noqa: C901 (one branch per table the options ask for)
         return decode_times(args.decode, args.root)
     if args.mnist_fast:
         return mnist_fast_times(args.mnist_fast, args.root, args.experiment, args.set)
-    if args.sweep:
-        return sweep_times(args.sweep, args.root, args.reps)
+    if args.sweep or args.metric_losses:
+        return sweep_times(args.sweep, args.root, args.reps) if args.sweep else metric_loss_times(args.reps)
     args.samples = args.samples or (45_000 if args.data == "rgb32" else 55_000)  # the training split: one epoch
 
     if any(torch.device(d).type == "cuda" for d in args.devices) and not torch.cuda.is_available():
@@ -328,6 +334,44 @@ def mnist_fast_times(seeds: int, root: str, experiment: str = "mnist_fast", extr
 
 
 SWEEP = ("model=mlp", "optimizer.lr=0.0003,0.001,0.003", "model.dropout=0.0,0.2")  # 6 jobs
+
+
+def metric_loss_times(reps: int, batch: int = 256, dim: int = 64, classes: int = 10) -> int:
+    """Median time of one loss + backward: trainer.loop.losses.MinedTripletLoss against pytorch-metric-learning's
+    BatchHardMiner / TripletMarginMiner("semihard") with its TripletMarginLoss, interleaved, on one batch."""
+    try:
+        from pytorch_metric_learning import losses, miners
+    except ImportError:
+        print("error: pytorch-metric-learning is not installed (it is not a dependency); pip install "
+              "pytorch-metric-learning to compare with it", file=sys.stderr)
+        return 1
+    from trainer.loop.losses import MinedTripletLoss
+
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(batch, dim, generator=generator, requires_grad=True)
+    targets = torch.randint(0, classes, (batch,), generator=generator)
+    theirs = losses.TripletMarginLoss(margin=0.2)
+    miner = {"batch_hard": miners.BatchHardMiner(),
+             "semi_hard": miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); a batch of {batch} embeddings of "
+          f"{dim}, {classes} classes; loss + backward, median of {reps}")
+    for mining in ("batch_hard", "semi_hard"):
+        ours = MinedTripletLoss(margin=0.2, mining=mining)
+        calls = {"this project": lambda: ours(embeddings, targets),
+                 "pytorch-metric-learning": lambda m=mining: theirs(embeddings, targets, miner[m](embeddings, targets))}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for rep in range(reps + 1):  # rep 0 warms up
+            for name, call in calls.items():
+                embeddings.grad = None
+                start = time.perf_counter()
+                call().backward()
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        ours_ms, theirs_ms = med["this project"], med["pytorch-metric-learning"]
+        print(f"{mining:10}  this project {ours_ms:7.2f} ms  pytorch-metric-learning {theirs_ms:7.2f} ms  "
+              f"ratio {theirs_ms / ours_ms:.2f}")
+    return 0
 
 
 def sweep_times(epochs: int, root: str, reps: int) -> int:

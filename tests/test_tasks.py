@@ -406,7 +406,7 @@ def test_what_does_not_fit_the_task_is_refused_before_training(task_files, tiny_
     assert not list(tmp_path.rglob("last.pt")) and not list(tmp_path.rglob(".hydra"))  # nothing of a run kept
 
 
-def test_a_checkpoint_of_another_task_is_refused_by_resume_eval_and_predict(task_files, tiny_root, straight_runs,
+def test_a_checkpoint_of_another_task_is_refused_by_resume_and_eval(task_files, tiny_root, straight_runs,
                                                                             tmp_path_factory, tmp_path):
     run_dir = straight("embedding", task_files, tiny_root, straight_runs, tmp_path_factory)
     ckpt = run_dir / "checkpoints" / "last.pt"
