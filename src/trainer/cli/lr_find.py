@@ -46,16 +46,18 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     check_range_settings(**cfg.lr_find)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
-    data = build(cfg.dataset, device=device, seed=cfg.seed)
-    model = build_model(cfg.model, data.in_shape, data.num_classes, train_on=device).to(device)
+    task = build(cfg.task)
+    data = build(cfg.dataset, device=device, seed=cfg.seed, targets=task.targets)
+    model = build_model(cfg.model, data.in_shape, task.output_size(data.num_classes), train_on=device).to(device)
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer, params=model.parameters())
     # The Trainer checks its settings where it is built; build it (without training: no run directory of its
     # own, no logger) so a setting train.py would refuse is refused here too.
     settings = {**OmegaConf.to_container(cfg.trainer, resolve=True, enum_to_str=True), "resume": None}
-    Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=build(cfg.scheduler, _partial_=True),
-            data=data, logger=NullLogger, device=device, run_dir=out_dir,
-            options=TrainerOptions.from_settings(settings))
+    checked = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer,
+                      scheduler=build(cfg.scheduler, _partial_=True), data=data, logger=NullLogger, device=device,
+                      run_dir=out_dir, options=TrainerOptions.from_settings(settings), task=task)
+    loss_fn = checked.loss_fn  # as the task has the loop call it (a regression's on standardised targets)
     passes = iter(range(sys.maxsize))
 
     def batches():  # a new shuffled pass over the training split, as each epoch of train.py is

@@ -115,7 +115,9 @@ def lookup(node: object, *keys: str) -> object:
 
 
 def sort_key(column: str):
-    lower_is_better = column.endswith(("loss", "ece")) or column == "seconds"
+    # errors (a regression's mae and rmse too), calibration error and time: lower first
+    lower_is_better = column.split("/")[1 if "/" in column else 0] in ("mae", "rmse") or \
+        column.endswith(("loss", "ece")) or column == "seconds"
 
     def key(row: dict):
         value = row.get(column)
@@ -140,8 +142,9 @@ def main() -> int:
     parser.add_argument("root", nargs="?", default="outputs", help="directory to search (default: outputs)")
     parser.add_argument("--columns", default="", help="more metrics of metrics.json as columns, comma-separated: "
                         "test/auroc,test/ece,test/balanced_acc (docs/metrics.md)")
-    parser.add_argument("--sort", default="test/acc", help="the column to sort by (lower first for *loss, *ece and "
-                        "seconds): test/acc, test/loss, test/f1, best/val, epochs, seconds or one of --columns")
+    parser.add_argument("--sort", default="test/acc", help="the column to sort by (lower first for *loss, *ece, mae, "
+                        "rmse and seconds): test/acc, test/loss, test/f1, best/val, epochs, seconds or one of "
+                        "--columns")
     parser.add_argument("--format", default="table", choices=("table", "markdown", "csv"))
     args = parser.parse_args()
     extra = tuple(c for c in args.columns.split(",") if c and c not in COLUMNS)
