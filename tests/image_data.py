@@ -45,6 +45,23 @@ def image_folder(root: Path, classes: list[str], per_class: int, size: tuple[int
     return root
 
 
+def labelled_folder(root: Path, csv: Path, kind: str, n: int, size: tuple[int, int] = (12, 12), seed: int = 0) -> Path:
+    """root/<a or b>/<i>.png, RGB, of the 12 patterns, and the CSV `csv` for dataset.labels: `kind` multi_hot
+    (labels top, left, centre: the pattern's band and column bits) or values (angle: its band times 30)."""
+    rng = np.random.default_rng(seed)
+    names = ["top", "left", "centre"] if kind == "multi_hot" else ["angle"]
+    rows = [",".join(["file", *names])]
+    for i in range(n):
+        k = i % 12
+        rel = f"{'ab'[i % 2]}/{i}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pattern(k, *size, rng)).save(root / rel)
+        values = [k % 4 == 0, k // 4 != 0, k // 4 != 1] if kind == "multi_hot" else [30.0 * (k % 4)]
+        rows.append(",".join([rel, *(f"{float(v):g}" for v in values)]))
+    csv.write_text("\n".join(rows) + "\n")
+    return root
+
+
 def idx_files(raw: Path, prefix: str, n_train: int, n_test: int, num_classes: int, seed: int = 0) -> None:
     """MNIST-layout IDX files `<prefix>train-images-idx3-ubyte`, ... (torchvision's names) of 28x28 grey images."""
     for split, n in (("train", n_train), ("t10k" if not prefix else "test", n_test)):

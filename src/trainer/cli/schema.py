@@ -91,6 +91,7 @@ class ImageFolderDataset(DatasetCommon):
     path: str = MISSING
     image_size: Optional[List[int]] = None
     channels: Optional[int] = None
+    labels: Optional[str] = None
 
 
 @dataclass
