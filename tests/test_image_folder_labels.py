@@ -216,10 +216,15 @@ def test_train_py_reads_a_labels_file(tmp_path, task, kind, metric):
     assert result.returncode == 0, result.stderr[-3000:]
     assert metric in result.stdout + result.stderr
     assert metric in _metrics(out)
-    if task == "regression":  # eval.py: the folder from data_root, the labels file from the run's config
+    if task == "regression":  # eval.py: the folder from data_root, the labels file from labels=: none from the file
         ckpt = next(out.rglob("best.pt"))
-        evaluated = run_train(f"ckpt={ckpt}", f"data_root={root}", "device=cpu", f"output_root={out}",
-                              script="eval.py")
+        refused = run_train(f"ckpt={ckpt}", f"data_root={root}", "device=cpu", f"output_root={out}",
+                            script="eval.py")
+        assert refused.returncode == 1 and refused.stderr == (
+            "error: the checkpoint's targets came from a labels file (dataset.labels on the machine it was trained "
+            "on, which is never read from the file); say where it is here: labels=FILE.csv\n")
+        evaluated = run_train(f"ckpt={ckpt}", f"data_root={root}", f"labels={csv}", "device=cpu",
+                              f"output_root={out}", script="eval.py")
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]
         assert metric in json.loads(next((out / "eval").rglob("metrics.json")).read_text())
 

@@ -36,7 +36,8 @@ from trainer.tasks import Task, task_from_state
 
 # Where files are read and written on this machine: never taken from a checkpoint (it may come from a stranger,
 # and another machine's paths mean nothing here); always this machine's own values.
-WHERE = ("output_root", "dataset.root", "dataset.path", "dataset.mirror", "trainer.resume", "trainer.checkpoint_dir")
+WHERE = ("output_root", "dataset.root", "dataset.path", "dataset.labels", "dataset.mirror", "trainer.resume",
+         "trainer.checkpoint_dir")
 TRUST_HINT = ("an option of your own project is found with --config-dir DIR (your configs folder); only if you "
               "trust the file, rebuild it from the file's own config with trust_checkpoint=true (eval) or "
               "--trust-checkpoint (predict, export)")
@@ -327,13 +328,22 @@ def data_identity(state: dict, trained: DictConfig, where: Path | str = "the che
             "mean": [float(trained.dataset.mean)], "std": [float(trained.dataset.std)], "digest": None}
 
 
-def data_config(trained: DictConfig, option: str) -> DictConfig:
+def data_config(trained: DictConfig, option: str, targets: str = "class", labels: str | Path | None = None,
+                labels_option: str = "labels=FILE.csv") -> DictConfig:
     """The dataset node of a rebuilt config, refused in one line when it needs a path only the user can give
-    (`option`: how to give it, e.g. data_root=PATH)."""
+    (`option`: how to give it, e.g. data_root=PATH). An image folder whose `targets` (the task's) came from a labels
+    CSV needs that file too: `labels` (`labels_option` says how to give it)."""
     if "path" in trained.dataset.keys() and OmegaConf.is_missing(trained.dataset, "path"):
         raise UserError(f"the checkpoint was trained on a folder or file of your own (dataset.path on the machine "
                         f"it was trained on, which is never read from the file); say where it is here: {option}")
-    return trained.dataset
+    dataset = trained.dataset
+    if "labels" in dataset.keys():
+        if labels is not None:
+            dataset.labels = str(labels)
+        elif targets != "class" and dataset.labels is None:
+            raise UserError("the checkpoint's targets came from a labels file (dataset.labels on the machine it was "
+                            f"trained on, which is never read from the file); say where it is here: {labels_option}")
+    return dataset
 
 
 def check_fits(data: ImageDataset, trained: dict[str, Any], ckpt: str | Path) -> None:

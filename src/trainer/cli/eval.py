@@ -56,7 +56,7 @@ log = logging.getLogger("eval")
 
 def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
                         out_dir: Path, trust: bool = False, data_root: str | None = None,
-                        metrics: DictConfig | None = None) -> dict:
+                        metrics: DictConfig | None = None, labels: str | None = None) -> dict:
     """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
     `trust`, `data_root` (where its dataset's files are): see trainer.cli.config.rebuildable_config. The types of
     `split` (test or val) and `trust` are the schema's (EvalKeys), checked before this is called."""
@@ -64,8 +64,8 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     restored = model_from_checkpoint(ckpt, device, trust, data_root)
     model, trained = restored.model, restored.config
     task = restored.task
-    data = build(dataset if dataset is not None else data_config(trained, "data_root=PATH"), device=device,
-                 seed=trained.seed, targets=task.targets)
+    data = build(dataset if dataset is not None else data_config(trained, "data_root=PATH", task.targets, labels),
+                 device=device, seed=trained.seed, targets=task.targets)
     check_fits(data, restored.data, ckpt)
     if dataset is None and restored.data["digest"] not in (None, data.digest):
         log.warning("%s: the data is not the data the model was trained on (digest %s, trained on %s): its files "
@@ -156,7 +156,7 @@ def main(cfg: DictConfig) -> None:
     try:
         check_keys(cfg, EvalKeys, HydraConfig.get().overrides.task)  # a dataset's keys: as Hydra composed them
         evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, out_dir, cfg.trust_checkpoint,
-                            cfg.data_root, cfg.get("metrics"))
+                            cfg.data_root, cfg.get("metrics"), cfg.labels)
         return
     except UserError as e:
         message = error_line(e)

@@ -179,7 +179,8 @@ def default_out_dir(ckpt: Path, checkpoint_dir: str) -> Path:
 
 
 def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int, trust: bool = False,
-           data_root: Path | None = None, config_dirs: Sequence[Path] = ()) -> list[tuple[str, Path, Agreement]]:
+           data_root: Path | None = None, config_dirs: Sequence[Path] = (),
+           labels: Path | None = None) -> list[tuple[str, Path, Agreement]]:
     """Export `ckpt` in each of `formats`, verify each and write it; stop at the first that fails to verify.
     `trust`, `data_root` (where the test images are read), `config_dirs` (the user's options): see
     trainer.cli.config.rebuildable_config.
@@ -198,7 +199,8 @@ def export(ckpt: str, formats: list[str], out_dir: Path | None, batches: int, tr
     head = task.export_head()  # a regression's outputs in the targets' units
     reference = restored.model if head is None else nn.Sequential(restored.model, head).eval()
     model = Normalised(reference, dataset["mean"], dataset["std"]).eval()
-    data = build(data_config(trained, "--data-root PATH"), device="cpu", seed=trained.seed, targets=task.targets)
+    data = build(data_config(trained, "--data-root PATH", task.targets, labels, "--labels FILE.csv"), device="cpu",
+                 seed=trained.seed, targets=task.targets)
     check_fits(data, dataset, ckpt)
     out_dir = out_dir or default_out_dir(Path(ckpt).expanduser(), trained.trainer.checkpoint_dir)
     meta = {"dataset": dataset["name"], "classes": dataset["classes"], "mean": dataset["mean"], "std": dataset["std"],
@@ -232,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the checkpoint's dataset is read, to verify on: its dataset.root (default: data/ "
                              "in the current folder) or, for image_folder/tensors data, its dataset.path (required "
                              "then)")
+    parser.add_argument("--labels", type=Path, help="for image_folder data trained with a labels CSV "
+                        "(dataset.labels): where that file is (never read from the checkpoint)")
     args = parser.parse_args(argv)
     try:
         export(args.ckpt, list(dict.fromkeys(args.format)), args.out, args.batches, args.trust_checkpoint,
-               args.data_root, require_dirs(args.config_dir))
+               args.data_root, require_dirs(args.config_dir), args.labels)
     except (UserError, Mismatch) as e:
         print(error_line(e), file=sys.stderr)
         return 1

@@ -386,6 +386,7 @@ class EvalKeys:
     device: str = MISSING
     trust_checkpoint: bool = MISSING
     data_root: Optional[str] = None
+    labels: Optional[str] = None
     output_root: str = MISSING
 
 
