@@ -15,9 +15,10 @@ from trainer.cli.config import build
 from trainer.loop.trainer import Trainer
 from trainer.report.logger import TensorBoardLogger
 
-GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger", "callbacks", "metrics")
+GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "task", "logger", "callbacks", "metrics")
 LISTED = ("logger", "callbacks", "metrics")  # a run picks several: option x is the node <group>.x
 OPTIONS = {g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml")) for g in GROUPS}
+CLASSIFICATION_LOSSES = ["bce", "cross_entropy", "mse", "multi_margin", "nll"]
 
 
 def config(*overrides: str):
@@ -29,7 +30,9 @@ def test_the_issue_options_exist():
     assert OPTIONS["dataset"] == ["cifar10", "cifar100", "custom", "emnist", "fashion_mnist", "image_folder", "kmnist",
                                   "mnist", "tensors", "torchvision"]
     assert OPTIONS["model"] == ["cnn", "custom", "logistic", "mlp", "torchvision"]
-    assert OPTIONS["loss"] == ["bce", "cross_entropy", "mse", "multi_margin", "nll"]
+    assert OPTIONS["loss"] == sorted([*CLASSIFICATION_LOSSES, "l1", "huber", "poisson_nll", "triplet",
+                                      "hinge_embedding", "contrastive"])
+    assert OPTIONS["task"] == ["classification", "embedding", "multilabel", "regression"]
     assert OPTIONS["optimizer"] == ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
     assert OPTIONS["scheduler"] == ["cosine", "exponential", "multistep", "none", "onecycle", "plateau", "step",
                                     "warmup"]
@@ -56,8 +59,9 @@ def test_typo_in_an_override_fails():
         config("trainer.max_epoch=3")
 
 
-# The built-in small models; model=torchvision and model=custom are trained in tests/test_open_data.py.
-FACTORS = (["cnn", "logistic", "mlp"], OPTIONS["loss"], OPTIONS["optimizer"], OPTIONS["scheduler"])
+# The built-in small models; model=torchvision and model=custom are trained in tests/test_open_data.py. The losses
+# of single-label classification, the default task; the other tasks' are trained in tests/test_tasks.py.
+FACTORS = (["cnn", "logistic", "mlp"], CLASSIFICATION_LOSSES, OPTIONS["optimizer"], OPTIONS["scheduler"])
 FULL_GRID = list(itertools.product(*FACTORS))
 
 

@@ -36,8 +36,9 @@ GRAPH = {name: imports_of(name, path) for name, path in MODULES.items()}
 
 # Each layer may import the ones before it, never one after: the base (errors, system, distributed) knows no other
 # part; run/ (files, untrusted input, the checkpoint format) only the base; data/ and models/ the base and run/;
-# report/ those before it; loop/ everything but cli/; cli/ (the commands, config building, Hydra) everything.
-LAYERS = {"base": 0, "run": 1, "data": 2, "models": 2, "report": 3, "loop": 4, "cli": 5}
+# report/ those before it; loop/ and tasks/ (what a run learns: its metrics and losses are the loop's) everything
+# but cli/; cli/ (the commands, config building, Hydra) everything.
+LAYERS = {"base": 0, "run": 1, "data": 2, "models": 2, "report": 3, "loop": 4, "tasks": 4, "cli": 5}
 BASE = {"trainer.errors", "trainer.system", "trainer.distributed"}
 
 
