@@ -49,7 +49,7 @@ __all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted"]
 
 
 class Trainer:
-    """Fits a classifier on an in-memory dataset, logging to TensorBoard and checkpointing as it goes.
+    """Fits a model (a classifier by default) on an in-memory dataset, logging to TensorBoard and checkpointing.
 
     Objects come from the composition root (trainer/cli/train.py) or a user's script (docs/python_api.md):
     `model` and `data` already on `device` ("auto" picks cuda, mps, then cpu); `scheduler(optimizer,
@@ -60,7 +60,9 @@ class Trainer:
     test. `callbacks`: `Callback`s (a list, or a dict whose names key their state in the checkpoints), called at
     the loop's events (trainer.loop.callbacks). `logger` returns a tracker (trainer.report.tracker), or several
     as one. `config_yaml` is stored in the checkpoints; `config_choices` (the option of each group) lets eval
-    rebuild the model.
+    rebuild the model. `task` (trainer.tasks; classification by default) decides which losses fit, the metrics of
+    each split and the pictures; `data` must read its targets (`targets=task.targets`) and `model` have
+    `task.output_size(data.num_classes)` outputs.
     `last.pt` is written every epoch and `checkpoint_every_n_steps` steps, `best.pt` on improvement;
     `options.checkpoints.resume` continues exactly, down to the batch and the RNGs. SIGINT/SIGTERM stop after the
     current step, with a checkpoint. Under torchrun each rank trains its shard through DDP and rank 0 alone

@@ -101,7 +101,7 @@ class Task:
     def direction(self, metric: str) -> str | None:
         """'max' or 'min' for a metric of this task (`val/<name>[/<class>]`), None for one it does not know."""
         name = metric.split("/")[1]
-        if name in self.lower_is_better:
+        if name in self.lower_is_better or name.endswith("loss"):
             return "min"
         if name in self.higher_is_better or any(name.startswith(p) for p in ("acc_top", "recall_at_")):
             return "max"
