@@ -1,4 +1,5 @@
-"""The generated task datasets (trainer.data.generated) and the command that writes them (scripts/make_task_data.py).
+"""The generated task datasets (trainer.data.generated) and the command that writes them (htt-make-data,
+scripts/make_task_data.py in a checkout).
 
 The library functions take MNIST as arrays, so these tests give them fake digits whose every pixel is nonzero and
 whose noise makes each one unique: a blank mosaic cell is then all zeros, and any other cell, or an unturned digit,
@@ -210,7 +211,7 @@ def test_the_command_reads_mnist_from_its_root(tmp_path, task, shape):
 @pytest.mark.parametrize("args, message", [
     (["counts", "--train", "0"], "error: --train=0: must be an integer >= 1"),
     (["counts", "--test", "-3"], "error: --test=-3: must be an integer >= 1"),
-    (["mosaic", "--mnist-root", "{tmp}/nowhere"], "error: --mnist-root={tmp}/nowhere: no {tmp}/nowhere/MNIST/raw/"),
+    (["mosaic", "--mnist-root", "{tmp}/file"], "error: --mnist-root={tmp}/file: is a file, not a folder"),
     (["counts", "--out", "{tmp}/file/c.npz"], "error: --out={tmp}/file/c.npz: {tmp}/file is a file, not a folder"),
     (["counts", "--out", "{tmp}/c.txt"], "error: --out={tmp}/c.txt: must end in .npz"),
 ])

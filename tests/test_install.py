@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ("htt-train", "htt-eval", "htt-predict", "htt-export", "htt-lr-find", "htt-summarize", "htt-data")
+COMMANDS = ("htt-train", "htt-eval", "htt-predict", "htt-export", "htt-lr-find", "htt-summarize", "htt-data",
+            "htt-make-data")
 RUN = "outputs/<date>/<time>"  # the guide's placeholder for the run its first command made
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
@@ -103,9 +104,12 @@ def test_the_installed_commands_run_from_the_wheel_with_its_configs(venv, tmp_pa
     help_text = run("htt-train --help", tmp_path, venv)
     assert help_text.returncode == 0 and "model: cnn, custom, logistic, mlp, torchvision" in help_text.stdout, \
         help_text.stdout + help_text.stderr
-    for command in ("htt-predict --help", "htt-export --help", "htt-summarize --help", "htt-data --help"):
+    for command in ("htt-predict --help", "htt-export --help", "htt-summarize --help", "htt-data --help",
+                    "htt-make-data --help"):
         result = run(command, tmp_path, venv)
         assert result.returncode == 0 and result.stdout.startswith(f"usage: {command.split()[0]}"), result.stderr
+    made = run("htt-make-data counts --train 40 --test 8", tmp_path, venv)  # where the presets read it: ./data/tasks
+    assert made.returncode == 0 and (tmp_path / "data" / "tasks" / "counts.npz").is_file(), made.stderr
 
 
 def test_your_own_project_guide_runs_as_written(venv, tmp_path):

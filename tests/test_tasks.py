@@ -311,6 +311,15 @@ def test_each_task_trains_evaluates_predicts_and_exports(name, task_files, tiny_
               "embedding": ("test/knn_acc", 0.8)}
     metric, floor = floors[name]
     assert metrics[metric] > floor, metrics  # learnt, not just run
+    pictures = {"regression": "val/scatter", "poisson": "test/scatter"}.get(name)
+    if pictures:  # predicted against true values, in TensorBoard's Images tab
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+        events.Reload()
+        assert pictures in events.Tags()["images"] and "val/confusion_matrix" not in events.Tags()["images"]
+    if name == "embedding":  # the projector: the validation embeddings with their images
+        assert "val/embedding" in (run_dir / "projector_config.pbtxt").read_text()
     ckpt = run_dir / "checkpoints" / "best.pt"
     task = torch.load(ckpt, weights_only=True)["task"]
     assert task["name"] == {"poisson": "regression"}.get(name, name)

@@ -52,5 +52,7 @@ export = _command("export", "`htt-export CKPT [--format torchscript onnx]`: mode
 lr_find = _command("lr_find", "`htt-lr-find [group=option ...]`: the learning-rate range test.")
 data = _command("provision_data", "`htt-data [DATASET ...] [--mirror DIR]`: provision MNIST and FashionMNIST.",
                 preload=False)
+make_data = _command("make_data", "`htt-make-data {counts,mosaic,rotation}`: a generated dataset for a task.",
+                     preload=False)
 # summarize reads run directories only: no torch, so no allocator to preload
 summarize = _command("summarize", "`htt-summarize [DIR]`: a sorted table of the runs under DIR.", preload=False)
