@@ -279,16 +279,25 @@ class EpochMetrics:
                 self._top_k_unknown = True
             counts = {**counts, "top_k": torch.zeros((), dtype=torch.int64)}
             state = {**state, "counts": counts}
-        if not (isinstance(counts, dict) and counts.keys() == self.counts.keys() and
-                {"losses", "sizes", "preds", "targets"} <= state.keys() and
-                all(isinstance(v, torch.Tensor) and v.shape == self.counts[k].shape for k, v in counts.items())):
-            keys = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
-            raise UserError(f"the checkpoint's unfinished epoch metrics ({keys}) are not of this version's form; "
-                            "resume a checkpoint written at an epoch's end, or start the run again")
-        self.counts = {key: value.to(self.device, self.counts[key].dtype) for key, value in counts.items()}
+        self.counts = restored_counts(state, self.counts, {"losses", "sizes", "preds", "targets"},
+                                      "are not of this version's form; resume a checkpoint written at an epoch's "
+                                      "end, or start the run again")
         self._losses = list(state["losses"].to(self.device).unbind())
         self._preds, self._logits, self._logit_values = [state["preds"].to(self.device)], [], 0
         self._targets = list(state["targets"].to(self.device).split(state["sizes"]))
+
+
+def restored_counts(state: Any, counts: dict[str, torch.Tensor], buffers: set[str],
+                    refusal: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's unfinished epoch counts, `state["counts"]`, on the devices and dtypes of `counts` (the
+    metrics' own, whose keys and shapes they must have), `state` holding the `buffers` keys too; else UserError
+    naming state's keys, then `refusal`."""
+    stored = state.get("counts") if isinstance(state, dict) else None
+    if not (isinstance(stored, dict) and stored.keys() == counts.keys() and buffers <= state.keys() and
+            all(isinstance(v, torch.Tensor) and v.shape == counts[k].shape for k, v in stored.items())):
+        keys = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"the checkpoint's unfinished epoch metrics ({keys}) {refusal}")
+    return {key: value.to(counts[key].device, counts[key].dtype) for key, value in stored.items()}
 
 
 def score_bins(scores: torch.Tensor, bins: int) -> torch.Tensor:

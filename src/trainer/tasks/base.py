@@ -11,6 +11,7 @@ import torch.distributed as td
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.loop.metrics import restored_counts
 
 MAX_PENDING_VALUES = 2**22  # outputs held on the device (16 MiB of float32) before they are reduced to sums
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images, targets -> out, loss
@@ -218,14 +219,8 @@ class SumMetrics:
                 "targets": torch.cat(self._targets) if self._targets else empty}
 
     def load_state_dict(self, state: dict) -> None:
-        counts = state.get("counts") if isinstance(state, dict) else None
-        if not (isinstance(counts, dict) and counts.keys() == self.counts.keys() and
-                {"losses", "sizes", "outputs", "targets"} <= state.keys() and
-                all(isinstance(v, torch.Tensor) and v.shape == self.counts[k].shape for k, v in counts.items())):
-            keys = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
-            raise UserError(f"the checkpoint's unfinished epoch metrics ({keys}) are not this task's; resume it "
-                            "with the task it was trained for")
-        self.counts = {k: v.to(self.device, self.counts[k].dtype) for k, v in counts.items()}
+        self.counts = restored_counts(state, self.counts, {"losses", "sizes", "outputs", "targets"},
+                                      "are not this task's; resume it with the task it was trained for")
         self._losses = list(state["losses"].to(self.device).unbind())
         self._sizes = [int(s) for s in state["sizes"]]
         outputs = state["outputs"].to(self.device)
