@@ -93,6 +93,30 @@ def test_regression_metrics_in_the_targets_units_match_torchmetrics(columns):
     assert torch.allclose(pred, predicted[:len(pred)], atol=1e-3) and torch.equal(true, targets[:len(true)])
 
 
+def test_a_torchmetrics_metric_gets_the_tasks_predictions_in_its_units():
+    """metrics=[...] on the other tasks: a regression's metric compares values in the targets' units, a multi-label
+    metric gets the logits and 0/1 integer targets."""
+    from torchmetrics.classification import MultilabelF1Score
+    from torchmetrics.regression import MeanAbsoluteError
+
+    g = torch.Generator().manual_seed(4)
+    targets = 50 * torch.rand(300, 1, generator=g)
+    task = Regression()
+    task.fit(targets, torch.nn.L1Loss())
+    outputs = torch.randn(300, 1, generator=g)
+    metrics = task.metrics("val", data=Names(["value"]), device=CPU, top_k=None, full=False,
+                           extra={"tm_mae": MeanAbsoluteError()})
+    metrics.add(torch.tensor(1.0), outputs, targets)
+    found = metrics.compute("val")
+    assert found["val/tm_mae"] == pytest.approx(found["val/mae"], rel=1e-5) and found["val/mae"] > 5
+    logits, multi_hot = multilabel_batch(400, 5)
+    metrics = MultiLabel().metrics("val", data=Names(list("abcde")), device=CPU, top_k=None, full=False,
+                                   extra={"tm_f1": MultilabelF1Score(5, average="micro")})
+    metrics.add(torch.tensor(1.0), logits, multi_hot)
+    found = metrics.compute("val")
+    assert found["val/tm_f1"] == pytest.approx(found["val/f1_micro"], abs=1e-6)
+
+
 @pytest.mark.parametrize("task", ["regression", "multilabel"])
 def test_a_checkpoint_mid_interval_resumes_the_epoch_metrics_bit_for_bit(task):
     """SumMetrics keeps the batches not yet reduced in its state, so the sums a resumed run ends the epoch with are

@@ -158,6 +158,10 @@ class SumMetrics:
     def begin(self, forward: Forward, limit_batches: int | None = None) -> None:
         """Called by `evaluate` before the split's first batch, with the model's forward pass."""
 
+    def _extra_inputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a metric of the `metrics` group is updated with: the batch's outputs and targets as they are."""
+        return outputs, targets
+
     def _reset_counts(self) -> None:
         self.counts = {"loss_sum": torch.zeros((), device=self.device),
                        "loss_weight": torch.zeros((), device=self.device), **self._zero_counts()}
@@ -168,8 +172,10 @@ class SumMetrics:
         self._outputs.append(outputs.detach())
         self._targets.append(targets)
         self._pending += outputs.numel()
-        for metric in self.extra.values():
-            metric.update(outputs.detach(), targets)
+        if self.extra:
+            given = self._extra_inputs(outputs.detach(), targets)
+            for metric in self.extra.values():
+                metric.update(*given)
         if self._pending > MAX_PENDING_VALUES:
             self._reduce()
 

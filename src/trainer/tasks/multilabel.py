@@ -79,6 +79,9 @@ class MultiLabelMetrics(SumMetrics):
             names += ["map", "auroc", *(f"{m}/{c}" for m in ("ap", "auroc", "f1") for c in self.labels)]
         return tuple(f"{prefix}/{n}" for n in [*names, *self.extra])
 
+    def _extra_inputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return outputs, targets.long()  # torchmetrics' multilabel metrics: logits, and integer 0/1 targets
+
     def _zero_counts(self) -> dict[str, torch.Tensor]:
         k, device = len(self.labels), self.device
         counts = {key: torch.zeros(k, dtype=torch.int64, device=device) for key in ("tp", "fp", "fn")}

@@ -140,6 +140,11 @@ class RegressionMetrics(SumMetrics):
             names += [f"{m}/{c}" for m in ("mae", "rmse", "r2") for c in self.columns]
         return tuple(f"{prefix}/{n}" for n in ["loss", *names, *self.extra])
 
+    def _extra_inputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # torchmetrics' regression metrics compare predictions with targets in the same units: the user's
+        predicted = self.to_units(outputs)
+        return (predicted.squeeze(1), targets.squeeze(1)) if predicted.shape[1] == 1 else (predicted, targets)
+
     def _zero_counts(self) -> dict[str, torch.Tensor]:
         d = len(self.columns)
         return {k: torch.zeros(d, dtype=self.sum_dtype, device=self.device) for k in ("n", "abs", "sq", "y", "yy")}
