@@ -470,3 +470,19 @@ def test_each_task_trains_under_torchrun_on_two_processes(name, task_files, tiny
     (metrics,) = tmp_path.rglob("metrics.json")
     found = json.loads(metrics.read_text())
     assert math.isfinite(found[key]) and found["world_size"] == 2
+
+
+def test_summarize_shows_each_tasks_main_metric(task_files, tiny_root, straight_runs, tmp_path_factory, tmp_path):
+    import shutil
+
+    for name in ("regression", "multilabel"):
+        run_dir = straight(name, task_files, tiny_root, straight_runs, tmp_path_factory)
+        shutil.copytree(run_dir / ".hydra", tmp_path / name / ".hydra")
+        shutil.copy(run_dir / "metrics.json", tmp_path / name / "metrics.json")
+    shown = subprocess.run([sys.executable, "scripts/summarize.py", str(tmp_path), "--sort", "test/mae",
+                            "--format", "csv"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    header, *rows = shown.stdout.splitlines()
+    assert header.split(",")[:10] == ["run", "status", "test/acc", "test/loss", "test/f1", "best/val", "test/mae",
+                                      "test/r2", "test/map", "epochs"]  # no test/knn_acc: no embedding run here
+    assert [row.split(",")[0] for row in rows] == ["regression", "multilabel"]  # lower error first; none last

@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
 def _evaluate_task(task: Task, forward: Forward, data: ImageDataset, split: str, extra: dict, top_k: int | None,
                    out_dir: Path, ckpt: str, epoch: int) -> dict:
     """`evaluate_checkpoint` for the tasks beyond classification: their metrics into metrics.json, and a
-    regression's predicted-against-true picture per column (scatter.png, scatter_<column>.png)."""
+    regression's predicted-against-true picture per column (scatter.png; scatter_<column>.png for several)."""
     measured = task.metrics("test", data=data, device=data.test.device, top_k=top_k, full=True, extra=extra)
     results = evaluate(forward, getattr(data, split), measured, split)
     loader = getattr(data, split)
@@ -139,7 +140,8 @@ def _evaluate_task(task: Task, forward: Forward, data: ImageDataset, split: str,
     points = getattr(measured, "last_points", None)
     if points is not None:
         for j, name in enumerate(data.classes):
-            path = out_dir / ("scatter.png" if len(data.classes) == 1 else f"scatter_{j}.png")
+            column = re.sub(r"[^\w.-]", "_", name)[:64]  # a file name, whatever the column's name holds
+            path = out_dir / ("scatter.png" if len(data.classes) == 1 else f"scatter_{j}_{column}.png")
             with atomic_write(path) as f:
                 f.write(png(scatter(points[0][:, j], points[1][:, j], name)))
             written.append(path)

@@ -93,12 +93,15 @@ def onnx_packages() -> tuple:
 def to_onnx(model: Normalised, example: torch.Tensor, meta: dict) -> bytes:
     """Export `model` with torch.export (the dynamo exporter), batch dimension dynamic; `meta` as metadata."""
     onnx, _ = onnx_packages()
-    program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
+    classifier = meta.get("task", "classification") == "classification"
+    program = torch.onnx.export(model, (example,), input_names=["images"],
+                                output_names=["logits" if classifier else "outputs"],
                                 dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True,
                                 verbose=False)
     proto = program.model_proto
-    proto.doc_string = f"{meta['dataset']} classifier. Input: {INPUT}. Output: {OUTPUT}."
-    proto.graph.input[0].doc_string, proto.graph.output[0].doc_string = INPUT, OUTPUT
+    what = "classifier" if classifier else f"{meta['task']} model"
+    proto.doc_string = f"{meta['dataset']} {what}. Input: {INPUT}. Output: {meta['output']}."
+    proto.graph.input[0].doc_string, proto.graph.output[0].doc_string = INPUT, meta["output"]
     onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
@@ -132,13 +135,18 @@ class Agreement:
     correct: int | None  # images the exported model classifies right (classification)
 
     @property
+    def what(self) -> str:
+        return "logit" if self.correct is not None else "output"  # a classifier's logits; other tasks' outputs
+
+    @property
     def ok(self) -> bool:
         return self.within_tolerance and self.same_prediction == self.images
 
     def __str__(self) -> str:
         return (f"{self.images} test images ({self.batches} batches and the first image alone): "
-                f"max |logit diff| {self.max_abs_diff:.2e} (allowed {ATOL:g} + {RTOL:g}*|logit|), "
-                f"same prediction for {self.same_prediction}/{self.images}" +
+                f"max |{self.what} diff| {self.max_abs_diff:.2e} (allowed {ATOL:g} + {RTOL:g}*|{self.what}|), "
+                f"same {'prediction' if self.correct is not None else 'outputs'} for {self.same_prediction}/"
+                f"{self.images}" +
                 (f", accuracy {self.correct / self.images:.2%}" if self.correct is not None else ""))
 
 

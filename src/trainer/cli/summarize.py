@@ -31,6 +31,8 @@ from trainer.errors import UserError, is_number, printable
 from trainer.run.untrusted import load_json, load_yaml
 
 COLUMNS = ("run", "status", "test/acc", "test/loss", "test/f1", "best/val", "epochs", "seconds", "overrides")
+# The other tasks' main metrics (docs/tasks.md): a column of their own wherever a run under the root has them
+TASK_COLUMNS = ("test/mae", "test/r2", "test/map", "test/knn_acc")
 
 
 def runs(root: Path, extra: tuple[str, ...] = ()) -> list[dict]:
@@ -148,7 +150,8 @@ def main() -> int:
     parser.add_argument("--format", default="table", choices=("table", "markdown", "csv"))
     args = parser.parse_args()
     extra = tuple(c for c in args.columns.split(",") if c and c not in COLUMNS)
-    columns = (*COLUMNS[:-3], *extra, *COLUMNS[-3:])  # before epochs, seconds and overrides
+    automatic = tuple(c for c in TASK_COLUMNS if c not in extra)
+    columns = (*COLUMNS[:-3], *extra, *automatic, *COLUMNS[-3:])  # before epochs, seconds and overrides
     if args.sort not in columns or args.sort in ("run", "status", "overrides"):
         print(f"error: --sort {args.sort}: not a column; use one of "
               f"{', '.join(c for c in columns if c not in ('run', 'status', 'overrides'))} (--columns adds more)",
@@ -159,7 +162,7 @@ def main() -> int:
         print(f"error: {root} is not a directory", file=sys.stderr)
         return 1
     try:
-        rows = sorted(runs(root, extra), key=sort_key(args.sort))
+        rows = sorted(runs(root, extra + automatic), key=sort_key(args.sort))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -171,6 +174,8 @@ def main() -> int:
         print(f"error: --columns {unknown[0]}: no run under {root} has it in its metrics.json (docs/metrics.md "
               "lists the keys)", file=sys.stderr)
         return 1
+    absent = {c for c in automatic if all(row.get(c) is None for row in rows)}  # no run of that task here
+    columns = tuple(c for c in columns if c not in absent)
     table = [[cell(row.get(c), c) for c in columns] for row in rows]
     if args.format == "csv":
         writer = csv.writer(sys.stdout)

@@ -101,7 +101,7 @@ def as_targets(array: Any, count: int, width: int, kind: str, where: str) -> tor
     if len(y) != count:
         raise UserError(f"{where}: {count} images but {len(y)} targets")
     if y.shape[1] != width:
-        what = "labels" if kind == "multi_hot" else "columns"
+        what = ("label" if kind == "multi_hot" else "column") + "s" * (y.shape[1] != 1)
         raise UserError(f"{where}: targets have {y.shape[1]} {what} per image, but the names (classes) give {width}")
     y = y.to(torch.float32)
     if kind == "multi_hot":
@@ -125,6 +125,9 @@ class ImageDataset:
     """
 
     name: str = ""  # shown in logs and stored in checkpoints; default: the class name
+    # The targets `read()` can give (trainer.tasks.Task.targets): class indices only, unless a source says more
+    # (a tensors file and an image folder with a labels CSV give every kind; a class of yours may too).
+    target_kinds: tuple[str, ...] = ("class",)
 
     # One keyword per key of configs/dataset_base/common.yaml, which every dataset option extends (docs/data.md).
     def __init__(self, *, batch_size: int, eval_batch_size: int, val_size: int | float, test_size: int | float,  # noqa: PLR0913
@@ -145,6 +148,11 @@ class ImageDataset:
         self.name = self.name or type(self).__name__
         if targets not in TARGETS:
             raise UserError(f"targets={targets!r}: one of {', '.join(TARGETS)}")
+        if targets not in self.target_kinds:
+            task, what = {"multi_hot": ("multilabel", "0/1 labels"), "values": ("regression", "numbers")}[targets]
+            raise UserError(f"dataset {self.name} gives class labels only, and task={task} learns {what}: use "
+                            "dataset=tensors (a .npz or .pt file of them) or dataset=image_folder with dataset.labels="
+                            "FILE.csv (docs/tasks.md)")
         self.targets = targets  # what `read()` returns as labels: the task's (trainer.tasks)
         self.cache = cache
         self.cache_file: Path | None = None  # where the decoded tensors are cached, if they are
@@ -315,11 +323,12 @@ def _split_size(key: str, value: Any, pool: int) -> int:
 
 
 def _stamp(files: list[Path]) -> str:
-    """A digest of the files' names, sizes and modification times: it changes when any file does."""
+    """A digest of the files' names, sizes and modification times: it changes when any file does. Names as the
+    cache's key has them (resolved), so one file given as `data/x.npz` and as its absolute path is one cache."""
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

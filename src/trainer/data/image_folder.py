@@ -44,6 +44,8 @@ class ImageFolder(ImageDataset):
     splits are held out by `split_seed`.
     """
 
+    target_kinds = ("class", "multi_hot", "values")  # class folders give classes; a labels CSV the others
+
     def __init__(self, *, path: str, image_size: list[int] | None, channels: int | None, labels: str | None = None,
                  **common: Any) -> None:
         self.path = Path(path).expanduser()
@@ -67,7 +69,10 @@ class ImageFolder(ImageDataset):
         return self.path
 
     def stamp(self, files: list[str]) -> str:
-        return hashlib.sha256("\n".join(self._stats).encode()).hexdigest()  # by _scan(_labels): one stat per file
+        # by _scan(_labels): one stat per file, named below the folder as given; relative to it here, so the folder
+        # given as a relative or an absolute path is one cache (its key has the resolved path)
+        root = str(self.path)
+        return hashlib.sha256("\n".join(s.removeprefix(root) for s in self._stats).encode()).hexdigest()
 
     def cache_options(self) -> dict[str, Any]:
         options = {"path": str(self.path.resolve()), "image_size": self.image_size, "channels": self.channels}

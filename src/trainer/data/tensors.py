@@ -30,6 +30,8 @@ class TensorsFile(ImageDataset):
     anything is inflated or copied, so a small file cannot make it allocate gigabytes before it is refused.
     """
 
+    target_kinds = ("class", "multi_hot", "values")  # whatever train_y holds: the task says how to read it
+
     def __init__(self, *, path: str, **common: Any) -> None:
         self.path = Path(path).expanduser()
         self.name = self.path.stem

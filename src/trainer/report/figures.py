@@ -155,7 +155,7 @@ def scatter(true: torch.Tensor, predicted: torch.Tensor, name: str, size: int = 
     low = float(min(true.min(), predicted.min())) if true.numel() else 0.0
     high = float(max(true.max(), predicted.max())) if true.numel() else 1.0
     span = high - low or 1.0
-    margin, font = 34, _font()
+    margin, font = 44, _font()  # room for the value axis' numbers at the left
     image = Image.new("RGB", (size + 2 * margin, size + 2 * margin), PAPER)
     draw = ImageDraw.Draw(image)
     x0, y0 = margin, margin + size  # the plot's origin, bottom left
@@ -165,9 +165,11 @@ def scatter(true: torch.Tensor, predicted: torch.Tensor, name: str, size: int = 
     ys = (y0 - (predicted.float() - low) / span * size).tolist()
     for x, y in zip(xs, ys):
         draw.rectangle((x - 1, y - 1, x + 1, y + 1), fill=(70, 120, 190))
-    draw.text((x0, y0 + 6), f"{low:.3g}", fill=INK, font=font)
+    draw.text((x0, y0 + 6), f"{low:.3g}", fill=INK, font=font)  # both axes span low..high
     draw.text((x0 + size - 30, y0 + 6), f"{high:.3g}", fill=INK, font=font)
     draw.text((x0 + size // 2 - 12, y0 + 6), "true", fill=INK, font=font)
+    draw.text((2, y0 - FONT_SIZE), f"{low:.3g}", fill=INK, font=font)
+    draw.text((2, margin), f"{high:.3g}", fill=INK, font=font)
     draw.text((4, margin - 20), f"{name}: predicted (up) vs true, {len(xs)} samples", fill=INK, font=font)
     return _to_tensor(image)
 

@@ -156,7 +156,8 @@ class RunReport:
                    "peak_rss_mib": peak_rss_mib(),
                    "allocator": allocator_in_use(),
                    **{key: None if value is None else round(value, 3) for key, value in timing.items()},
-                   "seconds_since_start": round(seconds_since_process_start(), 3), "per_class_acc": per_class}
+                   "seconds_since_start": round(seconds_since_process_start(), 3),
+                   **({"per_class_acc": per_class} if confusion is not None else {})}  # classification's
         if self.device.type == "cuda":
             summary["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.dist.is_main:
