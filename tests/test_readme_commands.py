@@ -688,6 +688,11 @@ def check_result(s: ReadmeSession, r: Result) -> None:  # noqa: C901, PLR0915 (o
         for name in names:
             assert f"{name}: ok" in r.stdout, r.stdout
             assert len(list((root / name / "raw").glob("*-ubyte"))) == 4
+    elif program == "scripts/make_task_data.py":  # data/tasks/<name>.npz, a tensors file the presets read
+        made = s.copy / "data" / "tasks" / f"{argv[2]}.npz"
+        assert r.stdout.startswith(f"wrote data/tasks/{argv[2]}.npz"), r.stdout
+        with np.load(made, allow_pickle=False) as arrays:
+            assert {"train_x", "train_y", "test_x", "test_y", "classes"} <= set(arrays.files)
     elif program == "scripts/benchmark.py" and "--mnist-fast" in argv:  # one row per seed, then the mean
         seeds = int(argv[argv.index("--mnist-fast") + 1])
         rows = re.findall(r"^\s*(\d+|mean)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+\d+$", r.stdout, re.M)

@@ -436,6 +436,10 @@ def test_what_does_not_fit_the_task_is_refused_before_training(task_files, tiny_
     refused = train_in_process("task=multilabel", "dataset=tensors", f"dataset.path={task_files}/values.npz",
                                *SMALL, out)
     assert refused.returncode == 1 and "multi-hot targets hold" in refused.stderr
+    refused = train_in_process("task=regression", *TINY, f"dataset.root={tiny_root}", *SMALL, out)
+    assert refused.stderr == ("error: dataset MNIST gives class labels only, and task=regression learns numbers: use "
+                              "dataset=tensors (a .npz or .pt file of them) or dataset=image_folder with "
+                              "dataset.labels=FILE.csv (docs/tasks.md)\n")
     assert not list(tmp_path.rglob("last.pt")) and not list(tmp_path.rglob(".hydra"))  # nothing of a run kept
 
 
@@ -486,3 +490,20 @@ def test_summarize_shows_each_tasks_main_metric(task_files, tiny_root, straight_
     assert header.split(",")[:10] == ["run", "status", "test/acc", "test/loss", "test/f1", "best/val", "test/mae",
                                       "test/r2", "test/map", "epochs"]  # no test/knn_acc: no embedding run here
     assert [row.split(",")[0] for row in rows] == ["regression", "multilabel"]  # lower error first; none last
+
+
+@pytest.mark.parametrize("preset, data, key", [("counts_poisson", "counts", "test/r2"),
+                                               ("mnist_rotation", "rotation", "test/mae"),
+                                               ("mnist_mosaic", "mosaic", "test/map")])
+def test_the_presets_of_generated_data_run_end_to_end(preset, data, key, tiny_root, tmp_path):
+    """Each preset on a small file of its generated dataset (the full ones and their results: docs/tasks.md)."""
+    from trainer.cli.make_data import generate, read_mnist
+
+    arrays = generate(data, 0, 300, 60, read_mnist(tiny_root) if data != "counts" else None)
+    np.savez(tmp_path / f"{data}.npz", **arrays)
+    result = run_train(f"experiment={preset}", f"dataset.path={tmp_path}/{data}.npz", "dataset.val_size=60",
+                       "dataset.batch_size=16",
+                       "debug=fast_dev_run", "trainer.device=cpu", f"output_root={tmp_path}/out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = (tmp_path / "out").rglob("metrics.json")
+    assert math.isfinite(json.loads(metrics.read_text())[key])

@@ -157,6 +157,8 @@ def _inferred_choices(stored: dict, where: Path, dirs: Sequence[Path]) -> dict[s
         if not isinstance(stored.get(group) or {}, dict):
             raise UserError(f"refusing {where}: its stored {group} is a {type(stored[group]).__name__}, not a config "
                             "group")
+        if group not in stored and group == "task":  # written before tasks: a classifier, the default task
+            continue
         target = (stored.get(group) or {}).get("_target_")
         match = [o for o in options(group, dirs) if option_target(group, o, dirs) == target]
         if not match:

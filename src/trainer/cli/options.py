@@ -87,5 +87,7 @@ def options(group: str, dirs: Sequence[Path] = (CONFIG_DIR,)) -> tuple[str, ...]
 
 
 def option_target(group: str, option: str, dirs: Sequence[Path]) -> str | None:
-    """The `_target_` an option names."""
-    return (read_yaml(option_file(group, option, dirs)) or {}).get("_target_")
+    """The `_target_` an option names (at its root, or, for a `# @package _global_` option such as a task's, in its
+    node of the group's name)."""
+    node = read_yaml(option_file(group, option, dirs)) or {}
+    return node.get("_target_") or (node.get(group) or {}).get("_target_")
