@@ -324,6 +324,25 @@ def straight(name, task_files, tiny_root, runs, tmp_path_factory):
     return runs[name]
 
 
+def check_pictures_and_hparams(name, run_dir):
+    """A regression's scatter pictures and HParams entry; an embedding's projector."""
+    pictures = {"regression": "val/scatter", "poisson": "test/scatter"}.get(name)
+    if pictures:  # predicted against true values, in TensorBoard's Images tab
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
+        events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+        events.Reload()
+        assert pictures in events.Tags()["images"] and "val/confusion_matrix" not in events.Tags()["images"]
+        hparams = events.PluginTagToContent("hparams")  # the HParams tab: the task, and its metrics as columns
+        start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+        assert start.session_start_info.hparams["task"].string_value == "Regression"
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+        assert {"test/mae", "test/rmse", "test/r2", "best/val/loss"} <= {m.name.tag for m in experiment.metric_infos}
+    if name == "embedding":  # the projector: the validation embeddings with their images
+        assert "val/embedding" in (run_dir / "projector_config.pbtxt").read_text()
+
+
 @pytest.mark.parametrize("name", TASKS)
 def test_each_task_trains_evaluates_predicts_and_exports(name, task_files, tiny_root, straight_runs,
                                                          tmp_path_factory, tmp_path):
@@ -335,18 +354,13 @@ def test_each_task_trains_evaluates_predicts_and_exports(name, task_files, tiny_
               "embedding": ("test/knn_acc", 0.8)}
     metric, floor = floors[name]
     assert metrics[metric] > floor, metrics  # learnt, not just run
-    pictures = {"regression": "val/scatter", "poisson": "test/scatter"}.get(name)
-    if pictures:  # predicted against true values, in TensorBoard's Images tab
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
-        events.Reload()
-        assert pictures in events.Tags()["images"] and "val/confusion_matrix" not in events.Tags()["images"]
-    if name == "embedding":  # the projector: the validation embeddings with their images
-        assert "val/embedding" in (run_dir / "projector_config.pbtxt").read_text()
+    check_pictures_and_hparams(name, run_dir)
     ckpt = run_dir / "checkpoints" / "best.pt"
     task = torch.load(ckpt, weights_only=True)["task"]
     assert task["name"] == {"poisson": "regression"}.get(name, name)
+    if name == "poisson":  # a regression, whose eval, predict and export the regression case runs
+        assert task["link"] == "exp" and task["mean"] is None  # log-rates of the counts themselves, no scale
+        return
     path = [o.split("=", 1)[1] for o in overrides if o.startswith(("dataset.path=", "dataset.root="))][0]
     where = "dataset.path" if name != "embedding" else "dataset.root"
     evaluated = subprocess.run([sys.executable, "eval.py", f"ckpt={ckpt}", f"data_root={path}",
