@@ -234,12 +234,7 @@ class EpochMetrics:
             preds, targets = zip(*self._seen) if self._seen else ([empty], [empty])
             self.last_predictions, self.last_targets = torch.cat(preds), torch.cat(targets)
             self._seen = []
-        for name, metric in self.extra.items():  # torchmetrics syncs the ranks itself
-            value = metric.compute()
-            value = value.detach().float().reshape(-1).tolist() if isinstance(value, torch.Tensor) else [value]
-            found.update({f"{prefix}/{name}": float(value[0])} if len(value) == 1 else
-                         {f"{prefix}/{name}/{i}": float(v) for i, v in enumerate(value)})
-            metric.reset()
+        found.update(computed_extra(self.extra, prefix))
         self._reset_counts()
         self._top_k_unknown = False
         return found
@@ -285,6 +280,19 @@ class EpochMetrics:
         self._losses = list(state["losses"].to(self.device).unbind())
         self._preds, self._logits, self._logit_values = [state["preds"].to(self.device)], [], 0
         self._targets = list(state["targets"].to(self.device).split(state["sizes"]))
+
+
+def computed_extra(extra: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The values of the `metrics` group's metrics (torchmetrics', which sync the ranks themselves), each reset
+    after: `<prefix>/<name>`, or `<prefix>/<name>/<i>` for each value of a vector-valued one."""
+    found: dict[str, float] = {}
+    for name, metric in extra.items():
+        value = metric.compute()
+        value = value.detach().float().reshape(-1).tolist() if isinstance(value, torch.Tensor) else [value]
+        found.update({f"{prefix}/{name}": float(value[0])} if len(value) == 1 else
+                     {f"{prefix}/{name}/{i}": float(v) for i, v in enumerate(value)})
+        metric.reset()
+    return found
 
 
 def restored_counts(state: Any, counts: dict[str, torch.Tensor], buffers: set[str],

@@ -11,7 +11,7 @@ import torch.distributed as td
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.loop.metrics import restored_counts
+from trainer.loop.metrics import computed_extra, restored_counts
 
 MAX_PENDING_VALUES = 2**22  # outputs held on the device (16 MiB of float32) before they are reduced to sums
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images, targets -> out, loss
@@ -208,13 +208,7 @@ class SumMetrics:
                 td.all_reduce(t)
         counts = {k: v.double().cpu() for k, v in self.counts.items()}  # the host sync
         found = {f"{prefix}/loss": float(counts["loss_sum"] / counts["loss_weight"]) if counts["loss_weight"]
-                 else float("nan"), **self._values(counts, prefix)}
-        for name, metric in self.extra.items():  # torchmetrics syncs the ranks itself
-            value = metric.compute()
-            value = value.detach().float().reshape(-1).tolist() if isinstance(value, torch.Tensor) else [value]
-            found.update({f"{prefix}/{name}": float(value[0])} if len(value) == 1 else
-                         {f"{prefix}/{name}/{i}": float(v) for i, v in enumerate(value)})
-            metric.reset()
+                 else float("nan"), **self._values(counts, prefix), **computed_extra(self.extra, prefix)}
         self._reset_counts()
         return {name: found[name] for name in self.names(prefix) if name in found} | found
 
