@@ -36,6 +36,17 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_mode_of_its_own():
+    """Each test starts with torch's deterministic mode as the worker began. A Trainer built in-process with
+    trainer.deterministic=true turns it on for the process; left on, it sent the next test's torchmetrics reference
+    down its deterministic bincount (a one-hot of 1000x1000 bins): 171 s instead of 0.15 s, in CI."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 def pytest_addoption(parser):
     parser.addoption("--full-grid", action="store_true",
                      help="tests/test_compose.py: train all 576 option combinations, not the 48 pairwise rows")
