@@ -10,7 +10,7 @@ The same arguments write the same bytes (src/trainer/data/generated.py makes the
 whole or not at all, and the command prints one line: the file, its size and the labels' statistics.
 
     htt-make-data counts                                   # data/tasks/counts.npz
-    htt-make-data mosaic --seed 1 --out /tmp/mosaic.npz
+    htt-make-data mosaic --seed 1 --out other/mosaic.npz
     htt-make-data rotation --train 1000 --test 200 --mnist-root /mnt/data
     python scripts/make_task_data.py counts                # the same in a checkout
 """

@@ -129,11 +129,11 @@ class EmbeddingMetrics(SumMetrics):
         self.projected, self.last_projected = [], None
 
     def _accumulate(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.ref is None:  # the training split's metrics: the loss alone, and nothing copied to the host
+            return
         kept = sum(len(t) for _, t in self.projected)
         if kept < MAX_PROJECTED:
             self.projected.append((outputs[:MAX_PROJECTED - kept].cpu(), targets[:MAX_PROJECTED - kept].cpu()))
-        if self.ref is None:
-            return
         ref, ref_classes = self.ref
         k = min(self.top_k or 1, len(ref))
         q = F.normalize(outputs, dim=1)

@@ -38,6 +38,7 @@ class Regression(Task):
         self.mean: list[float] | None = None  # the targets' scale, per column, once fitted
         self.std: list[float] | None = None
         self.link = "identity"  # exp: the outputs are log-rates (Poisson NLL with log_input)
+        self._head: ToUnits | None = None  # to_units' module, for the scale above
 
     def fit(self, targets: torch.Tensor, loss_fn: nn.Module | None = None) -> None:
         """The scale of the training split's (N, D) targets, and whether the loss compares them standardised."""
@@ -56,13 +57,17 @@ class Regression(Task):
         mean, std = (t.mean(0), t.std(0, correction=0)) if on and len(t) else (None, None)
         self.mean = mean.tolist() if mean is not None else None
         self.std = std.clamp(min=1e-12).tolist() if std is not None else None  # a constant column: no scaling
+        self._head = None
 
     def loss(self, loss_fn: nn.Module) -> nn.Module:
         return loss_fn if self.mean is None else StandardisedLoss(loss_fn, self.mean, self.std)
 
     def to_units(self, outputs: torch.Tensor) -> torch.Tensor:
         """Outputs (B, D) as predictions in the targets' units."""
-        return self.export_head().to(outputs.device)(outputs.float())
+        head = self._head
+        if head is None or head.mean.device != outputs.device:  # built once per device, not per flush
+            head = self._head = self.export_head().to(outputs.device)
+        return head(outputs.float())
 
     def export_head(self) -> nn.Module:
         return ToUnits(self.mean, self.std, self.link)
