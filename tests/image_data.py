@@ -45,6 +45,19 @@ def image_folder(root: Path, classes: list[str], per_class: int, size: tuple[int
     return root
 
 
+def mixed_folder(root: Path, classes: list[str], total: int, seed: int = 0) -> Path:
+    """root/<class>/<i>.png or .jpg: `total` RGB images of the class patterns, shared out over the classes, in PNG
+    and JPEG and three sizes (a user's first folder, as it comes)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(24, 24), (32, 24), (20, 28)]
+    for i in range(total):
+        k = i % len(classes)
+        (root / classes[k]).mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(pattern(k, *sizes[i % 3], rng))
+        image.save(root / classes[k] / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
 def labelled_folder(root: Path, csv: Path, kind: str, n: int, size: tuple[int, int] = (12, 12), seed: int = 0) -> Path:
     """root/<a or b>/<i>.png, RGB, of the 12 patterns, and the CSV `csv` for dataset.labels: `kind` multi_hot
     (labels top, left, centre: the pattern's band and column bits) or values (angle: its band times 30)."""

@@ -42,7 +42,7 @@ from typing import Iterable
 import numpy as np
 import pytest
 import yaml
-from image_data import arrays, image_folder, labelled_folder
+from image_data import arrays, labelled_folder, mixed_folder
 
 # pytest-xdist: the commands run in order in one copy of the repository, in one worker
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme_commands")]
@@ -313,7 +313,6 @@ def unknown_placeholders(command: str) -> list[str]:
 # -------------------------------------------------------------------------------------- what is appended
 
 APPENDS_EPOCHS = "trainer.max_epochs=1"
-# 8 train batches: one-cycle refuses a run with fewer than 2 warm-up steps (pct_start 0.25)
 APPENDS_LIMITS = ("trainer.limit_train_batches=8", "trainer.limit_eval_batches=2")
 NOT_TRAINING = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i"}
 
@@ -370,15 +369,15 @@ class ReadmeSession:
 
     # placeholders
     def fixture_path(self, name: str) -> str:
-        # Enough images for 8 training batches of 128 after the held-out 20%: one-cycle needs 2 warm-up steps.
+        # A user's first folder (issue 29): 51 images, PNG and JPEG of three sizes, one training batch an epoch
         if name == "image_folder" and not (self.tmp / "photos").exists():
-            image_folder(self.tmp / "photos", ["cat", "dog", "fish"], 450)
+            mixed_folder(self.tmp / "photos", ["cat", "dog", "fish"], 51)
         if name == "arrays" and not (self.tmp / "arrays.npz").exists():
             x, y = arrays(1400, 4, 12, 12, 1)
             np.savez(self.tmp / "arrays.npz", train_x=x[..., 0], train_y=y)
         labels = {"pets": self.tmp / "pets" / "labels.csv", "dials": self.tmp / "dials.csv"}
         for folder, kind in (("pets", "multi_hot"), ("dials", "values")):
-            if name.startswith(folder) and not (self.tmp / folder).exists():  # as many images as photos has
+            if name.startswith(folder) and not (self.tmp / folder).exists():  # 8 training batches of 128
                 labelled_folder(self.tmp / folder, labels[folder], kind, 1350)
         return str({"provision_root": self.tmp / "provision_root", "mirror": self.mirror,
                     "image_folder": self.tmp / "photos", "arrays": self.tmp / "arrays.npz",

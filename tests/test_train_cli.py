@@ -202,8 +202,6 @@ BAD = [
     (["trainer.precision=fp8"], "trainer.precision=fp8", "must be one of fp32, bf16, fp16"),
     (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0", ">= 1"),
     (["trainer.num_threads=0"], "trainer.num_threads=0", ">= 1"),
-    (["trainer.max_epochs=1", "scheduler=onecycle", "trainer.limit_train_batches=3"], "scheduler=onecycle",
-     "warm-up steps"),
     (["model.activation=Relu"], "'Relu'", "GELU"),
     (["trainer.resume=/nonexistent/last.pt"], "/nonexistent/last.pt", "does not exist"),
     (["trainer.resume={junk}"], "junk.pt", "not a readable checkpoint"),

@@ -9,12 +9,15 @@ epoch on the monitored validation metric.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Literal
 
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
 from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class Schedule:
@@ -118,10 +121,19 @@ def onecycle(optimizer: Optimizer, *, steps_per_epoch: int, max_epochs: int, max
     have one; Adagrad and Adadelta have none, so only their LR cycles.
     """
     total_steps = steps_per_epoch * max_epochs
-    if pct_start * total_steps < 2:  # torch divides by (pct_start * total_steps - 1) and breaks
-        raise ValueError(f"pct_start={pct_start} of a {total_steps}-step run leaves under 2 warm-up steps; "
-                         "train longer (more epochs, or a smaller dataset.batch_size for more steps an epoch), "
-                         "raise pct_start, or pick a schedule without warm-up (scheduler=none)")
+    if total_steps <= 2:  # no curve fits: torch's phases need a warm-up step, a peak and an anneal step
+        log.info("scheduler=onecycle: a %d-step run is too short for a cycle; it trains at max_lr=%g throughout",
+                 total_steps, max_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = max_lr
+        return Schedule(None, "step")
+    # torch divides by (pct_start * total_steps - 1): a short run (a small folder's first try) warms up over 2
+    # steps, the fewest that make a curve, rather than being refused
+    if pct_start * total_steps < 2:
+        short = 2 / total_steps
+        log.info("scheduler=onecycle: a %d-step run warms up over 2 steps (pct_start %.3g, not %g)", total_steps,
+                 short, pct_start)
+        pct_start = short
     has_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
     scheduler = lrs.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
                                div_factor=div_factor, final_div_factor=final_div_factor,
