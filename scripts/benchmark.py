@@ -108,7 +108,8 @@ class Row:
         seed_everything(self.cfg.seed)  # the initialisation train.setup() gives the framework's model
         model = build(self.cfg.model, in_shape=self.data.in_shape,
                       num_classes=self.data.num_classes).to(self.device, memory_format=self.memory_format)
-        return model, build(self.cfg.loss), train.build(self.cfg.optimizer, params=model.parameters())
+        loss_fn = train.build_loss(self.cfg.loss, self.data)
+        return model, loss_fn, train.build(self.cfg.optimizer, params=model.parameters())
 
     def _bare_loop(self, batches) -> float:
         """Time forward, loss, backward and step over `batches` with a fresh model; nothing else."""

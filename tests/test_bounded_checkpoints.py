@@ -244,7 +244,7 @@ def test_a_stored_config_nested_5000_deep_is_one_line(trained, tmp_path, image):
 
 @pytest.mark.parametrize("key, value, says", [
     ("precision", "fp64", "its stored trainer.precision='fp64': use one of"),
-    ("label_smoothing", 5, "its stored loss=CrossEntropyLoss: label_smoothing"),
+    ("label_smoothing", 5, "its stored loss=CrossEntropy: label_smoothing"),
 ])
 def test_a_stored_value_that_fails_only_when_used_is_one_line_in_eval(trained, tmp_path, tiny_root, key, value, says):
     group = "trainer" if key == "precision" else "loss"

@@ -177,6 +177,23 @@ def test_a_ddp_run_stopped_mid_epoch_resumes_exactly(ddp, faint_root, tmp_path):
         assert ma[k] == mb[k], k
 
 
+def test_balanced_draws_class_weights_and_a_fold_under_two_processes_match_one(faint_root, tmp_path):
+    """Every rank draws the same balanced sample (its slice of it), weighs the classes alike and validates on the
+    same fold: two processes of 16 train as one of 32 does, up to DDP's rounding."""
+    # drop_last: one process keeps the 2 images past the 14 global batches, which two processes drop
+    extra = ("dataset.sampler=balanced", "loss.class_weights=auto", "dataset.folds=4", "dataset.fold=2",
+             "dataset.drop_last=true", f"dataset.root={faint_root}")
+    two = torchrun(*COMMON, DDP, *extra, f"output_root={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_train(*COMMON, "dataset.batch_size=32", *extra, f"output_root={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (torch.load(next((tmp_path / d).rglob("last.pt")), weights_only=True) for d in ("two", "one"))
+    assert a["class_weights"] == b["class_weights"] and a["data"]["fold"] == b["data"]["fold"] == [2, 4, 0]
+    assert a["global_step"] == b["global_step"] == 3 * 14  # 450 training images: 14 full global batches of 32
+    diffs = max_diffs(a["model"], b["model"])
+    assert all(d <= DDP_MAX_DIFF for d in diffs.values()), diffs
+
+
 # Last: it continues both runs (their metrics.json is rewritten).
 def test_ddp_checkpoint_resumes_in_one_process_and_back(ddp, single, faint_root, tmp_path):
     (run,) = runs_under(ddp[0])

@@ -435,7 +435,7 @@ def test_what_does_not_fit_the_task_is_refused_before_training(task_files, tiny_
     values = ("dataset=tensors", f"dataset.path={task_files}/values.npz", *SMALL, out)
     refused = train_in_process("task=regression", "loss=cross_entropy", *values)
     assert refused.returncode == 1
-    assert refused.stderr.startswith("error: loss=CrossEntropyLoss is a loss for classification, not task=regression")
+    assert refused.stderr.startswith("error: loss=CrossEntropy is a loss for classification, not task=regression")
     negative = tmp_path / "negative.npz"
     data = dict(np.load(f"{task_files}/counts.npz"))
     data["train_y"][:100] = -1  # some in the training split, whichever 60 validation holds

@@ -225,7 +225,7 @@ BAD = [
     (["dataset.root={a_file}"], "dataset.root=", "is a file, not a directory"),
     (["dataset.root={corrupt_gz}"], "train-images-idx3-ubyte.gz: not a valid gzip file", "replace it"),
     (["optimized_metric=test/accuracy"], "optimized_metric=test/accuracy", "must be one of test/loss"),
-    (["loss.label_smoothing=2"], "loss=CrossEntropyLoss", "label_smoothing must be between 0.0 and 1.0. Got: 2"),
+    (["loss.label_smoothing=2"], "loss=CrossEntropy", "label_smoothing must be between 0.0 and 1.0. Got: 2"),
 ]
 # Sources a missing dataset could come from, made unreachable: no proxy answers, no package index.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "PIP_NO_INDEX": "1",

@@ -30,6 +30,8 @@ from trainer.cli.options import (
 from trainer.cli.paths import CONFIG_DIR, prepare_hydra
 from trainer.data import IDXImageDataset, ImageDataset
 from trainer.errors import UserError, one_line
+from trainer.loop.losses import class_weights_for
+from trainer.run.changes import FORMER_TARGETS
 from trainer.run.checkpoint import GROUPS, LIST_GROUPS, RESERVED, load_checkpoint
 from trainer.run.untrusted import MAX_IMAGE_ELEMENTS, require_memory
 from trainer.tasks import Task, task_from_state
@@ -64,6 +66,18 @@ def build(node: DictConfig, **runtime: Any) -> Any:
             values = ", ".join(f"{k}={v}" for k, v in node.items() if k not in ("_target_", "_partial_"))
             raise UserError(f"{key}={node._target_.rsplit('.', 1)[-1]}({values}): {cause}") from None
         raise
+
+
+def build_loss(node: DictConfig, data: ImageDataset, recorded: list[float] | None = None) -> Any:
+    """The loss of `node`. An option with `class_weights` gets them resolved against `data`'s training split
+    (`auto`: inverse frequency; a list: checked against the class count), or, rebuilding a checkpoint's loss, the
+    weights it `recorded` (its run's, whatever data it is now evaluated on)."""
+    if "class_weights" not in node:
+        return build(node)
+    if recorded is None:
+        value = OmegaConf.to_container(node, resolve=True).get("class_weights")
+        recorded = class_weights_for(value, data.class_counts, data.classes)
+    return build(node, class_weights=recorded)
 
 
 def _import_failure(target: str, error: BaseException) -> str:
@@ -160,6 +174,7 @@ def _inferred_choices(stored: dict, where: Path, dirs: Sequence[Path]) -> dict[s
         if group not in stored and group == "task":  # written before tasks: a classifier, the default task
             continue
         target = (stored.get(group) or {}).get("_target_")
+        target = FORMER_TARGETS.get(target, target)
         match = [o for o in options(group, dirs) if option_target(group, o, dirs) == target]
         if not match:
             raise UserError(f"refusing to rebuild from {where}: {group}._target_={target} is not one of the "
@@ -232,7 +247,7 @@ def _checked(template: Any, stored: Any, key: str, choices: dict, where: Path) -
         for k, value in stored.items():
             name = f"{key}.{k}" if key else k
             if RESERVED.match(k):
-                if k in template and value == template[k]:
+                if k in template and FORMER_TARGETS.get(value, value) == template[k]:
                     continue
                 option = f"{key}={choices.get(key)}"
                 raise UserError(f"refusing to rebuild from {where}: its stored {name}={value} is not "
@@ -284,6 +299,7 @@ class TrainedModel:
     task: Task  # what it was trained for, with what the task learnt (a regression's scale, class centroids)
     data: dict[str, Any]  # the identity of the data it was trained on: see ImageDataset.identity
     epoch: int  # the epoch the checkpoint was written in
+    class_weights: list[float] | None = None  # loss.class_weights as the run resolved them
 
 
 def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", trust: bool = False,
@@ -307,7 +323,7 @@ def model_from_checkpoint(ckpt: str | Path, device: torch.device | str = "cpu", 
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError):  # other shapes or keys; not a state dict at all
         raise UserError(misfit) from None
-    return TrainedModel(model.to(device).eval(), trained, task, data, state["epoch"])
+    return TrainedModel(model.to(device).eval(), trained, task, data, state["epoch"], state["class_weights"])
 
 
 def data_identity(state: dict, trained: DictConfig, where: Path | str = "the checkpoint") -> dict[str, Any]:

@@ -29,6 +29,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from trainer.cli.config import (
     build,
+    build_loss,
     build_metrics,
     check_fits,
     data_config,
@@ -39,6 +40,7 @@ from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
 from trainer.cli.process import run_then_exit
 from trainer.cli.schema import EvalKeys, check_keys
 from trainer.data import ImageDataset
+from trainer.data.tta import describe, with_tta
 from trainer.errors import (
     UserError,
     error_line,
@@ -57,8 +59,10 @@ log = logging.getLogger("eval")
 
 def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, device_name: str,
                         out_dir: Path, trust: bool = False, data_root: str | None = None,
-                        metrics: DictConfig | None = None, labels: str | None = None) -> dict:
+                        metrics: DictConfig | None = None, labels: str | None = None,
+                        tta: list[str] | None = None) -> dict:
     """Evaluate `ckpt` on `split` of its own dataset (or of `dataset`); write and return the results.
+    `tta`: test-time augmentation's views (trainer.data.tta).
     `trust`, `data_root` (where its dataset's files are): see trainer.cli.config.rebuildable_config. The types of
     `split` (test or val) and `trust` are the schema's (EvalKeys), checked before this is called."""
     device = resolve_device(device_name)
@@ -73,7 +77,8 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
                     "were added, removed or changed since, or its source reads differently; the %s split may hold "
                     "images it was trained on", printable(data.name),
                     data.digest, printable(restored.data["digest"]), split)
-    loss_fn = build(trained.loss)
+    check_same_fold(data, restored.data, split, ckpt)
+    loss_fn = build_loss(trained.loss, data, restored.class_weights)
     # the forward pass the run's own test used: its precision and memory format (bf16 predictions differ from fp32's)
     precision, channels_last = trained.trainer.precision, trained.trainer.channels_last
     try:  # values from the file that only fail when used: refused now, in one line, as train.py refuses them
@@ -86,6 +91,10 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
         precision = "fp32"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = with_tta(model, tta or [], augment_shift=trained.dataset.augment_shift,
+                     random_crop=trained.dataset.random_crop, mean=data.mean, std=data.std, task=task.name)
+    if tta:
+        log.info("test-time augmentation (tta=[%s]): %s", ",".join(tta), describe(model))
     forward = functools.partial(forward_pass, model, task.loss(loss_fn).to(device), channels_last=channels_last,
                                 autocast=autocast_for(precision, device))
     top_k = trained.trainer.get("top_k", 5)  # a checkpoint from before top-k: its default
@@ -100,7 +109,7 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     per_class = per_class_accuracy(confusion)
     summary = {**results, "per_class_acc": dict(zip(data.classes, per_class)), "checkpoint": str(ckpt),
                "checkpoint_epoch": restored.epoch, "dataset": data.name, "split": split,
-               "images": int(confusion.sum())}
+               "images": int(confusion.sum()), "tta": list(tta or [])}
     with atomic_write(out_dir / "metrics.json") as f:
         f.write(json.dumps(summary, indent=2).encode())
     table = io.StringIO(newline="")
@@ -123,6 +132,21 @@ def evaluate_checkpoint(ckpt: str, dataset: DictConfig | None, split: str, devic
     log.info("wrote %s (per-class precision, recall, F1 and AUROC too), %s and %s", out_dir / "metrics.json",
              out_dir / "confusion_matrix.csv", out_dir / "reliability.png")
     return summary
+
+
+def check_same_fold(data: ImageDataset, trained: dict | None, split: str, ckpt: str) -> None:
+    """Refuse the validation split of other folds (dataset.folds, dataset.fold) than the model's: it would hold
+    images the model was trained on. The test split is the same for every fold."""
+    ours, theirs = data.identity().get("fold"), (trained or {}).get("fold")
+    if split != "val" or ours == theirs or (trained or {}).get("digest") not in (None, data.digest):
+        return
+
+    def words(fold: list | None) -> str:
+        return "no folds" if fold is None else f"fold {fold[0]} of dataset.folds={fold[1]} (split_seed {fold[2]})"
+
+    again = "without dataset.folds" if theirs is None else f"dataset.folds={theirs[1]} dataset.fold={theirs[0]}"
+    raise UserError(f"split=val: the model in {ckpt} was trained with {words(theirs)}, and this validation split is "
+                    f"{words(ours)}'s, which holds images it trained on; evaluate with {again}, or split=test")
 
 
 def _evaluate_task(task: Task, forward: Forward, data: ImageDataset, split: str, extra: dict, top_k: int | None,
@@ -158,7 +182,7 @@ def main(cfg: DictConfig) -> None:
     try:
         check_keys(cfg, EvalKeys, HydraConfig.get().overrides.task)  # a dataset's keys: as Hydra composed them
         evaluate_checkpoint(cfg.ckpt, cfg.dataset, cfg.split, cfg.device, out_dir, cfg.trust_checkpoint,
-                            cfg.data_root, cfg.get("metrics"), cfg.labels)
+                            cfg.data_root, cfg.get("metrics"), cfg.labels, list(cfg.tta))
         return
     except UserError as e:
         message = error_line(e)

@@ -21,7 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli.config import build, build_model
+from trainer.cli.config import build, build_loss, build_model
 from trainer.cli.config_errors import with_one_line_errors
 from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
 from trainer.cli.schema import TrainKeys, check_keys
@@ -49,7 +49,7 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     task = build(cfg.task)
     data = build(cfg.dataset, device=device, seed=cfg.seed, targets=task.targets)
     model = build_model(cfg.model, data.in_shape, task.output_size(data.num_classes), train_on=device).to(device)
-    loss_fn = build(cfg.loss)
+    loss_fn = build_loss(cfg.loss, data)
     optimizer = build(cfg.optimizer, params=model.parameters())
     # The Trainer checks its settings where it is built; build it (without training: no run directory of its
     # own, no logger) so a setting train.py would refuse is refused here too.

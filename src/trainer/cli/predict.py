@@ -31,6 +31,7 @@ from trainer.cli import checkpoint_arguments, require_dirs
 from trainer.cli.config import model_from_checkpoint
 from trainer.data import BatchTransform
 from trainer.data.decode import decode, to_8bit
+from trainer.data.tta import check_tta, with_tta
 from trainer.errors import UserError, error_line
 from trainer.tasks import Task
 
@@ -74,20 +75,22 @@ def to_training_format(path: Path, shape: tuple[int, int, int], box: int) -> tor
     return canvas.round().clamp(0, 255).to(torch.uint8).expand(c, height, width)  # (C, H, W)
 
 
-def predict(ckpt: str, files: list[Path], top: int, trust: bool = False,
-            config_dirs: Sequence[Path] = ()) -> list[list[tuple[int, str, float]]]:
+def predict(ckpt: str, files: list[Path], top: int, trust: bool = False, config_dirs: Sequence[Path] = (),
+            tta: Sequence[str] = ()) -> list[list[tuple[int, str, float]]]:
     """Per file, what the checkpoint's task predicts: see predict_with_task."""
-    return predict_with_task(ckpt, files, top, trust, config_dirs)[1]
+    return predict_with_task(ckpt, files, top, trust, config_dirs, tta)[1]
 
 
-def predict_with_task(ckpt: str, files: list[Path], top: int, trust: bool = False,
-                      config_dirs: Sequence[Path] = ()) -> tuple[Task, list[list[tuple[int, str, float]]]]:
+def predict_with_task(ckpt: str, files: list[Path], top: int, trust: bool = False, config_dirs: Sequence[Path] = (),
+                      tta: Sequence[str] = ()) -> tuple[Task, list[list[tuple[int, str, float]]]]:
     """Per file, what the checkpoint's task predicts, as (index, name, value): for classification the `top`
     classes with their probabilities, most likely first; multi-label, every label whose probability reaches the
     threshold; regression, each column's value in the targets' units; embedding, the `top` nearest classes
     (by the distance to each class's mean embedding), nearest first.
     `trust`: rebuild the model from the checkpoint's own config; `config_dirs`: the user's options (see
-    trainer.cli.config.rebuildable_config)."""
+    trainer.cli.config.rebuildable_config); `tta`: test-time augmentation's views (trainer.data.tta), whose
+    softmax is averaged."""
+    check_tta(list(tta))  # an unknown name before the checkpoint is read
     for path in files:  # a FIFO or a device would be read without end (predict waited forever on a FIFO)
         if not Path(path).is_file():
             raise UserError(f"{path}: not a regular file" + (" (it does not exist)" if not Path(path).exists() else
@@ -100,8 +103,11 @@ def predict_with_task(ckpt: str, files: list[Path], top: int, trust: bool = Fals
         images = torch.stack([to_training_format(f, shape, box) for f in files])  # (N, C, H, W) uint8
     else:
         images = decode(len(files), lambda i: Image.open(files[i]), lambda i: str(files[i]), shape, "images")
+    trained = restored.config.dataset
+    model = with_tta(restored.model, list(tta), augment_shift=trained.augment_shift, random_crop=trained.random_crop,
+                     mean=data["mean"], std=data["std"], task=restored.task.name)
     with torch.inference_mode():
-        outputs = restored.model(normalise(images))  # (N, width)
+        outputs = model(normalise(images))  # (N, width)
     return restored.task, restored.task.predictions(outputs, data["classes"], top)
 
 
@@ -110,12 +116,14 @@ def main() -> int:
     checkpoint_arguments(parser)
     parser.add_argument("images", nargs="+", type=Path, help="image files: PNG, JPEG or anything Pillow reads")
     parser.add_argument("--top", type=int, default=1, help="how many classes to show per image")
+    parser.add_argument("--tta", default="", help="test-time augmentation: views whose softmax is averaged, "
+                        "comma-separated: hflip, shift (hflip,shift: 6 views); off by default (wrong for digits)")
     args = parser.parse_args()
     try:
         if args.top < 1:
             raise UserError(f"--top={args.top}: must be >= 1")
         task, results = predict_with_task(args.ckpt, args.images, args.top, args.trust_checkpoint,
-                                          require_dirs(args.config_dir))
+                                          require_dirs(args.config_dir), [v for v in args.tta.split(",") if v])
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return 1

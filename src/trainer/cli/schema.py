@@ -22,6 +22,7 @@ from typing import Any, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from trainer.data.splits import SAMPLERS
 from trainer.distributed import BACKENDS
 from trainer.errors import UserError, shown
 from trainer.loop.options import MODES, NONFINITE_POLICIES
@@ -50,6 +51,7 @@ NonFinite = choices("NonFinite", NONFINITE_POLICIES)
 Anneal = choices("Anneal", ("cos", "linear"))  # torch's OneCycleLR anneal_strategy
 Backend = choices("Backend", BACKENDS)
 Split = choices("Split", ("val", "test"))
+Sampler = choices("Sampler", SAMPLERS)
 
 
 # ---- dataset ----------------------------------------------------------------------------------------------------
@@ -76,6 +78,9 @@ class DatasetCommon:
     drop_last: bool = MISSING
     cache: bool = MISSING
     device_margin_gib: float = MISSING
+    sampler: Sampler = MISSING
+    folds: Optional[int] = None
+    fold: int = MISSING
 
 
 @dataclass
@@ -149,17 +154,22 @@ class Target:
 
 
 @dataclass
-class BCELoss(Target):
+class WeightedLoss(Target):
+    class_weights: Any = None  # null, auto, or a list of one number per class: checked by losses.class_weights_for
+
+
+@dataclass
+class BCELoss(WeightedLoss):
     pos_weight: Optional[float] = None
 
 
 @dataclass
-class CrossEntropyLoss(Target):
+class CrossEntropyLoss(WeightedLoss):
     label_smoothing: float = MISSING
 
 
 @dataclass
-class MultiMarginLoss(Target):
+class MultiMarginLoss(WeightedLoss):
     p: int = MISSING
     margin: float = MISSING
 
@@ -387,6 +397,7 @@ class EvalKeys:
     trust_checkpoint: bool = MISSING
     data_root: Optional[str] = None
     labels: Optional[str] = None
+    tta: List[str] = MISSING
     output_root: str = MISSING
 
 
@@ -395,7 +406,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
                 "torchvision": TorchvisionDataset},
     "model": {"cnn": CNNModel, "mlp": MLPModel, "logistic": Target, "torchvision": TorchvisionModel},
     "loss": {"bce": BCELoss, "cross_entropy": CrossEntropyLoss, "mse": Target, "multi_margin": MultiMarginLoss,
-             "nll": Target, "l1": Target, "huber": HuberLoss, "poisson_nll": PoissonNLLLoss, "triplet": TripletLoss,
+             "nll": WeightedLoss, "l1": Target, "huber": HuberLoss, "poisson_nll": PoissonNLLLoss,
+             "triplet": TripletLoss,
              "hinge_embedding": MarginLoss, "contrastive": MarginLoss},
     "task": {"classification": Target, "multilabel": MultiLabelTask, "regression": RegressionTask,
              "embedding": EmbeddingTask},

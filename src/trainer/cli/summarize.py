@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def runs(root: Path, extra: tuple[str, ...] = ()) -> list[dict]:
         name = "/".join(parts if job is None else (*parts[:job], parts[job].partition("_")[0])) or "."
         # printable: a copied run's names and overrides must not forge lines or drive the terminal
         row = {"run": printable(name), "overrides": printable(" ".join(overrides))}
+        fold = fold_of(run)
+        if fold is not None:  # grouped with the other folds of its configuration (group_folds)
+            rest = " ".join(o for o in overrides if o.partition("=")[0].lstrip("+") != "dataset.fold")
+            row["_fold"] = (fold, ("/".join(parts[:job]) if job is not None else "", rest))
         metrics_file = run / "metrics.json"
         if os.path.lexists(metrics_file):  # a link to /dev/zero or a FIFO is refused, not passed over
             metrics = read_metrics(metrics_file, extra)
@@ -67,6 +72,53 @@ def runs(root: Path, extra: tuple[str, ...] = ()) -> list[dict]:
                 row.update(progress_of(last))
         rows.append(row)
     return rows
+
+
+def fold_of(run: Path) -> tuple[int, int] | None:
+    """(fold, folds) of a k-fold run (dataset.folds in its .hydra/config.yaml), else None."""
+    saved = run / ".hydra" / "config.yaml"
+    dataset = lookup(load_yaml(saved), "dataset") if os.path.lexists(saved) else None
+    folds, fold = lookup(dataset, "folds"), lookup(dataset, "fold")
+    if folds is None:
+        return None
+    if not (isinstance(folds, int) and isinstance(fold, int) and 0 <= fold < folds):
+        raise UserError(f"{saved}: dataset.fold={str(fold)[:20]} of dataset.folds={str(folds)[:20]} is not a fold")
+    return fold, folds
+
+
+def group_folds(rows: list[dict], columns: tuple[str, ...]) -> list[dict]:
+    """The folds of one configuration (one sweep's, or single runs' of the same overrides but dataset.fold) as one
+    row: each number column as (mean, standard deviation, runs) over its finished folds."""
+    groups: dict[tuple, list[dict]] = {}
+    out = []
+    for row in rows:
+        if "_fold" not in row:
+            out.append(row)
+            continue
+        (fold, folds), (where, rest) = row["_fold"]
+        groups.setdefault((where, rest, folds), []).append(row)
+    for (where, rest, folds), members in groups.items():
+        finished = [r for r in members if r["status"] == "finished"]
+        seen = sorted(r["_fold"][0][0] for r in members)
+        complete = len(finished) == folds and seen == list(range(folds))
+        status = f"{folds} folds" if complete else f"{len(finished)} of {folds} folds"
+        row = {"run": f"{where or '.'} (folds {','.join(map(str, seen))})", "status": status, "overrides": rest}
+        for column in columns:
+            values = [r[column] for r in finished if is_number(r.get(column))]
+            if column not in ("run", "status", "overrides") and values:
+                spread = statistics.stdev(values) if len(values) > 1 else None
+                row[column] = Spread(statistics.fmean(values), spread, len(values))
+        out.append(row)
+    return out
+
+
+class Spread(float):
+    """A column's mean over the folds (sorts and compares as it), with their standard deviation (n - 1)."""
+
+    def __new__(cls, mean: float, std: float | None, n: int) -> Spread:
+        value = super().__new__(cls, mean)
+        value.std, value.n = std, n
+        return value
 
 
 def read_metrics(path: Path, extra: tuple[str, ...] = ()) -> dict:
@@ -132,6 +184,9 @@ def sort_key(column: str):
 def cell(value, column: str = "") -> str:
     if value is None:
         return "-"
+    if isinstance(value, Spread):
+        plain = cell(float(value), column)
+        return plain if value.std is None else f"{plain} ± {cell(value.std, column)}"
     if column == "seconds":
         return f"{value:.1f}"
     if isinstance(value, float):  # a diverged run's loss of 96.3919906616211 as 96.39
@@ -162,7 +217,7 @@ def main() -> int:
         print(f"error: {root} is not a directory", file=sys.stderr)
         return 1
     try:
-        rows = sorted(runs(root, extra + automatic), key=sort_key(args.sort))
+        rows = sorted(group_folds(runs(root, extra + automatic), columns), key=sort_key(args.sort))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from trainer.cli.config import build, build_metrics, build_model
+from trainer.cli.config import build, build_loss, build_metrics, build_model
 from trainer.cli.config_errors import with_one_line_errors
 from trainer.cli.options import shadowed_options
 from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
@@ -63,7 +63,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     data = build(cfg.dataset, device=device, seed=cfg.seed, targets=task.targets)
     data.shard(dist.rank, dist.world_size)
     model = build_model(cfg.model, data.in_shape, task.output_size(data.num_classes), train_on=device).to(device)
-    loss_fn = build(cfg.loss)
+    loss_fn = build_loss(cfg.loss, data)  # loss.class_weights=auto: counted on the training split
     optimizer = build(cfg.optimizer, params=model.parameters())
     scheduler = build(cfg.scheduler, _partial_=True)  # the Trainer binds optimizer and run length
     trackers = {name: build(tracker) for name, tracker in (cfg.get("logger") or {}).items()} if dist.is_main else {}
@@ -96,6 +96,19 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     if any(limits.values()):  # the counts above are the splits', not what this run reads of them
         log.info("limited: %s", "; ".join(f"{what} the first {n} batch{'es' * (n != 1)}"
                                           for what, n in limits.items() if n))
+    if data.folds is not None:
+        log.info("k-fold: fold %d of dataset.folds=%d validates (%s, split_seed %d); the other %d train; the test "
+                 "split is every fold's", data.folds.fold, data.folds.folds,
+                 "stratified by class" if data.targets == "class" else "not stratified: the targets are not classes",
+                 data.split_seed, data.folds.folds - 1)
+    if data.sampler == "balanced":
+        log.info("dataset.sampler=balanced: each epoch draws %d training images with replacement, every class "
+                 "equally likely", data.train.num_items)
+    weights = getattr(loss_fn, "class_weights", None)
+    if weights is not None:
+        log.info("class weights (loss.class_weights=%s): %s", "auto, inverse frequency in the training split"
+                 if cfg.loss.class_weights == "auto" else "as given", ", ".join(
+                     f"{printable(name)} {w:.3g}" for name, w in zip(data.classes, weights)))
     if cfg.trainer.ema_decay is not None:
         log.info("EMA of the weights, decay %g%s: validation, test and best.pt use the average", cfg.trainer.ema_decay,
                  " with warm-up" if cfg.trainer.ema_warmup else "")

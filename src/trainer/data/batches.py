@@ -194,8 +194,9 @@ class BatchLoader:
     """Iterates `(images, labels)` batches over tensors that already live on the device.
 
     `indices` picks the samples (a split of a larger tensor, without copying it); None means all of them.
-    With `shuffle`, epoch `e` visits the samples in the order `randperm` gives for `epoch_seed(seed, e)`;
-    call `set_epoch(e)` before iterating. `start_step` skips that many batches of the epoch, so a
+    With `shuffle`, epoch `e` visits the samples in the order `randperm` gives for `epoch_seed(seed, e)` (with
+    `weights`, as many draws with replacement, in proportion to them: see `epoch_order`); call `set_epoch(e)`
+    before iterating. `start_step` skips that many batches of the epoch, so a
     run resumed mid-epoch sees exactly the batches it has not yet seen.
 
     After `shard(rank, world_size)` a step is a global batch of `world_size * batch_size` samples of the
@@ -208,8 +209,12 @@ class BatchLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  transform: BatchTransform, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 indices: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+                 indices: torch.Tensor | None = None, device: torch.device | None = None,
+                 weights: torch.Tensor | None = None) -> None:
         self.images, self.labels, self.indices = images, labels, indices
+        # (n,) float64 sampling weights of the samples (dataset.sampler=balanced), on the host: with them an epoch
+        # is n draws with replacement, in proportion to the weights, instead of a permutation
+        self.cdf = None if weights is None else torch.cumsum(weights.to(torch.float64).cpu(), 0)
         self.device = images.device if device is None else canonical_device(device)
         self.num_items = len(labels) if indices is None else len(indices)
         self.batch_size = batch_size
@@ -282,14 +287,23 @@ class BatchLoader:
         torch.index_select(self.labels, 0, idx, out=y)
         return self._to_device(x, y)
 
+    def epoch_order(self) -> torch.Tensor:
+        """The positions (n,) int64 of this epoch's samples, in order: a seeded permutation, or with weights
+        (the balanced sampler) n seeded draws with replacement. The same on every rank, from (seed, epoch) only."""
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.cdf is None:
+            return torch.randperm(self.num_items, generator=g)
+        # inverse-CDF sampling: no category limit (torch.multinomial takes at most 2**24), O(n log n)
+        draws = torch.rand(self.num_items, generator=g, dtype=torch.float64) * self.cdf[-1]  # (n,)
+        return torch.searchsorted(self.cdf, draws, right=True).clamp_(max=self.num_items - 1)
+
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
     def iter_from(self, start_step: int) -> Iterator[Batch]:
         order = self.indices  # (n,) positions in images/labels, or None: all of them, in stored order
         if self.shuffle:
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            perm = torch.randperm(self.num_items, generator=g).to(self.images.device)  # (n,)
+            perm = self.epoch_order().to(self.images.device)  # (n,)
             order = perm if order is None else order.index_select(0, perm)
         for step in range(start_step, len(self)):
             first = step * self.global_batch_size + self.rank * self.batch_size

@@ -27,6 +27,7 @@ from trainer.data.batches import (
     check_augmentation_fits,
 )
 from trainer.data.cache import digest, load_cache, remove_killed_writes
+from trainer.data.splits import SAMPLERS, Folds, balanced_weights, class_counts, split_indices, split_size
 from trainer.errors import OutputError, UserError, is_number, require_bool, require_int, shown
 from trainer.run.files import atomic_write
 from trainer.system import device_free_bytes, host_memory_bytes, size_text
@@ -134,20 +135,15 @@ class ImageDataset:
                  split_seed: int, mean: str | float | list[float], std: str | float | list[float],
                  augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int, hflip: bool,
                  shuffle: bool, drop_last: bool, cache: bool,
-                 device_margin_gib: float, device: torch.device | str = "cpu", seed: int = 0,
-                 targets: str = "class") -> None:
-        require_int("dataset.batch_size", batch_size, 1)
-        require_int("dataset.eval_batch_size", eval_batch_size, 1)
-        for key, value in (("hflip", hflip), ("shuffle", shuffle), ("drop_last", drop_last), ("cache", cache)):
-            require_bool(f"dataset.{key}", value)
-        check_augmentation(augment_shift, augment_rotate, augment_cutout, random_crop)
-        for key, value in (("val_size", val_size), ("test_size", test_size)):
-            _split_size(key, value, 1)  # the type check; the count is checked once the data is known
-        if not isinstance(device_margin_gib, (int, float)) or device_margin_gib < 0:
-            raise UserError(f"dataset.device_margin_gib={device_margin_gib!r}: must be a number >= 0")
+                 device_margin_gib: float, sampler: str = "shuffle", folds: int | None = None, fold: int = 0,
+                 device: torch.device | str = "cpu", seed: int = 0, targets: str = "class") -> None:
+        _check_common(batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size, test_size=test_size,
+                      augment=(augment_shift, augment_rotate, augment_cutout, random_crop),
+                      switches={"hflip": hflip, "shuffle": shuffle, "drop_last": drop_last, "cache": cache},
+                      device_margin_gib=device_margin_gib, sampler=sampler, targets=targets)
+        self.folds = Folds.of(folds, fold)
+        self.sampler = sampler
         self.name = self.name or type(self).__name__
-        if targets not in TARGETS:
-            raise UserError(f"targets={targets!r}: one of {', '.join(TARGETS)}")
         if targets not in self.target_kinds:
             task, what = {"multi_hot": ("multilabel", "0/1 labels"), "values": ("regression", "numbers")}[targets]
             raise UserError(f"dataset {self.name} gives class labels only, and task={task} learns {what}: use "
@@ -172,17 +168,17 @@ class ImageDataset:
         eval_tf = BatchTransform(self.mean, self.std)
 
         test_x, test_y, val_x, val_y = (record.get(k) for k in ("test_x", "test_y", "val_x", "val_y"))
-        pool = len(record["train_y"])
-        # One seeded permutation of the training images: test (if the source has none), then val, then train.
-        # It depends on split_seed only, so every run of a sweep validates and tests on the same images.
-        n_test = 0 if test_x is not None else _split_size("test_size", test_size, pool)
-        n_val = 0 if val_x is not None else _split_size("val_size", val_size, pool)
-        if n_test + n_val >= pool:
-            held = f"dataset.val_size={val_size}" + (f", dataset.test_size={test_size}" if n_test else "")
-            raise UserError(f"{held}: holds out {n_val + n_test} images, which must be smaller than the {pool} "
-                            "training images")
-        perm = torch.randperm(pool, generator=torch.Generator().manual_seed(split_seed))
-        test_idx, val_idx, train_idx = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+        if self.folds is not None and val_x is not None:
+            raise UserError(f"dataset.folds={self.folds.folds}: dataset {self.name} has a validation split of its own "
+                            "(a val/ folder, val_x); k-fold splits the training images into train and validation, so "
+                            "move those images into train")
+        train_idx, val_idx, test_idx = split_indices(
+            record["train_y"], hold_test=test_x is None, hold_val=val_x is None, val_size=val_size,
+            test_size=test_size, split_seed=split_seed, folds=self.folds)
+        self.split_seed = split_seed
+        self.train_targets = record["train_y"][train_idx]
+        # per class (per label for multi-hot targets) in the training split: class weights and the balanced sampler
+        self.class_counts = class_counts(self.train_targets, self.num_classes)
 
         device = torch.device(device)
         nbytes = sum(t.numel() * t.element_size() for t in (train_x, test_x, val_x) if t is not None)
@@ -194,13 +190,19 @@ class ImageDataset:
 
         # train, val and (held-out) test index into one copy of the training images: no copy per split.
         train_x, train_y = put(train_x), put(record["train_y"])
+        if not drop_last and len(train_idx) % batch_size == 1 and len(train_idx) > 1:
+            # BatchNorm cannot train on one image (torch raises); a small folder hits this by chance
+            log.info("dataset %s: %d training images leave a last batch of one image, which BatchNorm cannot "
+                     "train on; it is dropped each epoch (a different image each time when shuffled)", self.name,
+                     len(train_idx))
+            drop_last = True
+        weights = balanced_weights(self.train_targets, self.num_classes) if sampler == "balanced" else None
         self.train = BatchLoader(train_x, train_y, batch_size, transform=train_tf, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last, indices=put(train_idx), device=device)
-        # the training split as evaluation reads it (an embedding's nearest-neighbour reference), and its targets
-        # (a regression's scale): views of the same tensors
+                                 drop_last=drop_last, indices=put(train_idx), device=device, weights=weights)
+        # the training split as evaluation reads it (an embedding's nearest-neighbour reference): views of the
+        # same tensors
         self.train_eval = BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
                                       indices=put(train_idx), device=device)
-        self.train_targets = record["train_y"][train_idx]
         self.val = (BatchLoader(put(val_x), put(val_y), eval_batch_size, transform=eval_tf, shuffle=False,
                                 device=device) if val_x is not None else
                     BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
@@ -247,8 +249,11 @@ class ImageDataset:
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records about the data: enough to rebuild a model for it, to refuse resuming on other
         data, and to classify new images (shape, class names, normalisation) without reading the dataset."""
-        return {"name": self.name, "in_shape": list(self.in_shape), "classes": list(self.classes),
-                "mean": list(self.mean), "std": list(self.std), "digest": self.digest}
+        identity = {"name": self.name, "in_shape": list(self.in_shape), "classes": list(self.classes),
+                    "mean": list(self.mean), "std": list(self.std), "digest": self.digest}
+        if self.folds is not None:  # which images validated: eval refuses another fold's validation split
+            identity["fold"] = [self.folds.fold, self.folds.folds, self.split_seed]
+        return identity
 
     def require_memory(self, nbytes: int, what: str = "its images",
                        hint: str = "use a smaller dataset.image_size or a subset of the data") -> None:
@@ -302,6 +307,29 @@ class ImageDataset:
         self._unsaved = None
 
 
+def _check_common(*, batch_size: int, eval_batch_size: int, val_size: Any, test_size: Any, augment: tuple,
+                  switches: dict[str, Any], device_margin_gib: Any, sampler: Any, targets: str) -> None:
+    """The type and range checks of the keys every dataset takes, before anything is read."""
+    require_int("dataset.batch_size", batch_size, 1)
+    require_int("dataset.eval_batch_size", eval_batch_size, 1)
+    for key, value in switches.items():
+        require_bool(f"dataset.{key}", value)
+    check_augmentation(*augment)
+    for key, value in (("val_size", val_size), ("test_size", test_size)):
+        split_size(key, value, 1)  # the type check; the count is checked once the data is known
+    if not isinstance(device_margin_gib, (int, float)) or device_margin_gib < 0:
+        raise UserError(f"dataset.device_margin_gib={device_margin_gib!r}: must be a number >= 0")
+    if targets not in TARGETS:
+        raise UserError(f"targets={targets!r}: one of {', '.join(TARGETS)}")
+    if sampler not in SAMPLERS:
+        raise UserError(f"dataset.sampler={shown(sampler)}: must be one of {', '.join(SAMPLERS)}")
+    if sampler == "balanced" and not switches["shuffle"]:
+        raise UserError("dataset.sampler=balanced draws a new seeded sample every epoch; it needs dataset.shuffle=true")
+    if sampler == "balanced" and targets != "class":
+        raise UserError(f"dataset.sampler=balanced balances classes; the task's targets are {targets}, not class "
+                        "indices: use dataset.sampler=shuffle")
+
+
 def _per_channel(key: str, value: Any, channels: int) -> list[float]:
     """`dataset.mean`/`std` as one value per channel: a number, or a list of 1 or `channels` numbers."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -312,14 +340,6 @@ def _per_channel(key: str, value: Any, channels: int) -> list[float]:
     if key == "std" and min(values) <= 0:
         raise UserError(f"dataset.std={value!r}: must be > 0")
     return [float(v) for v in values] * (channels if len(values) == 1 else 1)
-
-
-def _split_size(key: str, value: Any, pool: int) -> int:
-    """A split size given as a count (int >= 0) or a fraction (float in [0, 1)) of `pool` images, as a count."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-            isinstance(value, float) and value >= 1):
-        raise UserError(f"dataset.{key}={shown(value)}: must be a count (an integer >= 0) or a fraction in [0, 1)")
-    return int(value * pool) if isinstance(value, float) else value
 
 
 def _stamp(files: list[Path]) -> str:

@@ -233,3 +233,34 @@ def rotation(mnist_images: np.ndarray, mnist_test_images: np.ndarray, seed: int 
         arrays[f"{split}_x"] = rotate(images[chosen], angles)  # (n, 28, 28)
         arrays[f"{split}_y"] = angles
     return {**arrays, "classes": np.array(["angle"])}
+
+
+# --- long-tailed classification ---------------------------------------------------------------------------------------
+
+
+def long_tailed(images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+                classes: list[str], seed: int = 0, imbalance: float = 100.0, head: int | None = None,
+                test: int | None = None) -> dict[str, np.ndarray]:
+    """A long-tailed version of a balanced classification set (Cui et al., 2019, "Class-Balanced Loss"): class c
+    of K keeps head * imbalance ** (-c / (K - 1)) of its training images, from `head` (default: the smallest
+    class's count) for class 0 down to head / imbalance for the last. The images kept are a seeded sample of each
+    class; the test split stays balanced (`test`: a seeded sample of that many, default all of it).
+    Returns train_x, train_y (int64), test_x, test_y and classes, for a tensors file."""
+    labels, test_labels = np.asarray(labels).astype(np.int64), np.asarray(test_labels).astype(np.int64)
+    k = len(classes)
+    if not (isinstance(imbalance, (int, float)) and imbalance >= 1):
+        raise ValueError(f"imbalance={imbalance!r}: must be a number >= 1 (the largest class over the smallest)")
+    available = np.bincount(labels, minlength=k)
+    head = int(available.min()) if head is None else _require_count("head", head)
+    if head > available.min():
+        raise ValueError(f"head={head}: the smallest class has {available.min()} training images")
+    rng_train, rng_test = _streams(seed)
+    keep = []
+    for c in range(k):
+        n = max(1, int(head * imbalance ** (-c / max(1, k - 1))))
+        keep.append(rng_train.permutation(np.flatnonzero(labels == c))[:n])
+    kept = np.sort(np.concatenate(keep))
+    chosen = np.arange(len(test_labels)) if test is None else np.sort(
+        rng_test.permutation(len(test_labels))[:_require_count("test", test)])
+    return {"train_x": images[kept], "train_y": labels[kept], "test_x": test_images[chosen],
+            "test_y": test_labels[chosen], "classes": np.array(list(classes))}

@@ -11,30 +11,92 @@ from torch import nn
 from trainer.errors import UserError, is_number
 
 
-class NLLOnLogSoftmax(nn.Module):
-    """Negative log-likelihood of log_softmax(logits) (numerically the same as cross-entropy)."""
+def class_weights_for(value: object, counts: list[int] | None, names: tuple[str, ...]) -> list[float] | None:
+    """`loss.class_weights` as one weight per class: null (None), `auto` (inverse frequency: N / (K * n_k) for the
+    n_k of the K classes' N training images, so a balanced split weighs 1 each; per label of multi-hot targets,
+    from its positives) or a list of K numbers >= 0. `counts`: the training split's (ImageDataset.class_counts)."""
+    if value is None:
+        return None
+    k = len(names)
+    if value == "auto":
+        if counts is None:
+            raise UserError("loss.class_weights=auto: the task's targets have no classes to count (a regression); "
+                            "use null")
+        total = sum(counts)
+        missing = [name for name, n in zip(names, counts) if n == 0]
+        if missing:
+            raise UserError(f"loss.class_weights=auto: class {missing[0]!r} has no training image, and its inverse "
+                            "frequency is infinite; give the weights as a list (loss.class_weights=[...])")
+        return [total / (k * n) for n in counts]
+    if not isinstance(value, (list, tuple)) or not all(is_number(v) and math.isfinite(v) and v >= 0 for v in value):
+        raise UserError(f"loss.class_weights={value!r}: must be null, auto, or a list of {k} numbers >= 0 (one per "
+                        "class)")
+    if len(value) != k:
+        raise UserError(f"loss.class_weights={[float(v) for v in value]}: {len(value)} weights, but the data has {k} "
+                        f"classes ({', '.join(names[:5])}{', ...' if k > 5 else ''}), one weight each")
+    if not any(value):
+        raise UserError(f"loss.class_weights={list(value)}: at least one weight must be > 0")
+    return [float(v) for v in value]
+
+
+class WeightedByClass:
+    """A loss with `loss.class_weights`: the weights (a list, as the checkpoint records them) and their tensor,
+    a buffer that moves with the loss to the device."""
+
+    class_weights: list[float] | None
+
+    def _set_weights(self: nn.Module, class_weights: list[float] | None) -> torch.Tensor | None:
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        return None if class_weights is None else torch.tensor(self.class_weights, dtype=torch.float32)
+
+
+class CrossEntropy(WeightedByClass, nn.CrossEntropyLoss):
+    """torch's CrossEntropyLoss, with `class_weights` (its `weight`: the weighted mean over the batch)."""
+
+    def __init__(self, label_smoothing: float = 0.0, class_weights: list[float] | None = None) -> None:
+        nn.CrossEntropyLoss.__init__(self, weight=None, label_smoothing=label_smoothing)
+        self.register_buffer("weight", self._set_weights(class_weights))
+
+
+class MultiMargin(WeightedByClass, nn.MultiMarginLoss):
+    """torch's MultiMarginLoss (multi-class hinge), with `class_weights` (its `weight`)."""
+
+    def __init__(self, p: int = 1, margin: float = 1.0, class_weights: list[float] | None = None) -> None:
+        nn.MultiMarginLoss.__init__(self, p=p, margin=margin)
+        self.register_buffer("weight", self._set_weights(class_weights))
+
+
+class NLLOnLogSoftmax(WeightedByClass, nn.Module):
+    """Negative log-likelihood of log_softmax(logits) (numerically the same as cross-entropy), with
+    `class_weights` (torch's nll_loss `weight`: the weighted mean over the batch)."""
+
+    def __init__(self, class_weights: list[float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", self._set_weights(class_weights))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.nll_loss(F.log_softmax(logits, dim=1), targets)
+        return F.nll_loss(F.log_softmax(logits, dim=1), targets, weight=self.weight)
 
 
-class BCEOneVsRest(nn.Module):
+class BCEOneVsRest(WeightedByClass, nn.Module):
     """One-vs-rest binary cross-entropy: each of the K logits is a sigmoid "is it this class?" against the one-hot
     target (a multi-label task's multi-hot targets as they are), averaged over the B x K outputs (torch's
-    BCEWithLogitsLoss, numerically stable). `pos_weight`: the weight of a positive output against a negative."""
+    BCEWithLogitsLoss, numerically stable). `pos_weight`: the weight of a positive output against a negative;
+    `class_weights`: the weight of each class's (label's) column, positives and negatives alike."""
 
-    def __init__(self, pos_weight: float | None = None) -> None:
+    def __init__(self, pos_weight: float | None = None, class_weights: list[float] | None = None) -> None:
         super().__init__()
         if pos_weight is not None and not (is_number(pos_weight) and math.isfinite(pos_weight) and pos_weight > 0):
             raise UserError(f"loss.pos_weight={pos_weight!r}: must be null or a finite number > 0")
         self.pos_weight = pos_weight  # weight of the one positive output against the K - 1 negatives; null: 1
+        self.register_buffer("weight", self._set_weights(class_weights))  # (K,), broadcast over the batch
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # class indices (B,) as one-hot rows; a multi-label task's targets are multi-hot (B, K) already
         hot = targets if targets.ndim == 2 else F.one_hot(targets, logits.shape[1])
         one_hot = hot.to(logits.dtype)  # (B, K)
-        weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
-        return F.binary_cross_entropy_with_logits(logits, one_hot, pos_weight=weight)
+        pos = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits, one_hot, weight=self.weight, pos_weight=pos)
 
 
 class MSE(nn.Module):

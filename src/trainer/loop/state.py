@@ -138,11 +138,11 @@ class RunState:
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  scaler: torch.amp.GradScaler, ema: AveragedModel | None, train_metrics: EpochMetrics,
-                 callbacks: Callbacks, monitor: str, task: Task,
+                 callbacks: Callbacks, monitor: str, task: Task, class_weights: list[float] | None,
                  config_yaml: str, choices: dict[str, str | None] | None, data_identity: dict, dist: Dist) -> None:
         self.model, self.optimizer, self.schedule, self.scaler, self.ema = model, optimizer, schedule, scaler, ema
         self.train_metrics, self.callbacks, self.monitor, self.dist = train_metrics, callbacks, monitor, dist
-        self.task = task
+        self.task, self.class_weights = task, class_weights
         self.config_yaml, self.choices, self.data_identity = config_yaml, choices, data_identity
         self.progress = Progress()
         self.trackers: Tracker = Tracker(".")  # the Trainer's, once built (it needs the run directory)
@@ -168,7 +168,7 @@ class RunState:
             "epochs_without_improvement": p.epochs_without_improvement,
             "rng": rng_state(), "trackers": self.trackers.state_dict(), "callbacks": self.callbacks.state_dict(),
             "config": self.config_yaml, "choices": self.choices, "data": self.data_identity,
-            "task": self.task.state_dict()}
+            "task": self.task.state_dict(), "class_weights": self.class_weights}
 
     def save(self, path: Path) -> None:
         """Write the checkpoint atomically (rank 0; every rank must call it)."""

@@ -85,7 +85,8 @@ class Trainer:
         task.fit(data.train_targets, loss_fn)  # a regression's target scale; targets the loss cannot take
         task.check_loss(loss_fn, data, device)
         wrapped = task.loss(loss_fn)  # a regression's loss compares standardised targets
-        loss_fn = wrapped.to(device) if wrapped is not loss_fn else loss_fn
+        class_weights = getattr(loss_fn, "class_weights", None)  # loss.class_weights, as resolved: the checkpoint's
+        loss_fn = wrapped.to(device) if isinstance(wrapped, nn.Module) else wrapped  # class weights are a buffer
         set_deterministic(hw.deterministic)
         self.model, self.loss_fn, self.optimizer, self.data, self.device = model, loss_fn, optimizer, data, device
         self.options, self.max_epochs, self.accumulate = options, fit.max_epochs, fit.accumulate_grad_batches
@@ -119,7 +120,7 @@ class Trainer:
         self.callbacks = Callbacks(callbacks or {})
         self.state = RunState(model=model, optimizer=optimizer, schedule=self.schedule, scaler=self.scaler,
                               ema=self.ema, train_metrics=self.train_metrics, callbacks=self.callbacks,
-                              monitor=ckpt.monitor, task=task,
+                              monitor=ckpt.monitor, task=task, class_weights=class_weights,
                               config_yaml=config_yaml, choices=config_choices, data_identity=data.identity(), dist=dist)
         self.progress = self.state.progress
         resume = ckpt.resume

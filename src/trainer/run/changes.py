@@ -14,12 +14,21 @@ log = logging.getLogger(__name__)
 
 
 # Config keys that must be equal to resume: they change what the saved tensors mean.
-MUST_MATCH = ("model", "dataset._target_", "dataset.val_size", "dataset.split_seed",
+MUST_MATCH = ("model", "dataset._target_", "dataset.val_size", "dataset.split_seed", "dataset.folds", "dataset.fold",
               "optimizer._target_", "scheduler._target_")
 
 
 # ... and, for a checkpoint written mid-epoch, the keys that say which samples the epoch's remaining batches hold.
-MUST_MATCH_MID_EPOCH = ("dataset.batch_size", "trainer.limit_train_batches", "trainer.accumulate_grad_batches")
+MUST_MATCH_MID_EPOCH = ("dataset.batch_size", "trainer.limit_train_batches", "trainer.accumulate_grad_batches",
+                        "dataset.sampler")
+
+# The classes options named before they were replaced (the same loss, with class_weights since): a checkpoint
+# that names one is rebuilt with its option's class today (trainer.cli.config), and resumes as if it named it.
+FORMER_TARGETS = {"torch.nn.CrossEntropyLoss": "trainer.loop.losses.CrossEntropy",
+                  "torch.nn.MultiMarginLoss": "trainer.loop.losses.MultiMargin"}
+
+# Keys added since a checkpoint may have been written, with the value that means what it did before them.
+ADDED_KEYS = {"dataset.sampler": "shuffle", "dataset.folds": None, "dataset.fold": 0}
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -42,7 +51,8 @@ def config_changes(saved: dict, current_yaml: str, mid_epoch: bool = False) -> l
     optimizer or scheduler type; for a checkpoint written `mid_epoch`, also the batching); returns
     `key: old -> new` lines for the harmless differences.
     """
-    old, new = flatten(saved), flatten(yaml.safe_load(current_yaml))
+    current = yaml.safe_load(current_yaml)
+    old, new = (_as_today(flatten(c), c) for c in (saved, current))
     changed = sorted(k for k in (old.keys() | new.keys()) - NOT_CHANGES
                      if old.get(k, "<unset>") != new.get(k, "<unset>"))
 
@@ -59,6 +69,14 @@ def config_changes(saved: dict, current_yaml: str, mid_epoch: bool = False) -> l
                         f"depend on the batching ({diffs(batching)}); resume it as it was, or resume an epoch-end "
                         "checkpoint (best.pt, or last.pt after an epoch) with the new batching")
     return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed]
+
+
+def _as_today(flat: dict[str, Any], config: dict) -> dict[str, Any]:
+    """A flattened config with the keys added since it was written (at the values that mean what it meant) and the
+    classes named today where it names their former ones."""
+    added = {k: v for k, v in ADDED_KEYS.items() if k.split(".")[0] in config}
+    return {**added, **{k: FORMER_TARGETS.get(v, v) if k.endswith("._target_") and isinstance(v, str) else v
+                        for k, v in flat.items()}}
 
 
 def require_same_data(saved: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:

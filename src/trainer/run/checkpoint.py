@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import random
 import re
@@ -99,7 +100,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     state["config"] = plain_config(state["config"], path)
     state["choices"] = _stored_choices(state.get("choices"), path)
     state["data"] = _stored_data(state.get("data"), path)
+    state["class_weights"] = _stored_class_weights(state.get("class_weights"), state["data"], path)
     return state
+
+
+def _stored_class_weights(weights: object, data: dict | None, path: Path) -> list[float] | None:
+    """loss.class_weights as the run resolved them (None: none, or written before them), checked."""
+    if weights is None:
+        return None
+    if not (isinstance(weights, list) and all(is_number(w) and math.isfinite(w) and w >= 0 for w in weights)):
+        raise UserError(f"refusing {path}: its stored class_weights are not a list of numbers >= 0")
+    if data is not None and len(weights) != len(data["classes"]):
+        raise UserError(f"refusing {path}: it stores {len(weights)} class weights for {len(data['classes'])} classes")
+    return weights
 
 
 def _stored_data(data: object, path: Path) -> dict[str, Any] | None:
@@ -118,6 +131,10 @@ def _stored_data(data: object, path: Path) -> dict[str, Any] | None:
     if not ok:
         raise UserError(f"refusing {path}: its stored dataset identity is not a name, an image shape, class names "
                         "and a normalisation")
+    fold = data.get("fold")  # [fold, folds, split_seed] of a k-fold run (ImageDataset.identity)
+    if fold is not None and not (isinstance(fold, list) and len(fold) == 3 and all(_is_int(v) for v in fold)
+                                 and 0 <= fold[0] < fold[1]):
+        raise UserError(f"refusing {path}: its stored fold is not [fold, folds, split_seed] with 0 <= fold < folds")
     if len(data["classes"]) > MAX_CLASSES:  # the model's head, every table and picture of classes are this wide
         raise UserError(f"refusing {path}: it stores {len(data['classes'])} class names; at most {MAX_CLASSES} "
                         "classes are read")

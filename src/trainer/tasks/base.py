@@ -116,6 +116,7 @@ def loss_tasks(loss_fn: nn.Module) -> tuple[str, ...] | None:
     table: dict[type, tuple[str, ...]] = {
         nn.CrossEntropyLoss: ("classification",), nn.NLLLoss: ("classification",),
         losses.NLLOnLogSoftmax: ("classification",), nn.MultiMarginLoss: ("classification",),
+        losses.CrossEntropy: ("classification",), losses.MultiMargin: ("classification",),
         losses.BCEOneVsRest: ("classification", "multilabel"), nn.BCEWithLogitsLoss: ("multilabel",),
         losses.MSE: ("classification", "regression"), nn.MSELoss: ("regression",), nn.L1Loss: ("regression",),
         nn.HuberLoss: ("regression",), nn.SmoothL1Loss: ("regression",), nn.PoissonNLLLoss: ("regression",),
