@@ -25,6 +25,7 @@ repetitions: a ratio closer to 1.00 than that is within this machine's timing no
     python scripts/benchmark.py --devices cuda --set trainer.cuda_graphs=true   # CUDA rows, the step as a CUDA graph
     python scripts/benchmark.py --sweep 3 --reps 2           # a 6-job MLP sweep: basic vs joblib launcher
     python scripts/benchmark.py --metric-losses --reps 30    # mined triplet losses vs pytorch-metric-learning's
+    python scripts/benchmark.py --beyond-memory 2 --budget 0.5   # 2 GiB of images over a 0.5 GiB memory budget
 
 `--data rgb32` times 50,000 generated 3x32x32 images (a `dataset=tensors` file) in place of MNIST; it has no
 tutorial column (the quickstart loop reads MNIST). `--decode N` writes N generated 32x32 PNGs in class folders
@@ -37,6 +38,11 @@ epochs with their validation and checkpoints) it wrote in metrics.json; `--exper
 `--metric-losses` times one loss and backward of this project's mined triplet losses (task=embedding) and of
 pytorch-metric-learning's miner + TripletMarginLoss, side by side on the same batch (256 x 64 on the CPU), when
 that library is importable (it is not a dependency: `pip install pytorch-metric-learning` to compare).
+`--beyond-memory GIB` writes a tensors file of GIB GiB of generated 3x32x32 images and times reading training
+batches (gather and normalisation, and the same with an MLP's training step) three ways: held in memory (the
+default budget), and over `--budget` GiB (dataset.memory_budget_gib: window by window from the memory-mapped
+cache) with the cache file in the page cache (warm) and evicted from it first (cold: what a dataset larger than
+memory meets each epoch).
 `--set KEY=VALUE ...` adds config overrides to every row (the framework column trains with them; the floor and
 +data columns are bare loops and take only what shapes them, such as trainer.channels_last).
 """
@@ -204,7 +210,12 @@ def main() -> int:  # noqa: C901, PLR0915 (one branch per table the options ask 
                         help="time the mined triplet losses against pytorch-metric-learning's instead")
     parser.add_argument("--sweep", type=int, metavar="EPOCHS",
                         help="time a 6-job MLP sweep of EPOCHS epochs: basic launcher vs hydra/launcher=joblib instead")
+    parser.add_argument("--beyond-memory", type=float, metavar="GIB",
+                        help="time training batches from GIB GiB of images held in memory and over --budget instead")
+    parser.add_argument("--budget", type=float, default=0.5, help="--beyond-memory's dataset.memory_budget_gib")
     args = parser.parse_args()
+    if args.beyond_memory:
+        return beyond_memory_times(args.beyond_memory, args.budget, args.reps)
     if args.decode:
         return decode_times(args.decode, args.root)
     if args.mnist_fast:
@@ -300,6 +311,80 @@ def decode_times(n: int, root: str) -> int:
             data = build(cfg.dataset, device="cpu", seed=0)
             images = data.train.num_items + data.val.num_items + data.test.num_items
             print(f"{what:36} {time.perf_counter() - start:7.2f} s  ({images} images {data.in_shape})")
+    return 0
+
+
+def evict(path: Path) -> None:
+    """Drop `path`'s pages from the page cache, those this process has mapped too (madvise, then fadvise)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split(maxsplit=5)
+        if len(rest) == 5 and rest[-1].strip() == str(path):
+            low, high = (int(a, 16) for a in span.split("-"))
+            libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), 4)  # MADV_DONTNEED
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def beyond_memory_times(gib: float, budget: float, reps: int, batch: int = 256, steps: int = 400) -> int:
+    """Training batches per second from `gib` GiB of 3x32x32 images: in memory vs over a `budget` GiB memory budget
+    (warm and cold page cache); the data path alone, and with an MLP's training step."""
+    n = int(gib * 2**30) // 3072
+    with tempfile.TemporaryDirectory(dir=REPO / "outputs") as tmp:
+        path = Path(tmp) / "big.npz"
+        start = time.perf_counter()
+        x, y = generated(n, 32, 32)
+        np.savez(path, train_x=x, train_y=y)
+        del x, y
+        seconds = time.perf_counter() - start
+        print(f"wrote {path.stat().st_size / 2**30:.2f} GiB ({n} images 3x32x32) in {seconds:.0f} s")
+        rows = {}
+        for what, budget_gib in (("in memory", None), (f"over a {budget:g} GiB budget", budget)):
+            cfg = config("dataset=tensors", f"dataset.path={path}", f"dataset.batch_size={batch}",
+                         f"dataset.memory_budget_gib={'null' if budget_gib is None else budget_gib}")
+            start = time.perf_counter()
+            data = build(cfg.dataset, device="cpu", seed=0)
+            print(f"{what}: built in {time.perf_counter() - start:.1f} s ({'streaming' if data.streaming else 'held'})")
+            model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 256), torch.nn.ReLU(),
+                                        torch.nn.Linear(256, 10))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            caches = ("warm", "cold") if data.streaming else ("warm",)
+            for cache in caches:
+                for train_step in (False, True):
+                    times = []
+                    for rep in range(reps + 1):
+                        data.train.set_epoch(rep)
+                        if cache == "cold":
+                            evict(data.cache_file)
+                        start = time.perf_counter()
+                        for i, (images, labels) in enumerate(data.train):
+                            if train_step:
+                                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                                optimizer.zero_grad()
+                                loss.backward()
+                                optimizer.step()
+                            if i + 1 == steps:
+                                break
+                        if rep:  # rep 0 warms up
+                            times.append(time.perf_counter() - start)
+                    rate = steps * batch / statistics.median(times)
+                    rows[(what, cache, train_step)] = rate
+                    print(f"  {what:24} page cache {cache}  {'+MLP step' if train_step else 'data only':10}"
+                          f"  {rate:10.0f} samples/s", flush=True)
+        base = {step: rows[("in memory", "warm", step)] for step in (False, True)}
+        print("\n| data | page cache | data only, samples/s | ratio | with an MLP step, samples/s | ratio |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for (what, cache, step), rate in rows.items():
+            if step:
+                continue
+            with_step = rows[(what, cache, True)]
+            print(f"| {what} | {cache} | {rate:.0f} | {rate / base[False]:.2f} | {with_step:.0f} | "
+                  f"{with_step / base[True]:.2f} |")
     return 0
 
 

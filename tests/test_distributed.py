@@ -177,11 +177,14 @@ def test_a_ddp_run_stopped_mid_epoch_resumes_exactly(ddp, faint_root, tmp_path):
         assert ma[k] == mb[k], k
 
 
-def test_balanced_draws_class_weights_and_a_fold_under_two_processes_match_one(faint_root, tmp_path):
-    """Every rank draws the same balanced sample (its slice of it), weighs the classes alike and validates on the
-    same fold: two processes of 16 train as one of 32 does, up to DDP's rounding."""
+@pytest.mark.parametrize("sampling", [("dataset.sampler=balanced",), (f"dataset.memory_budget_gib={300 * 2**-20}",)],
+                         ids=["balanced", "beyond memory"])
+def test_balanced_or_streamed_class_weighted_folds_under_two_processes_match_one(faint_root, tmp_path, sampling):
+    """Every rank draws the same balanced sample, or reads the same windows of data over the memory budget (its
+    slice of each), weighs the classes alike and validates on the same fold: two processes of 16 train as one of
+    32 does, up to DDP's rounding."""
     # drop_last: one process keeps the 2 images past the 14 global batches, which two processes drop
-    extra = ("dataset.sampler=balanced", "loss.class_weights=auto", "dataset.folds=4", "dataset.fold=2",
+    extra = (*sampling, "loss.class_weights=auto", "dataset.folds=4", "dataset.fold=2",
              "dataset.drop_last=true", f"dataset.root={faint_root}")
     two = torchrun(*COMMON, DDP, *extra, f"output_root={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Bitwise resume beyond the MLP + one-cycle runs of test_resume.py, in-process: epoch schedules (plateau, step),
-gradient accumulation, early stopping armed, a batch-norm CNN, and the balanced sampler with class weights on a
-fold, each resumed mid-epoch and at an epoch's end.
+gradient accumulation, early stopping armed, a batch-norm CNN, the balanced sampler with class weights on a fold,
+and data over the memory budget, each resumed mid-epoch and at an epoch's end.
 
 The uninterrupted run keeps a copy of its run directory's checkpoints (last.pt, and best.pt so far) at the chosen
 moment; a new Trainer (seeded as train.py seeds it, then given the checkpoint's RNGs) resumes from that copy and
@@ -41,6 +41,10 @@ VARIANTS = {  # overrides, optimizer steps per epoch
     # the balanced sampler's draws with replacement, class weights, and fold 3 of 4 (450 training images: 15 batches)
     "balanced k-fold": (("model=mlp", "model.hidden_sizes=[64]", "scheduler=onecycle", "dataset.sampler=balanced",
                          "loss.class_weights=auto", "dataset.folds=4", "dataset.fold=3"), 15),
+    # over the memory budget (faint MNIST's 612 KiB over 300 KiB): windows of 3 batches of the memory-mapped cache, so
+    # the mid-epoch checkpoint (step 2 of the epoch) resumes inside one
+    "beyond memory": (("model=mlp", "model.hidden_sizes=[64]", "scheduler=onecycle",
+                       f"dataset.memory_budget_gib={300 * 2**-20}"), 16),
     # EMA of parameters and batch-norm buffers, with the warm-up: "model" is the average, "train_model" the weights
     "EMA": (("model=cnn", "model.channels=[4,8]", "model.hidden=16", "model.batch_norm=true", "scheduler=onecycle",
              "trainer.ema_decay=0.9", "trainer.ema_warmup=true"), 16),

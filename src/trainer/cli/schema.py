@@ -81,6 +81,7 @@ class DatasetCommon:
     sampler: Sampler = MISSING
     folds: Optional[int] = None
     fold: int = MISSING
+    memory_budget_gib: Optional[float] = None
 
 
 @dataclass

@@ -7,7 +7,7 @@ already lives on the device (or, for data too big for it, in pinned host memory,
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -312,3 +312,77 @@ class BatchLoader:
             sl = slice(first, first + self.batch_size)
             x, y = self._to_device(self.images[sl], self.labels[sl]) if order is None else self._gather(order[sl])
             yield self.transform(x), y
+
+
+class StreamingLoader(BatchLoader):
+    """A training BatchLoader over images too large for memory, memory-mapped from the cache on disk: each epoch
+    reads them window by window, each window a few blocks of neighbouring images read whole.
+
+    The order of an epoch, from (seed, epoch) only, as BatchLoader's: the positions (in stored order: `indices` must
+    be sorted) are cut into blocks of `block` neighbours; the blocks are shuffled; consecutive runs of
+    `window_blocks` blocks form a window, whose images are shuffled among themselves. A batch draws from one
+    window; a window is read as one contiguous span per block (sequential reads) into memory, then gathered from.
+    Randomness is coarser than a full permutation: two images of one block always share a window, so they come in
+    the same stretch of batches, though in any order within it; blocks small against the window keep windows
+    diverse. The same on every rank, and a run resumed mid-epoch continues the same windows.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, block: int,
+                 window_blocks: int, **kwargs: Any) -> None:
+        super().__init__(images, labels, batch_size, **kwargs)
+        if self.indices is not None and len(self.indices) > 1 and bool((self.indices[1:] < self.indices[:-1]).any()):
+            raise ValueError("StreamingLoader: indices must be sorted (stored order), for local reads")
+        self.block, self.window_blocks = block, window_blocks
+
+    @property
+    def window(self) -> int:
+        """Positions per window: whole global batches, so no batch straddles two windows."""
+        per = self.block * self.window_blocks
+        return max(1, per // self.global_batch_size) * self.global_batch_size
+
+    def epoch_order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        n, block = self.num_items, self.block
+        blocks = torch.randperm(math.ceil(n / block), generator=g)  # (n_blocks,)
+        order = (blocks[:, None] * block + torch.arange(block)).flatten()  # (n_blocks * block,) positions
+        order = order[order < n]  # the last block may be short
+        # within each window, a shuffle: sort by (window, random key)
+        window = torch.arange(len(order)) // self.window
+        key = torch.rand(len(order), generator=g, dtype=torch.float64)
+        return order[torch.argsort(window.double() * 2 + key)]  # key < 1: windows never interleave
+
+    def iter_from(self, start_step: int) -> Iterator[Batch]:
+        order = self.epoch_order() if self.shuffle else torch.arange(self.num_items)
+        stored = order if self.indices is None else self.indices.index_select(0, order)  # (n,) rows of images
+        span = self.window
+        first_window = start_step * self.global_batch_size // span
+        for w_start in range(first_window * span, self.num_items, span):
+            rows = stored[w_start:w_start + span]  # this window's rows, in their epoch order
+            buffer_x, buffer_y, at = self._read(rows)
+            for step in range(max(start_step, w_start // self.global_batch_size),
+                              min(len(self), math.ceil((w_start + span) / self.global_batch_size))):
+                first = step * self.global_batch_size + self.rank * self.batch_size
+                if first >= self.num_items:
+                    return
+                local = at[first - w_start:first - w_start + self.batch_size]  # rows -> buffer positions
+                x, y = self._to_device(*self._pinned(buffer_x.index_select(0, local), buffer_y.index_select(0, local)))
+                yield self.transform(x), y
+
+    def _read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The images and labels of `rows` (stored positions), read as one contiguous span per run of neighbouring
+        rows into memory; and where each of `rows` is in that buffer."""
+        unique = torch.unique(rows)  # sorted
+        # runs of rows close enough to read their whole span (the rows between are read too: at most a block's
+        # worth of other splits' images, as the blocks are neighbours in stored order)
+        breaks = torch.nonzero(unique[1:] - unique[:-1] > self.block).flatten() + 1
+        starts = torch.cat([unique[:1], unique[breaks]])
+        ends = torch.cat([unique[breaks - 1], unique[-1:]]) + 1
+        spans = list(zip(starts.tolist(), ends.tolist()))
+        buffer_x = torch.cat([self.images[a:b] for a, b in spans])  # sequential reads of the file's pages
+        buffer_y = torch.cat([self.labels[a:b] for a, b in spans])
+        offsets = torch.cumsum(torch.tensor([0] + [b - a for a, b in spans[:-1]]), 0)  # (spans,)
+        which = torch.searchsorted(starts, rows, right=True) - 1  # (n,) the span of each row
+        return buffer_x, buffer_y, offsets[which] + rows - starts[which]
+
+    def _pinned(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        return (x.pin_memory(), y.pin_memory()) if self.device.type == "cuda" else (x, y)

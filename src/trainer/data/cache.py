@@ -43,7 +43,9 @@ def load_cache(cache: Path, stamp: str) -> dict[str, Any] | None:
     if not cache.is_file():
         return None
     try:
-        record = load_torch_file(cache, host_memory_bytes())
+        # memory-mapped, never read whole: a cache larger than memory (data beyond dataset.memory_budget_gib) loads;
+        # its records are stored uncompressed, so the file's own size bounds them
+        record = load_torch_file(cache, max(host_memory_bytes(), cache.stat().st_size))
         if record["stamp"] != stamp:
             log.info("dataset files changed since %s was written: decoding again", cache)
             return None

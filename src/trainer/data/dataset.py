@@ -9,9 +9,11 @@ memory copied per batch), sharding for several processes, and the identity a che
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +25,20 @@ import torch
 from trainer.data.batches import (
     BatchLoader,
     BatchTransform,
+    StreamingLoader,
     check_augmentation,
     check_augmentation_fits,
 )
 from trainer.data.cache import digest, load_cache, remove_killed_writes
 from trainer.data.splits import SAMPLERS, Folds, balanced_weights, class_counts, split_indices, split_size
 from trainer.errors import OutputError, UserError, is_number, require_bool, require_int, shown
-from trainer.run.files import atomic_write
+from trainer.run.files import atomic_write, require_free_space, scratch_file
 from trainer.system import device_free_bytes, host_memory_bytes, size_text
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the cached record changes meaning
+BLOCK_BYTES = 4 * 2**20  # data beyond the memory budget is read in runs of neighbouring images of about this size
 
 
 @dataclass
@@ -136,6 +140,7 @@ class ImageDataset:
                  augment_shift: int, augment_rotate: float, augment_cutout: int, random_crop: int, hflip: bool,
                  shuffle: bool, drop_last: bool, cache: bool,
                  device_margin_gib: float, sampler: str = "shuffle", folds: int | None = None, fold: int = 0,
+                 memory_budget_gib: float | None = None,
                  device: torch.device | str = "cpu", seed: int = 0, targets: str = "class") -> None:
         _check_common(batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size, test_size=test_size,
                       augment=(augment_shift, augment_rotate, augment_cutout, random_crop),
@@ -143,6 +148,13 @@ class ImageDataset:
                       device_margin_gib=device_margin_gib, sampler=sampler, targets=targets)
         self.folds = Folds.of(folds, fold)
         self.sampler = sampler
+        if memory_budget_gib is not None and not (is_number(memory_budget_gib) and memory_budget_gib > 0):
+            raise UserError(f"dataset.memory_budget_gib={shown(memory_budget_gib)}: must be a number > 0 (GiB), or "
+                            "null (half this machine's memory)")
+        # decoded images above this are not held in memory: they are read from the memory-mapped cache on disk
+        self.memory_budget = int(memory_budget_gib * 2**30) if memory_budget_gib else host_memory_bytes() // 2
+        self.memory_budget_gib = memory_budget_gib
+        self._stamp = ""
         self.name = self.name or type(self).__name__
         if targets not in self.target_kinds:
             task, what = {"multi_hot": ("multilabel", "0/1 labels"), "values": ("regression", "numbers")}[targets]
@@ -152,7 +164,23 @@ class ImageDataset:
         self.targets = targets  # what `read()` returns as labels: the task's (trainer.tasks)
         self.cache = cache
         self.cache_file: Path | None = None  # where the decoded tensors are cached, if they are
+        self._scratch: list[tuple[Path, int]] = []  # files a decode beyond the memory budget wrote into, removed
+        # once the cache is written
         self._unsaved: dict[str, Any] | None = None
+        try:
+            self._build(mean, std, (augment_shift, augment_rotate, augment_cutout, random_crop, hflip), (
+                val_size, test_size, split_seed), torch.device(device), batch_size=batch_size,
+                eval_batch_size=eval_batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                device_margin_gib=device_margin_gib)
+        finally:  # refused or failed, the scratch files of a decode beyond memory go too
+            self._drop_scratch()
+
+    def _build(self, mean: Any, std: Any, augment: tuple, split: tuple, device: torch.device, *,  # noqa: PLR0913
+               batch_size: int, eval_batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+               device_margin_gib: float) -> None:
+        """Read (or load the cache), normalise, split and serve: what __init__ does once its options are checked."""
+        augment_shift, augment_rotate, augment_cutout, random_crop, hflip = augment
+        val_size, test_size, split_seed = split
         record = self._materialised()
         train_x = record["train_x"]
         self.in_shape: tuple[int, int, int] = tuple(train_x.shape[1:])
@@ -180,38 +208,84 @@ class ImageDataset:
         # per class (per label for multi-hot targets) in the training split: class weights and the balanced sampler
         self.class_counts = class_counts(self.train_targets, self.num_classes)
 
-        device = torch.device(device)
-        nbytes = sum(t.numel() * t.element_size() for t in (train_x, test_x, val_x) if t is not None)
-        self.require_memory(nbytes)
-        home = self._home(device, nbytes, device_margin_gib)  # where the tensors live; batches go to `device`
+        self._serve(record, (train_idx, val_idx, test_idx), device, batch_size=batch_size,
+                    eval_batch_size=eval_batch_size, transforms=(train_tf, eval_tf), shuffle=shuffle, seed=seed,
+                    drop_last=drop_last, device_margin_gib=device_margin_gib)
+        self._save_cache()
+
+    def _serve(self, record: dict[str, Any], splits: tuple[torch.Tensor, ...], device: torch.device, *,  # noqa: PLR0913
+               batch_size: int, eval_batch_size: int, transforms: tuple[BatchTransform, BatchTransform], shuffle: bool,
+               seed: int, drop_last: bool, device_margin_gib: float) -> None:
+        """The loaders `train`, `train_eval`, `val` and `test` over the record's tensors: on the device or in host
+        memory when they fit the memory budget, else read from the memory-mapped cache window by window."""
+        train_idx, val_idx, test_idx = splits
+        train_tf, eval_tf = transforms
+        nbytes = sum(record[k].numel() for k in ("train_x", "test_x", "val_x") if k in record)
+        self.streaming = nbytes > self.memory_budget
+        stream: dict[str, int] = {}
+        if self.streaming:
+            record, stream = self._streamed(record, nbytes, batch_size)
+            train_idx, val_idx, test_idx = (i.sort().values for i in splits)  # stored order: local reads
+            home = torch.device("cpu")
+        else:
+            self.require_memory(nbytes)
+            home = self._home(device, nbytes, device_margin_gib)  # where the tensors live; batches go to `device`
 
         def put(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(home)
 
         # train, val and (held-out) test index into one copy of the training images: no copy per split.
-        train_x, train_y = put(train_x), put(record["train_y"])
+        train_x, train_y = put(record["train_x"]), put(record["train_y"])
+        test_x, test_y, val_x, val_y = (put(record.get(k)) for k in ("test_x", "test_y", "val_x", "val_y"))
         if not drop_last and len(train_idx) % batch_size == 1 and len(train_idx) > 1:
             # BatchNorm cannot train on one image (torch raises); a small folder hits this by chance
             log.info("dataset %s: %d training images leave a last batch of one image, which BatchNorm cannot "
                      "train on; it is dropped each epoch (a different image each time when shuffled)", self.name,
                      len(train_idx))
             drop_last = True
-        weights = balanced_weights(self.train_targets, self.num_classes) if sampler == "balanced" else None
-        self.train = BatchLoader(train_x, train_y, batch_size, transform=train_tf, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last, indices=put(train_idx), device=device, weights=weights)
+        weights = balanced_weights(self.train_targets, self.num_classes) if self.sampler == "balanced" else None
+        loader = functools.partial(StreamingLoader, **stream) if stream else BatchLoader
+        self.train = loader(train_x, train_y, batch_size, transform=train_tf, shuffle=shuffle, seed=seed,
+                            drop_last=drop_last, indices=put(train_idx), device=device, weights=weights)
         # the training split as evaluation reads it (an embedding's nearest-neighbour reference): views of the
         # same tensors
-        self.train_eval = BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
-                                      indices=put(train_idx), device=device)
-        self.val = (BatchLoader(put(val_x), put(val_y), eval_batch_size, transform=eval_tf, shuffle=False,
-                                device=device) if val_x is not None else
-                    BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
-                                indices=put(val_idx), device=device))
-        self.test = (BatchLoader(put(test_x), put(test_y), eval_batch_size, transform=eval_tf, shuffle=False,
-                                 device=device) if test_x is not None else
-                     BatchLoader(train_x, train_y, eval_batch_size, transform=eval_tf, shuffle=False,
-                                 indices=put(test_idx), device=device))
+        evaluation = functools.partial(BatchLoader, batch_size=eval_batch_size, transform=eval_tf, shuffle=False,
+                                       device=device)
+        self.train_eval = evaluation(train_x, train_y, indices=put(train_idx))
+        self.val = evaluation(val_x, val_y) if val_x is not None else evaluation(train_x, train_y,
+                                                                                 indices=put(val_idx))
+        self.test = evaluation(test_x, test_y) if test_x is not None else evaluation(train_x, train_y,
+                                                                                    indices=put(test_idx))
+
+    def _streamed(self, record: dict[str, Any], nbytes: int, batch_size: int) -> tuple[dict[str, Any], dict]:
+        """The record memory-mapped from the cache (written first if this run decoded it), and the streaming
+        loader's block and window sizes, for images (`nbytes` in all) over the memory budget."""
+        budget = size_text(self.memory_budget)
+        if self.cache_file is None:
+            how = "set dataset.cache=true" if not self.cache else f"give {type(self).__name__} sources() to cache"
+            raise UserError(f"dataset {self.name}: its images take {size_text(nbytes)}, more than "
+                            f"dataset.memory_budget_gib ({budget}); training beyond memory reads them from the "
+                            f"cache on disk: {how}")
+        if self.sampler == "balanced":
+            raise UserError(f"dataset.sampler=balanced draws images from anywhere in the data, and dataset {self.name} "
+                            f"({size_text(nbytes)}) is over dataset.memory_budget_gib ({budget}), where training reads "
+                            "it window by window; use loss.class_weights=auto instead, or raise the budget")
+        sample = record["train_x"][0].numel()  # bytes per image
+        window = self.memory_budget // 4  # the rest: the page cache, the model, the batches
+        if batch_size * sample > window:
+            raise UserError(f"dataset.memory_budget_gib={self.memory_budget_gib}: a window of a quarter of it "
+                            f"({size_text(window)}) is smaller than one batch of {batch_size} images "
+                            f"({size_text(batch_size * sample)}); raise it or lower dataset.batch_size")
         self._save_cache()
+        mapped = load_cache(self.cache_file, self._stamp)
+        if mapped is None:
+            raise UserError(f"dataset {self.name}: its cache {self.cache_file} could not be written or read back, "
+                            "and its images take more than dataset.memory_budget_gib; see the warning above")
+        block = max(1, min(BLOCK_BYTES, window // 16) // sample)  # at least 16 blocks a window
+        log.info("dataset %s: its images (%s) are over dataset.memory_budget_gib (%s): training reads them from "
+                 "%s in windows of %s (blocks of %d neighbouring images, shuffled, then shuffled within the window)",
+                 self.name, size_text(nbytes), budget, self.cache_file, size_text(window), block)
+        return mapped, {"block": block, "window_blocks": max(1, window // (block * sample))}
 
     # --- what a source implements -----------------------------------------------------------------------
 
@@ -255,6 +329,22 @@ class ImageDataset:
             identity["fold"] = [self.folds.fold, self.folds.folds, self.split_seed]
         return identity
 
+    def decode_target(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Where a source may decode uint8 images of `shape` (N, C, H, W) beyond the memory budget: an array mapped
+        onto a scratch file beside the cache (removed once the cache is written; a killed run's is removed by a
+        later one), so decoding never holds them all in memory. None when they fit the budget (decode into memory,
+        after require_memory) or nothing is cached."""
+        nbytes = math.prod(shape)
+        if nbytes <= self.memory_budget or self.cache_file is None:
+            return None
+        require_free_space(self.cache_file.parent, 2 * nbytes, f"dataset {self.name}: its images, decoded beyond "
+                           "memory (a scratch file, then the cache)")
+        path, fd = scratch_file(self.cache_file)
+        self._scratch.append((path, fd))
+        log.info("dataset %s: its images (%s) are over dataset.memory_budget_gib (%s): decoding them into %s, "
+                 "then the cache", self.name, size_text(nbytes), size_text(self.memory_budget), path)
+        return np.memmap(path, dtype=np.uint8, mode="w+", shape=shape)
+
     def require_memory(self, nbytes: int, what: str = "its images",
                        hint: str = "use a smaller dataset.image_size or a subset of the data") -> None:
         """Raise UserError if `nbytes` (of `what`) cannot be held in this machine's memory; `hint`: what to do."""
@@ -285,7 +375,7 @@ class ImageDataset:
                        **({"targets": self.targets} if self.targets != "class" else {})}  # class: as before tasks
             key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
             cache = self.cache_file = self.cache_dir(files) / f"{self.name}-{key}.cache.pt"
-            stamp = self.stamp(files)
+            stamp = self._stamp = self.stamp(files)
             remove_killed_writes(cache, self.name)
             record = load_cache(cache, stamp)
             if record is not None:
@@ -295,7 +385,19 @@ class ImageDataset:
             self._unsaved = {"stamp": stamp, **record}  # written once every option has been checked against it
         return record
 
+    def _drop_scratch(self) -> None:
+        for path, fd in self._scratch:  # a mapping of it lives on until its arrays go; the name goes now
+            path.unlink(missing_ok=True)
+            os.close(fd)
+        self._scratch.clear()
+
     def _save_cache(self) -> None:
+        try:
+            self._write_cache()
+        finally:
+            self._drop_scratch()
+
+    def _write_cache(self) -> None:
         if self._unsaved is None or self.cache_file is None:
             return
         try:

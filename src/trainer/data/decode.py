@@ -66,13 +66,14 @@ def choose_shape(sizes: Counter, colour: bool, image_size: Sequence[int] | None,
 
 
 def decode(count: int, open_image: Opener, name: Callable[[int], str], shape: tuple[int, int, int],
-           what: str) -> torch.Tensor:
-    """Every image as uint8 (count, C, H, W), converted and resized to `shape`, with a progress bar."""
+           what: str, out: np.ndarray | None = None) -> torch.Tensor:
+    """Every image as uint8 (count, C, H, W), converted and resized to `shape`, with a progress bar; into `out`
+    (count, C, H, W) when given (an array mapped onto a file on disk: see ImageDataset.decode_target)."""
     from PIL import Image
 
     c, h, w = shape
     mode = "L" if c == 1 else "RGB"
-    out = np.empty((count, h, w, c), dtype=np.uint8)  # (N, H, W, C): Pillow's layout
+    out = np.empty((count, c, h, w), dtype=np.uint8) if out is None else out
 
     def one(i: int) -> None:
         with _readable(name(i)):
@@ -84,7 +85,7 @@ def decode(count: int, open_image: Opener, name: Callable[[int], str], shape: tu
                 img = to_8bit(img, name(i)).convert(mode)
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
-            out[i] = np.asarray(img, dtype=np.uint8).reshape(h, w, c)
+            out[i] = np.asarray(img, dtype=np.uint8).reshape(h, w, c).transpose(2, 0, 1)  # Pillow's HWC -> CHW
             _close(source)
 
     with tqdm(total=count, desc=f"decoding {what}", unit="img", disable=not sys.stderr.isatty(),
@@ -92,7 +93,7 @@ def decode(count: int, open_image: Opener, name: Callable[[int], str], shape: tu
         for start in range(0, count, 256):
             list(pool.map(one, range(start, min(count, start + 256))))
             bar.update(min(count, start + 256) - start)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+    return torch.from_numpy(out)  # (N, C, H, W)
 
 
 def to_8bit(img: Any, where: str) -> Any:

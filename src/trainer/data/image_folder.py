@@ -84,8 +84,11 @@ class ImageFolder(ImageDataset):
         files = self.sources()
         sizes, colour = survey(len(files), lambda i: _open(files[i]), lambda i: str(files[i]))
         shape = choose_shape(sizes, colour, self.image_size, self.channels, str(self.path))
-        self.require_memory(len(files) * shape[0] * shape[1] * shape[2])
-        images = decode(len(files), lambda i: _open(files[i]), lambda i: str(files[i]), shape, str(self.path))
+        target = self.decode_target((len(files), *shape))  # on disk, beyond dataset.memory_budget_gib
+        if target is None:
+            self.require_memory(len(files) * shape[0] * shape[1] * shape[2])
+        images = decode(len(files), lambda i: _open(files[i]), lambda i: str(files[i]), shape, str(self.path),
+                        target)
         out: dict[str, torch.Tensor] = {}
         start = 0
         for split, (split_files, labels) in self._splits.items():

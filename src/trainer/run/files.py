@@ -74,6 +74,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
                           "is intact") from None
 
 
+def scratch_file(beside: Path) -> tuple[Path, int]:
+    """A temporary file beside `beside`, named as `atomic_write` names its own (so a killed run's is removed by
+    `remove_stale_temps` later), and held by this process until the returned descriptor is closed."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent)
+    _hold(fd)
+    return Path(tmp), fd
+
+
 def _hold(fd: int) -> None:
     """Take a shared flock on an open temporary file: released when its writer closes it or dies."""
     try:
