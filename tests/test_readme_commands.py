@@ -225,6 +225,9 @@ SKIP = {
     ".venv/bin/python scripts/benchmark.py":
         "every row (3 models x 2 batch sizes), each timed 4 ways over full epochs, 6 times: far longer than the "
         "one-row line below",
+    "python scripts/benchmark.py --beyond-memory 2 --budget 0.5":
+        "writes a 2 GiB file and reads 400 batches 5 ways, 6 times each (minutes): its table is docs/real_data.md's; "
+        "tests/test_beyond_memory.py trains over a memory budget through train.py",
     "python scripts/lr_find_check.py":
         "21 processes (3 LR range tests, 18 one-epoch runs, about 5 min): its table is in docs/configs.md; "
         "tests/test_lr_find.py runs scripts/lr_find.py itself",
@@ -279,6 +282,9 @@ SUBSTITUTIONS: dict[str, Made | Fixture] = {
     # unfinished run (`python train.py`'s own run, the other one with the same overrides, has finished by then).
     "outputs/2026-11-23/11-00-00-123456/checkpoints/last.pt":
         Made("python train.py trainer.resume=auto", "checkpoints/last.pt"),
+    # docs/real_data.md: the k-fold sweep on the line above it
+    "outputs/multirun/2026-11-23/12-00-00-123456":
+        Made("python train.py -m model=mlp dataset.folds=5 'dataset.fold=range(5)'"),
     "/path/to/photos": Fixture("image_folder"),
     "/path/to/arrays.npz": Fixture("arrays"),
     "/path/to/pets": Fixture("pets"),  # docs/data.md's labels files: multi-label and regression targets
@@ -576,7 +582,7 @@ def config_value(copy: Path, group_file: str, dotted: str):
 
 
 def expected_jobs(copy: Path, args: list[str]) -> int:
-    """How many jobs a `-m` command starts: Optuna's n_trials, or the product of the comma lists."""
+    """How many jobs a `-m` command starts: Optuna's n_trials, or the product of the comma lists and ranges."""
     search = next((a.split("=", 1)[1] for a in args if a.startswith("hparams_search=")), None)
     if search is not None:
         given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.sweeper.n_trials=")]
@@ -586,7 +592,10 @@ def expected_jobs(copy: Path, args: list[str]) -> int:
     jobs = 1
     for a in args:
         key, _, value = a.partition("=")
-        if value and "[" not in value and not key.startswith("hydra."):
+        ranged = re.fullmatch(r"range\((\d+)\)", value)
+        if ranged:  # Hydra's range(n): n values
+            jobs *= int(ranged[1])
+        elif value and "[" not in value and not key.startswith("hydra."):
             jobs *= value.count(",") + 1
     return jobs
 
@@ -679,7 +688,11 @@ def check_result(s: ReadmeSession, r: Result) -> None:  # noqa: C901, PLR0915 (o
         else:
             sweep = s.copy / argv[2]
             jobs = list(sweep.glob("*/.hydra"))
-            assert r.stdout.count("finished") == len(jobs) > 0, r.stdout
+            folds = re.search(r"\(folds ([\d,]+)\)\s+(\d+) folds ", r.stdout)  # a k-fold sweep: one row of them
+            if folds:
+                assert len(folds[1].split(",")) == int(folds[2]) == len(jobs) and " ± " in r.stdout, r.stdout
+            else:
+                assert r.stdout.count("finished") == len(jobs) > 0, r.stdout
     elif program == "scripts/provision_data.py":
         root = Path(argv[argv.index("--root") + 1]) if "--root" in argv else s.copy / "data"
         names = [a for a in argv[2:] if not a.startswith("--") and a not in
