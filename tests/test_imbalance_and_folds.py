@@ -256,3 +256,21 @@ def test_bad_values_through_train_are_one_line(tail):
                          "for dataset.folds=3")):
         result = train_in_process(*base, *extra)
         assert result.returncode == 1 and result.stderr.strip() == line, result.stderr
+
+
+def test_the_long_tailed_set_keeps_a_geometric_share_of_each_class_and_the_whole_test_split():
+    from trainer.data.generated import long_tailed
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (3000, 28, 28), dtype=np.uint8), np.repeat(np.arange(10), 300)
+    tx, ty = rng.integers(0, 255, (500, 28, 28), dtype=np.uint8), np.repeat(np.arange(10), 50)
+    made = long_tailed(x, y, tx, ty, [str(c) for c in range(10)], imbalance=100)
+    counts = np.bincount(made["train_y"], minlength=10)
+    assert counts.tolist() == [int(300 * 100 ** (-c / 9)) for c in range(10)]  # 300 down to 3
+    assert np.array_equal(made["test_y"], ty) and np.array_equal(made["test_x"], tx)
+    kept = {x[i].tobytes() for i in range(3000)}
+    assert all(image.tobytes() in kept for image in made["train_x"])  # images of the source, with their labels
+    again = long_tailed(x, y, tx, ty, [str(c) for c in range(10)], imbalance=100)
+    assert np.array_equal(again["train_x"], made["train_x"])  # seeded
+    other = long_tailed(x, y, tx, ty, [str(c) for c in range(10)], seed=1)  # class 0 whole, the others sampled
+    assert not np.array_equal(other["train_x"], made["train_x"])

@@ -10,7 +10,7 @@ from conftest import TINY, run_train
 from data_args import tiny_mnist
 
 from trainer.errors import UserError
-from trainer.loop.lr_find import lr_range_test
+from trainer.loop.lr_find import RangeTest, divisor_for, lr_range_test
 
 
 def setup(tiny_root, optimizer="sgd"):
@@ -22,7 +22,7 @@ def setup(tiny_root, optimizer="sgd"):
     return data, model, opt, lambda: iter(data.train)
 
 
-def test_sweeps_exponentially_on_a_copy_and_suggests_a_fifth_of_the_minimum(tiny_root):
+def test_sweeps_exponentially_on_a_copy_and_suggests_a_fifth_of_the_minimum_by_default(tiny_root):
     data, model, opt, batches = setup(tiny_root)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = lr_range_test(model, torch.nn.CrossEntropyLoss(), opt, batches, start_lr=1e-5, end_lr=1e-1,
@@ -41,6 +41,16 @@ def test_sweeps_exponentially_on_a_copy_and_suggests_a_fifth_of_the_minimum(tiny
     assert result.smoothed[-1] < result.smoothed[0]  # it learned
     best = min(range(40), key=lambda i: result.smoothed[i])
     assert result.suggestion == pytest.approx(result.lrs[best] / 5)
+
+
+def test_the_rule_follows_the_schedule():
+    assert divisor_for("trainer.loop.schedulers.onecycle") == 2.0  # optimizer.lr is the peak of a warm-up
+    for constant in ("trainer.loop.schedulers.none", "trainer.loop.schedulers.cosine", "mine.Schedule"):
+        assert divisor_for(constant) == 5.0
+    result = RangeTest(lrs=[1e-3, 1e-2, 1e-1], losses=[2.0, 1.0, 3.0], smoothed=[2.0, 1.0, 3.0])
+    assert result.lowest_lr == 1e-2 and result.suggestion == pytest.approx(2e-3)
+    result.divisor = divisor_for("trainer.loop.schedulers.onecycle")
+    assert result.suggestion == pytest.approx(5e-3)
 
 
 @pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad,
@@ -110,6 +120,9 @@ def test_the_script_writes_its_curve_and_prints_the_override(tiny_root, tmp_path
     (run_dir,) = (out / "lr_find").glob("*/*")
     saved = json.loads((run_dir / "lr_find.json").read_text())
     assert saved["suggestion"] == pytest.approx(found, rel=1e-2) and len(saved["lr"]) == len(saved["loss"]) <= 60
+    # the default one-cycle peaks at optimizer.lr after a warm-up: half the lowest point's LR
+    assert saved["divisor"] == 2 and saved["suggestion"] == pytest.approx(saved["lowest_lr"] / 2)
+    assert "(half the LR at the smoothed loss's minimum: the one-cycle schedule warms up to it" in result.stdout
     assert (run_dir / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir))

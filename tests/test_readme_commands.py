@@ -229,8 +229,8 @@ SKIP = {
         "writes a 2 GiB file and reads 400 batches 5 ways, 6 times each (minutes): its table is docs/real_data.md's; "
         "tests/test_beyond_memory.py trains over a memory budget through train.py",
     "python scripts/lr_find_check.py":
-        "21 processes (3 LR range tests, 18 one-epoch runs, about 5 min): its table is in docs/configs.md; "
-        "tests/test_lr_find.py runs scripts/lr_find.py itself",
+        "136 processes (12 LR range tests, 124 one-epoch runs of 100 batches, 29 min): its tables are in "
+        "docs/configs.md; tests/test_lr_find.py runs scripts/lr_find.py itself",
     ".venv/bin/python scripts/benchmark.py --models mlp --batch-sizes 64 --reps 5":
         "14.4 min on the shared 2-core machine (4 loops x 6 full MLP epochs, the tutorial loop's DataLoader most "
         "of it): too long for this module; a README line with small --samples and --reps would run here",

@@ -26,7 +26,7 @@ from trainer.cli.config_errors import with_one_line_errors
 from trainer.cli.paths import CONFIG_SOURCE, command_line, prepare_hydra
 from trainer.cli.schema import TrainKeys, check_keys
 from trainer.errors import UserError, error_line
-from trainer.loop.lr_find import RangeTest, check_range_settings, lr_range_test
+from trainer.loop.lr_find import RangeTest, check_range_settings, divisor_for, lr_range_test
 from trainer.loop.options import TrainerOptions
 from trainer.loop.seeding import seed_everything
 from trainer.loop.trainer import Trainer
@@ -69,11 +69,13 @@ def find(cfg: DictConfig, out_dir: Path) -> RangeTest:
     result = lr_range_test(model, loss_fn, optimizer, batches, start_lr=cfg.lr_find.start_lr,
                            end_lr=cfg.lr_find.end_lr, num_steps=cfg.lr_find.num_steps,
                            smoothing=cfg.lr_find.smoothing, diverge=cfg.lr_find.diverge)
+    result.divisor = divisor_for(cfg.scheduler.get("_target_", ""))  # the schedule train.py would run with
     figure = plot(result)
     with atomic_write(out_dir / "lr_find.png") as f:
         figure.savefig(f, format="png")
     with atomic_write(out_dir / "lr_find.json") as f:
-        f.write(json.dumps({"suggestion": result.suggestion, "diverged": result.diverged, "lr": result.lrs,
+        f.write(json.dumps({"suggestion": result.suggestion, "lowest_lr": result.lowest_lr,
+                            "divisor": result.divisor, "diverged": result.diverged, "lr": result.lrs,
                             "loss": result.losses, "smoothed_loss": result.smoothed}, indent=1).encode())
     from torch.utils.tensorboard import SummaryWriter
 
@@ -136,9 +138,12 @@ def main(cfg: DictConfig) -> None:
                  if not o.lstrip("+~").startswith(("optimizer.lr=", "lr_find."))]
     steps = len(result.lrs)
     log.info("%d steps, %s; the smoothed loss was lowest at lr %.2e", steps,
-             "stopped when the loss diverged" if result.diverged else "no divergence", result.suggestion * 5)
+             "stopped when the loss diverged" if result.diverged else "no divergence", result.lowest_lr)
     log.info("wrote %s, %s and the TensorBoard curve in %s", out_dir / "lr_find.png", out_dir / "lr_find.json", out_dir)
-    print(f"suggested learning rate: {result.suggestion:.2e} (a fifth of the LR at the smoothed loss's minimum)\n"
+    rule = ("half the LR at the smoothed loss's minimum: the one-cycle schedule warms up to it and anneals" if
+            result.divisor == 2 else "a fifth of the LR at the smoothed loss's minimum: the schedule trains at it "
+            "from the first step")
+    print(f"suggested learning rate: {result.suggestion:.2e} ({rule})\n"
           f"  {command_line(script='train')} {shlex.join([*overrides, f'optimizer.lr={result.suggestion:.2e}'])}")
 
 
