@@ -145,6 +145,25 @@ def real_root() -> Path:
     return root
 
 
+CNN_EPOCH = ("model=cnn", "optimizer=adam", "trainer.max_epochs=1")  # the defaults' first epoch, on real MNIST
+
+
+@pytest.fixture(scope="session")
+def real_cnn_epoch(real_root, tmp_path_factory) -> Path:
+    """The run directory of one epoch of the default CNN (Adam, one-cycle) on real MNIST, trained once for the whole
+    suite: test_real_data checks its accuracy floor, test_predict reads digits with its best.pt. The xdist workers
+    share it through a lock in their common directory (30 s of training, once)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, not an earlier one's
+    run_dir = shared / "real_cnn_epoch"
+    with open(shared / "real_cnn_epoch.lock", "ab") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        if not (run_dir / "metrics.json").is_file():
+            result = run_train(*CNN_EPOCH, f"dataset.root={real_root}", f"hydra.run.dir={run_dir}")
+            assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 TINY = ("dataset.verify=false", "dataset.val_size=100", "dataset.batch_size=32", "dataset.eval_batch_size=100",
         "trainer.log_every_n_steps=5", "trainer.device=cpu")
 # An MLP of one 64-unit layer: the same code paths as the default 512/256, a twelfth of the weights (0.6 MB

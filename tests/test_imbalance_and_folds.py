@@ -230,9 +230,10 @@ def test_train_shows_and_records_weights_and_fold_and_eval_refuses_another_fold(
 
 def test_a_k_fold_sweep_is_summarized_as_mean_and_spread(tail, tmp_path):
     out = tmp_path / "out"
-    sweep = run_train("-m", "dataset=tensors", f"dataset.path={tail}", "model=mlp", "model.hidden_sizes=[32]",
-                      "trainer.max_epochs=1", "trainer.device=cpu", "dataset.folds=3", "dataset.fold=range(3)",
-                      f"output_root={out}")
+    # with the joblib launcher (the README's k-fold sweep runs the basic one)
+    sweep = run_train("-m", "hydra/launcher=joblib", "dataset=tensors", f"dataset.path={tail}", "model=mlp",
+                      "model.hidden_sizes=[32]", "trainer.max_epochs=1", "trainer.device=cpu", "dataset.folds=3",
+                      "dataset.fold=range(3)", f"output_root={out}")
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     table = subprocess.run([sys.executable, "scripts/summarize.py", str(out), "--format", "csv"], cwd=REPO,
                            capture_output=True, text=True, timeout=60)
@@ -242,6 +243,7 @@ def test_a_k_fold_sweep_is_summarized_as_mean_and_spread(tail, tmp_path):
     row = dict(zip(header, rows[0]))
     assert row["status"] == "3 folds" and row["run"].endswith("(folds 0,1,2)")
     assert "dataset.fold=" not in row["overrides"] and "dataset.folds=3" in row["overrides"]
+    assert "Joblib.Parallel" in sweep.stdout + sweep.stderr  # the folds ran as joblib's parallel jobs
     accs = [json.loads(p.read_text())["test/acc"] for p in sorted(out.rglob("metrics.json"))]
     mean, spread = (float(v) for v in row["test/acc"].split(" ± "))
     assert mean == pytest.approx(np.mean(accs), abs=1e-4) and spread == pytest.approx(np.std(accs, ddof=1), abs=1e-4)

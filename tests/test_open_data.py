@@ -221,7 +221,10 @@ BAD_DATA = {
     "mean for the wrong number of channels": (lambda t: [*_tensors(t, train_x=np.repeat(x20[..., None], 3, 3),
                                                                    train_y=y20), "dataset.mean=[0.5,0.5]"],
                                               "dataset.mean=[0.5, 0.5]: must be auto, a number, or a list of one"),
-    "data too large for memory (simulated)": (_too_big, "more than this machine's 1000 B of memory"),
+    # over the default budget (half the memory) the data is read from disk, in windows that must hold a batch
+    "data too large for memory (simulated)": (_too_big, "dataset.memory_budget_gib=null (half this machine's 1000 B "
+                                              "of memory): a window of a quarter of it (125 B) is smaller than one "
+                                              "batch of 6 images"),
     "random_crop as large as the image": (lambda t: [*_tensors(t, train_x=x20, train_y=y20), "dataset.random_crop=6"],
                                           "dataset.random_crop=6: the padding"),
 }

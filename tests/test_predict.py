@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_train
+from conftest import REPO
 from data_args import tiny_mnist
 from PIL import Image
 
@@ -31,10 +31,8 @@ def test_conversion_inverts_crops_fits_the_box_and_centres(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_classifies_real_digits_from_png_and_jpeg(real_root, tmp_path):
-    run_dir = tmp_path / "run"
-    assert run_train("model=cnn", "trainer.max_epochs=1", f"dataset.root={real_root}",
-                     f"hydra.run.dir={run_dir}").returncode == 0
+def test_predict_classifies_real_digits_from_png_and_jpeg(real_root, real_cnn_epoch, tmp_path):
+    run_dir = real_cnn_epoch  # one epoch of the default CNN, trained once for the suite
     test_x, test_y = tiny_mnist(real_root).test.raw()
     files, labels = [], []
     for i in range(40):  # MNIST test digits as a user would have them: dark ink on white, larger, in colour

@@ -272,10 +272,13 @@ class ImageDataset:
                             "it window by window; use loss.class_weights=auto instead, or raise the budget")
         sample = record["train_x"][0].numel()  # bytes per image
         window = self.memory_budget // 4  # the rest: the page cache, the model, the batches
-        if batch_size * sample > window:
-            raise UserError(f"dataset.memory_budget_gib={self.memory_budget_gib}: a window of a quarter of it "
-                            f"({size_text(window)}) is smaller than one batch of {batch_size} images "
-                            f"({size_text(batch_size * sample)}); raise it or lower dataset.batch_size")
+        batch = min(batch_size, len(record["train_y"]))
+        if batch * sample > window:
+            given = (f"dataset.memory_budget_gib={self.memory_budget_gib}" if self.memory_budget_gib else
+                     f"dataset.memory_budget_gib=null (half this machine's {size_text(host_memory_bytes())} of "
+                     "memory)")
+            raise UserError(f"{given}: a window of a quarter of it ({size_text(window)}) is smaller than one batch "
+                            f"of {batch} images ({size_text(batch * sample)}); raise it or lower dataset.batch_size")
         self._save_cache()
         mapped = load_cache(self.cache_file, self._stamp)
         if mapped is None:
