@@ -185,6 +185,8 @@ def cell(value, column: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, Spread):
+        if column == "epochs":  # counts: 5 ± 0, not 5.0000 ± 0.0000
+            return f"{float(value):g}" + ("" if value.std is None else f" ± {value.std:.2g}")
         plain = cell(float(value), column)
         return plain if value.std is None else f"{plain} ± {cell(value.std, column)}"
     if column == "seconds":
