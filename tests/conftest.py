@@ -36,13 +36,19 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 REPO = Path(__file__).resolve().parent.parent
 
 
+# torch's deterministic mode as this process began (each xdist worker imports this file first)
+WORKER_DETERMINISM = (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_mode_of_its_own():
-    """Each test starts with torch's deterministic mode as the worker began. A Trainer built in-process with
-    trainer.deterministic=true turns it on for the process; left on, it sent the next test's torchmetrics reference
-    down its deterministic bincount (a one-hot of 1000x1000 bins): 171 s instead of 0.15 s, in CI."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    """Each test starts, and leaves, torch's deterministic mode as the worker began. A Trainer built in-process with
+    trainer.deterministic=true turns it on for the process; left on, it sent a later test's torchmetrics reference
+    down its deterministic bincount (a one-hot of 1000x1000 bins): 171 s instead of 0.15 s, in CI. Set before the
+    test too: a module-scoped fixture (test_resume_variants' runs) turns it on before any test's own fixtures."""
+    deterministic, warn_only = WORKER_DETERMINISM
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
