@@ -63,20 +63,6 @@ def pytest_addoption(parser):
 GROUPED_MODULES = {p.name for p in Path(__file__).parent.glob("test_*.py") if "xdist_group(" in p.read_text()}
 
 
-# The order units of work are handed out in: the longest first, as a unit that starts last sets the suite's wall
-# time alone. The scheduler gives each worker two units at the start and then one whenever it has fewer than two,
-# so the unit third in line waits behind the first (the README's commands, one unit of about 7 minutes): a quick
-# one goes there (test_layout), and the other long units come after it, to whichever worker is free.
-LONGEST_FIRST = ("test_readme_commands.py", "test_distributed.py", "test_layout.py", "test_real_data.py",
-                 "test_resume_variants.py", "test_install.py", "test_bounded_checkpoints.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Collection order, with the modules of LONGEST_FIRST moved to the front (in that order; stable otherwise)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadgroup`, with each GROUPED_MODULES module one unit of work for one worker. pytest-xdist 3.8's own
@@ -85,7 +71,6 @@ def pytest_xdist_make_scheduler(config, log):
     worker whose copy had no runs yet. Measured: 12 tests of one group went 6 to each of 2 workers."""
     if config.getvalue("dist") != "loadgroup":
         return None
-    config.option.loadscopereorder = False  # the collection order above, not the count of tests in each unit
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleGroups(LoadScopeScheduling):
