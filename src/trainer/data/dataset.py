@@ -279,8 +279,11 @@ class ImageDataset:
                      "memory)")
             raise UserError(f"{given}: a window of a quarter of it ({size_text(window)}) is smaller than one batch "
                             f"of {batch} images ({size_text(batch * sample)}); raise it or lower dataset.batch_size")
-        self._save_cache()
-        mapped = load_cache(self.cache_file, self._stamp)
+        if self._unsaved is None:  # loaded from the cache: memory-mapped and checked already
+            mapped = record
+        else:  # decoded by this run: written, then mapped from the file (the decoded copy goes)
+            self._save_cache()
+            mapped = load_cache(self.cache_file, self._stamp)
         if mapped is None:
             raise UserError(f"dataset {self.name}: its cache {self.cache_file} could not be written or read back, "
                             "and its images take more than dataset.memory_budget_gib; see the warning above")
